@@ -1,0 +1,116 @@
+"""Parameter declaration (Flax NNX) and the plain-pytree form the model runs on.
+
+NNX declares and initialises the weights; `nnx.split` turns them into a nested
+dict of arrays once, and every jitted function takes that dict. Layer weights
+are stacked along a leading L axis so the layer loop can be a `lax.scan`
+(compiles a 60-layer model in seconds); `unstack_layers` gives the per-layer
+layout that runs faster on CPU (see lctx.model.transformer).
+
+Layout (shape letters as in lctx.config):
+  embed [V, D]; final_norm [D]; lm_head [D, V] (absent when tied)
+  layers: attn_norm [L, D], w_q [L, D, N, H], w_k/w_v [L, D, K, H], w_o [L, N, H, D],
+          mlp_norm [L, D], w_gate/w_up [L, D, F], w_down [L, F, D]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lctx.config import ModelConfig
+
+Params = dict[str, Any]
+
+# Logical axis names of every parameter; lctx.sharding maps them to mesh axes.
+LAYER_AXES = {
+    "attn_norm": ("layers", "embed"),
+    "w_q": ("layers", "embed", "heads", "head_dim"),
+    "w_k": ("layers", "embed", "kv_heads", "head_dim"),
+    "w_v": ("layers", "embed", "kv_heads", "head_dim"),
+    "w_o": ("layers", "heads", "head_dim", "embed"),
+    "mlp_norm": ("layers", "embed"),
+    "w_gate": ("layers", "embed", "mlp"),
+    "w_up": ("layers", "embed", "mlp"),
+    "w_down": ("layers", "mlp", "embed"),
+}
+TOP_AXES = {"embed": ("vocab", "embed"), "final_norm": ("embed",), "lm_head": ("embed", "vocab")}
+
+
+def layer_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """Per-layer shapes (without the leading L axis)."""
+  D, F, N, K, H = (config.hidden_size, config.intermediate_size, config.num_heads,
+                   config.num_kv_heads, config.head_dim)
+  return {"attn_norm": (D,), "w_q": (D, N, H), "w_k": (D, K, H), "w_v": (D, K, H),
+          "w_o": (N, H, D), "mlp_norm": (D,), "w_gate": (D, F), "w_up": (D, F), "w_down": (F, D)}
+
+
+def top_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+  V, D = config.vocab_size, config.hidden_size
+  shapes = {"embed": (V, D), "final_norm": (D,)}
+  if not config.tie_word_embeddings:
+    shapes["lm_head"] = (D, V)
+  return shapes
+
+
+def param_logical_axes(config: ModelConfig) -> Params:
+  """Same tree structure as the params, with a tuple of logical axis names per leaf."""
+  axes: Params = {k: TOP_AXES[k] for k in top_shapes(config)}
+  axes["layers"] = dict(LAYER_AXES)
+  return axes
+
+
+class _Layers(nnx.Module):
+  def __init__(self, config: ModelConfig, rngs: nnx.Rngs, std: float):
+    dtype = jnp.dtype(config.param_dtype)
+    L = config.num_layers
+    for name, shape in layer_shapes(config).items():
+      if name.endswith("norm"):
+        value = jnp.ones((L, *shape), dtype)
+      else:
+        value = std * jax.random.normal(rngs.params(), (L, *shape), dtype)
+      setattr(self, name, nnx.Param(value))
+
+
+class Decoder(nnx.Module):
+  """The decoder's weights. Computation lives in lctx.model.transformer."""
+
+  def __init__(self, config: ModelConfig, rngs: nnx.Rngs, std: float = 0.02):
+    dtype = jnp.dtype(config.param_dtype)
+    V, D = config.vocab_size, config.hidden_size
+    self.embed = nnx.Param(std * jax.random.normal(rngs.params(), (V, D), dtype))
+    self.layers = _Layers(config, rngs, std)
+    self.final_norm = nnx.Param(jnp.ones((D,), dtype))
+    if not config.tie_word_embeddings:
+      self.lm_head = nnx.Param(std * jax.random.normal(rngs.params(), (D, V), dtype))
+
+
+def init_params(config: ModelConfig, seed: int = 0, std: float = 0.02) -> Params:
+  """Random weights (normal(0, std), norms at 1) as a nested dict of arrays."""
+  _, state = nnx.split(Decoder(config, nnx.Rngs(seed), std))
+  return state.to_pure_dict()
+
+
+def abstract_params(config: ModelConfig) -> Params:
+  """ShapeDtypeStructs of the params: nothing is allocated (for AOT compiles)."""
+  _, state = nnx.split(nnx.eval_shape(lambda: Decoder(config, nnx.Rngs(0))))
+  return state.to_pure_dict()
+
+
+def unstack_layers(params: Params) -> Params:
+  """Stacked layers [L, ...] -> a tuple of L per-layer dicts (the unrolled layout)."""
+  layers = params["layers"]
+  if isinstance(layers, (tuple, list)):
+    return params
+  L = next(iter(layers.values())).shape[0]
+  return {**params, "layers": tuple({k: v[i] for k, v in layers.items()} for i in range(L))}
+
+
+def stack_layers(params: Params) -> Params:
+  """Inverse of unstack_layers (the canonical, checkpointed layout)."""
+  layers = params["layers"]
+  if not isinstance(layers, (tuple, list)):
+    return params
+  return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
