@@ -90,13 +90,13 @@ class Decoder(nnx.Module):
 def init_params(config: ModelConfig, seed: int = 0, std: float = 0.02) -> Params:
   """Random weights (normal(0, std), norms at 1) as a nested dict of arrays."""
   _, state = nnx.split(Decoder(config, nnx.Rngs(seed), std))
-  return state.to_pure_dict()
+  return nnx.to_pure_dict(state)
 
 
 def abstract_params(config: ModelConfig) -> Params:
   """ShapeDtypeStructs of the params: nothing is allocated (for AOT compiles)."""
   _, state = nnx.split(nnx.eval_shape(lambda: Decoder(config, nnx.Rngs(0))))
-  return state.to_pure_dict()
+  return nnx.to_pure_dict(state)
 
 
 def unstack_layers(params: Params) -> Params:

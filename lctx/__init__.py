@@ -1,0 +1,22 @@
+"""lctx: long-context serving costs from a runnable JAX/Flax Llama-family model."""
+
+from lctx.cache import KVCache, init_cache
+from lctx.config import ModelConfig
+from lctx.engine import decode_step, generate, prefill
+from lctx.model.params import abstract_params, init_params, stack_layers, unstack_layers
+from lctx.model.transformer import forward
+from lctx.sampling import SamplingConfig
+
+__all__ = [
+    "KVCache", "ModelConfig", "SamplingConfig", "abstract_params", "decode_step", "forward",
+    "generate", "init_cache", "init_params", "load_hf_checkpoint", "prefill", "restore_params",
+    "save_params", "stack_layers", "unstack_layers",
+]
+
+
+def __getattr__(name):
+  # Checkpoint I/O pulls in orbax and safetensors: import it on first use only.
+  if name in ("load_hf_checkpoint", "save_params", "restore_params"):
+    from lctx import checkpoint
+    return getattr(checkpoint, name)
+  raise AttributeError(f"module 'lctx' has no attribute {name!r}")

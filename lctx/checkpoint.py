@@ -1,0 +1,244 @@
+"""Weights in and out: Hugging Face safetensors import and orbax save/restore.
+
+`load_hf_checkpoint` streams a Llama-family HF checkpoint into the params
+pytree (lctx.model.params) one leaf at a time, so peak host memory stays near
+one copy of the weights. Every tensor's presence, shape and dtype kind is
+checked before anything is copied; tensors the model has no place for are an
+error, never silently dropped.
+
+`save_params` / `restore_params` checkpoint the params with orbax, always in
+the stacked (canonical) layer layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+
+from lctx.config import ModelConfig, _np_dtype
+from lctx.model.params import Params, abstract_params, layer_shapes, stack_layers, top_shapes
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# Tensors some exports carry that the model recomputes; safe to skip.
+HARMLESS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+# ---- HF name and layout of every params leaf ---------------------------------------
+
+def _hf_layer_spec(config: ModelConfig) -> dict[str, tuple[str, tuple[int, ...], Callable]]:
+  """leaf -> (HF name suffix, HF shape, HF tensor -> lctx per-layer tensor)."""
+  D, F, N, K, H = (config.hidden_size, config.intermediate_size, config.num_heads,
+                   config.num_kv_heads, config.head_dim)
+  same = lambda t: t
+  return {
+      "attn_norm": ("input_layernorm.weight", (D,), same),
+      "w_q": ("self_attn.q_proj.weight", (N * H, D), lambda t: t.T.reshape(D, N, H)),
+      "w_k": ("self_attn.k_proj.weight", (K * H, D), lambda t: t.T.reshape(D, K, H)),
+      "w_v": ("self_attn.v_proj.weight", (K * H, D), lambda t: t.T.reshape(D, K, H)),
+      "w_o": ("self_attn.o_proj.weight", (D, N * H), lambda t: t.T.reshape(N, H, D)),
+      "mlp_norm": ("post_attention_layernorm.weight", (D,), same),
+      "w_gate": ("mlp.gate_proj.weight", (F, D), lambda t: t.T),
+      "w_up": ("mlp.up_proj.weight", (F, D), lambda t: t.T),
+      "w_down": ("mlp.down_proj.weight", (D, F), lambda t: t.T),
+  }
+
+
+def _hf_top_spec(config: ModelConfig) -> dict[str, tuple[str, tuple[int, ...], Callable]]:
+  V, D = config.vocab_size, config.hidden_size
+  spec = {
+      "embed": ("model.embed_tokens.weight", (V, D), lambda t: t),
+      "final_norm": ("model.norm.weight", (D,), lambda t: t),
+  }
+  if not config.tie_word_embeddings:
+    spec["lm_head"] = ("lm_head.weight", (V, D), lambda t: t.T)
+  return spec
+
+
+# ---- the files of a checkpoint ----------------------------------------------------------
+
+class _Tensors:
+  """Name -> tensor over a checkpoint's safetensors files, each opened once."""
+
+  def __init__(self, path: Path, stack: contextlib.ExitStack):
+    index = path / INDEX_FILE
+    if index.is_file():
+      with open(index) as f:
+        weight_map = json.load(f).get("weight_map")
+      if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index} has no 'weight_map'")
+      self.expected_file: dict[str, str] = dict(weight_map)
+      files = sorted(set(weight_map.values()))
+    elif (path / SINGLE_FILE).is_file():
+      self.expected_file = {}
+      files = [SINGLE_FILE]
+    else:
+      found = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+      raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}; found: {found}")
+    self.handles: dict[str, Any] = {}
+    self.location: dict[str, str] = {}  # tensor name -> file it is in
+    for name in files:
+      if not (path / name).is_file():
+        raise FileNotFoundError(f"shard {name} listed in {INDEX_FILE} is missing from {path}")
+      handle = stack.enter_context(safe_open(str(path / name), framework="numpy"))
+      self.handles[name] = handle
+      for key in handle.keys():
+        if key in self.location:
+          raise ValueError(f"tensor {key} is in both {self.location[key]} and {name}")
+        self.location[key] = name
+
+  def names(self) -> set[str]:
+    return set(self.location) | set(self.expected_file)
+
+  def _file(self, name: str) -> str:
+    expected = self.expected_file.get(name)
+    if expected is not None and self.location.get(name) != expected:
+      raise ValueError(f"tensor {name} is missing: {INDEX_FILE} maps it to {expected}, "
+                       f"which does not contain it")
+    if name not in self.location:
+      raise ValueError(f"tensor {name} is missing from the checkpoint"
+                       + (f" (not in {INDEX_FILE})" if self.expected_file else ""))
+    return self.location[name]
+
+  def check(self, name: str, shape: tuple[int, ...]) -> None:
+    """Presence, shape and float dtype, without reading the data."""
+    file = self._file(name)
+    tensor = self.handles[file].get_slice(name)
+    found = tuple(tensor.get_shape())
+    if found != tuple(shape):
+      raise ValueError(f"tensor {name} (in {file}) has shape {found}, expected {tuple(shape)} "
+                       f"from the config")
+    if tensor.get_dtype() not in FLOAT_DTYPES:
+      raise ValueError(f"tensor {name} (in {file}) has dtype {tensor.get_dtype()}; "
+                       f"allowed: {FLOAT_DTYPES} (quantized checkpoints are not supported)")
+
+  def get(self, name: str) -> np.ndarray:
+    return self.handles[self._file(name)].get_tensor(name)
+
+
+# ---- import ------------------------------------------------------------------------------
+
+def load_hf_checkpoint(path, param_dtype: str | None = None,
+                       dtype: str | None = None) -> tuple[ModelConfig, Params]:
+  """Reads an HF Llama-family checkpoint directory into (config, params).
+
+  The directory holds config.json and model.safetensors, or sharded
+  *.safetensors with model.safetensors.index.json. Weights are cast to
+  `param_dtype` (default: keep the config default, float32); `dtype` sets the
+  compute dtype. Params come back in the stacked layer layout.
+  """
+  path = Path(path).expanduser()
+  overrides = {k: v for k, v in (("param_dtype", param_dtype), ("dtype", dtype)) if v is not None}
+  config = ModelConfig.from_hf_config(path, **overrides)
+  target = _np_dtype(config.param_dtype)
+  top, per_layer = _hf_top_spec(config), _hf_layer_spec(config)
+  layer_name = lambda l, suffix: f"model.layers.{l}.{suffix}"
+
+  with contextlib.ExitStack() as stack:
+    tensors = _Tensors(path, stack)
+    # Validate everything before copying anything.
+    expected: set[str] = set()
+    for hf_name, shape, _ in top.values():
+      tensors.check(hf_name, shape)
+      expected.add(hf_name)
+    for suffix, shape, _ in per_layer.values():
+      for l in range(config.num_layers):
+        tensors.check(layer_name(l, suffix), shape)
+        expected.add(layer_name(l, suffix))
+    tied_head = config.tie_word_embeddings and "lm_head.weight" in tensors.names()
+    if tied_head:  # some exports keep a copy of the tied head: accepted if identical
+      tensors.check("lm_head.weight", top["embed"][1])
+      expected.add("lm_head.weight")
+    extra = sorted(n for n in tensors.names() - expected if not HARMLESS.search(n))
+    if extra:
+      raise ValueError(f"checkpoint has {len(extra)} tensor(s) the model has no place for: "
+                       f"{extra[:20]}{' ...' if len(extra) > 20 else ''}")
+
+    # One leaf at a time: one host buffer in the target dtype, then to device.
+    params: Params = {}
+    for leaf, (hf_name, _, convert) in top.items():
+      params[leaf] = _to_device(convert(tensors.get(hf_name)), target)
+    if tied_head:
+      head = tensors.get("lm_head.weight")
+      if not np.array_equal(head.astype(target), np.asarray(params["embed"])):
+        raise ValueError("tie_word_embeddings is true but lm_head.weight differs from "
+                         "model.embed_tokens.weight")
+      del head
+    layers: Params = {}
+    shapes = layer_shapes(config)
+    for leaf, (suffix, _, convert) in per_layer.items():
+      buf = np.empty((config.num_layers, *shapes[leaf]), target)
+      for l in range(config.num_layers):
+        buf[l] = convert(tensors.get(layer_name(l, suffix)))
+      layers[leaf] = _to_device(buf, target)
+      del buf
+    params["layers"] = layers
+  assert set(params) == set(top_shapes(config)) | {"layers"}
+  return config, params
+
+
+def _to_device(x: np.ndarray, target) -> jax.Array:
+  return jnp.asarray(np.ascontiguousarray(x, dtype=target))
+
+
+# ---- orbax save / restore -------------------------------------------------------------------
+
+def save_params(path, params: Params, overwrite: bool = False) -> Path:
+  """Saves params (stacked or unrolled layout) in the stacked layout; returns the path."""
+  import orbax.checkpoint as ocp
+  path = Path(path).expanduser().resolve()
+  if path.exists() and not overwrite:
+    raise FileExistsError(f"checkpoint path {path} already exists; pass overwrite=True to "
+                          f"replace it")
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(path, stack_layers(params), force=overwrite)
+    ckptr.wait_until_finished()
+  return path
+
+
+def restore_params(path, config: ModelConfig | None = None,
+                   abstract: Params | None = None) -> Params:
+  """Restores params saved by save_params (stacked layout).
+
+  With `config` (or an explicit `abstract` tree of ShapeDtypeStructs), the
+  stored tree, shapes and dtypes must match it exactly (no silent casts).
+  """
+  import orbax.checkpoint as ocp
+  if config is not None and abstract is not None:
+    raise ValueError("pass either config or abstract, not both")
+  path = Path(path).expanduser().resolve()
+  if not path.exists():
+    raise FileNotFoundError(f"no checkpoint at {path}")
+  if config is not None:
+    abstract = abstract_params(config)
+  with ocp.StandardCheckpointer() as ckptr:
+    if abstract is None:
+      return ckptr.restore(path)
+    _check_stored(ckptr.metadata(path).item_metadata.tree, abstract, path)
+    return ckptr.restore(path, abstract)
+
+
+def _check_stored(stored, abstract: Params, path: Path) -> None:
+  """Raises ValueError naming every leaf whose presence, shape or dtype differs."""
+  flat_stored = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(stored)}
+  flat_want = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(abstract)}
+  problems = [f"{k}: missing from checkpoint"
+              for k in sorted(flat_want.keys() - flat_stored.keys())]
+  problems += [f"{k}: not expected" for k in sorted(flat_stored.keys() - flat_want.keys())]
+  for k in sorted(flat_want.keys() & flat_stored.keys()):
+    got, want = flat_stored[k], flat_want[k]
+    if tuple(got.shape) != tuple(want.shape) or jnp.dtype(got.dtype) != jnp.dtype(want.dtype):
+      problems.append(f"{k}: stored {jnp.dtype(got.dtype).name}{tuple(got.shape)}, "
+                      f"expected {jnp.dtype(want.dtype).name}{tuple(want.shape)}")
+  if problems:
+    raise ValueError(f"checkpoint {path} does not match the expected params:\n  "
+                     + "\n  ".join(problems))

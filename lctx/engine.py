@@ -1,0 +1,124 @@
+"""Jitted prefill, decode step and generation over a donated, fixed-capacity cache.
+
+Shapes and capacity are checked here, on the host, before anything compiles:
+a prompt or a generation that does not fit the cache is a ValueError, never a
+silent wrap. The cache argument is donated on every call, so XLA updates it in
+place (tests check the compiled step's temporaries against the cache size).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lctx.cache.dense import KVCache, init_cache
+from lctx.config import ModelConfig
+from lctx.model import transformer
+from lctx.model.params import Params
+from lctx.sampling import SamplingConfig, sample
+
+PREFILL_BLOCK = transformer.PREFILL_BLOCK
+
+prefill_jit = jax.jit(transformer.prefill, static_argnames=("config", "block"),
+                      donate_argnames=("cache",))
+decode_jit = jax.jit(transformer.decode, static_argnames=("config",), donate_argnames=("cache",))
+
+
+def layers_stacked(params: Params) -> bool:
+  return not isinstance(params["layers"], (tuple, list))
+
+
+def new_cache(config: ModelConfig, params: Params, batch: int, capacity: int) -> KVCache:
+  """An empty cache in the layout (stacked or per layer) that matches the params."""
+  return init_cache(config, batch, capacity, stacked=layers_stacked(params))
+
+
+def _check_tokens(tokens, lengths):
+  tokens = jnp.asarray(tokens)
+  if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f"tokens must be an integer array [B, T], got {tokens.dtype}{tokens.shape}")
+  B, T = tokens.shape
+  if T == 0:
+    raise ValueError("tokens must hold at least one token per row (T >= 1)")
+  if lengths is None:
+    return tokens.astype(jnp.int32), jnp.full((B,), T, jnp.int32)
+  lengths_np = np.asarray(lengths)
+  if lengths_np.shape != (B,) or lengths_np.min() < 1 or lengths_np.max() > T:
+    raise ValueError(f"lengths must have shape ({B},) with values in [1, {T}], got {lengths_np}")
+  return tokens.astype(jnp.int32), jnp.asarray(lengths_np, jnp.int32)
+
+
+def prefill(config: ModelConfig, params: Params, tokens, cache: KVCache, lengths=None,
+            block: int = PREFILL_BLOCK) -> tuple[jax.Array, KVCache]:
+  """Prompts tokens [B, T], right-padded where lengths[b] < T. Donates `cache`.
+
+  Returns (logits [B, V] of each row's last prompt token, filled cache).
+  """
+  tokens, lengths = _check_tokens(tokens, lengths)
+  if tokens.shape[0] != cache.batch:
+    raise ValueError(f"batch of tokens ({tokens.shape[0]}) != cache batch ({cache.batch})")
+  if tokens.shape[1] > cache.capacity:
+    raise ValueError(f"prompt length {tokens.shape[1]} exceeds the cache capacity "
+                     f"{cache.capacity}")
+  return prefill_jit(config, params, tokens, lengths, cache, block=block)
+
+
+def decode_step(config: ModelConfig, params: Params, tokens, cache: KVCache
+                ) -> tuple[jax.Array, KVCache]:
+  """Appends one token per row (tokens [B]) and returns its logits [B, V]. Donates `cache`."""
+  if not isinstance(cache.lengths, jax.core.Tracer):
+    fullest = int(jnp.max(cache.lengths))
+    if fullest >= cache.capacity:
+      raise ValueError(f"KV cache is full: a row holds {fullest} tokens and the capacity is "
+                       f"{cache.capacity}; allocate a larger cache")
+  return decode_jit(config, params, jnp.asarray(tokens, jnp.int32), cache)
+
+
+def generate(config: ModelConfig, params: Params, tokens, *, max_new_tokens: int,
+             lengths=None, sampling: SamplingConfig = SamplingConfig(), key=None,
+             capacity: int | None = None, block: int = PREFILL_BLOCK) -> jax.Array:
+  """Prefill then `max_new_tokens` tokens per row, the token loop inside one jit.
+
+  tokens: [B, T] right-padded prompts, lengths [B] (default: all T).
+  capacity: cache slots (default T + max_new_tokens); the run needs
+  T + max_new_tokens - 1 of them. key: a PRNG key, required when sampling.
+  Returns the new tokens [B, max_new_tokens] int32.
+  """
+  tokens, lengths = _check_tokens(tokens, lengths)
+  T = tokens.shape[1]
+  if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+  capacity = T + max_new_tokens if capacity is None else capacity
+  needed = T + max_new_tokens - 1
+  if needed > capacity:
+    raise ValueError(f"prompt length {T} + max_new_tokens {max_new_tokens} needs {needed} cache "
+                     f"slots but capacity is {capacity}")
+  if key is None:
+    if not sampling.greedy:
+      raise ValueError("sampling with temperature > 0 needs an explicit PRNG key (key=...)")
+    key = jax.random.key(0)  # unused by greedy decoding
+  return _generate_jit(config, params, tokens, lengths, key, max_new_tokens=int(max_new_tokens),
+                       capacity=int(capacity), sampling=sampling, block=block)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "capacity",
+                                             "sampling", "block"))
+def _generate_jit(config, params, tokens, lengths, key, *, max_new_tokens, capacity, sampling,
+                  block):
+  cache = new_cache(config, params, tokens.shape[0], capacity)
+  logits, cache = transformer.prefill(config, params, tokens, lengths, cache, block)
+  key, sub = jax.random.split(key)
+  first = sample(logits, sub, sampling)
+
+  def step(carry, _):
+    token, cache, key = carry
+    logits, cache = transformer.decode(config, params, token, cache)
+    key, sub = jax.random.split(key)
+    nxt = sample(logits, sub, sampling)
+    return (nxt, cache, key), nxt
+
+  _, rest = jax.lax.scan(step, (first, cache, key), None, length=max_new_tokens - 1)
+  return jnp.concatenate([first[:, None], rest.T], axis=1)

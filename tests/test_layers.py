@@ -1,0 +1,125 @@
+"""RMSNorm, RoPE and attention against plain numpy written independently."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lctx import ModelConfig
+from lctx.config import RopeScaling
+from lctx.model import attention
+from lctx.model.layers import apply_rope, rms_norm, rope_cos_sin, rope_inv_freq
+
+
+def np_rms_norm(x, w, eps):
+  return x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + eps) * w
+
+
+def np_llama3_freqs(theta, H, factor, low, high, old_len):
+  """Llama 3.1's scaled RoPE frequencies, one frequency at a time."""
+  out = []
+  for i in range(0, H, 2):
+    f = 1.0 / theta ** (i / H)
+    wavelen = 2 * math.pi / f
+    if wavelen < old_len / high:
+      out.append(f)
+    elif wavelen > old_len / low:
+      out.append(f / factor)
+    else:
+      smooth = (old_len / wavelen - low) / (high - low)
+      out.append((1 - smooth) * f / factor + smooth * f)
+  return np.array(out)
+
+
+def np_rope(x, positions, freqs):
+  """Rotation of pairs (i, i + H/2) by angle position * freq_i."""
+  H = x.shape[-1]
+  out = np.empty_like(x, dtype=np.float64)
+  for t, pos in enumerate(positions):
+    for i in range(H // 2):
+      c, s = math.cos(pos * freqs[i]), math.sin(pos * freqs[i])
+      a, b = x[t, ..., i], x[t, ..., i + H // 2]
+      out[t, ..., i] = a * c - b * s
+      out[t, ..., i + H // 2] = b * c + a * s
+  return out
+
+
+def test_rms_norm_matches_numpy():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(3, 5, 16)).astype(np.float32) * 3
+  w = rng.normal(size=(16,)).astype(np.float32)
+  got = rms_norm(jnp.asarray(x), jnp.asarray(w), 1e-5)
+  np.testing.assert_allclose(got, np_rms_norm(x, w, 1e-5), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scaling", [RopeScaling(), RopeScaling("linear", 4.0),
+                                     RopeScaling("llama3", 8.0, 1.0, 4.0, 32)])
+def test_rope_matches_numpy(scaling):
+  H, theta = 16, 10000.0
+  cfg = ModelConfig(vocab_size=8, hidden_size=2 * H, intermediate_size=8, num_layers=1,
+                    num_heads=2, num_kv_heads=1, head_dim=H, rope_theta=theta,
+                    rope_scaling=scaling)
+  if scaling.rope_type == "llama3":
+    freqs = np_llama3_freqs(theta, H, 8.0, 1.0, 4.0, 32)
+  else:
+    freqs = np.array([1.0 / theta ** (i / H) for i in range(0, H, 2)]) / scaling.factor
+  np.testing.assert_allclose(rope_inv_freq(cfg), freqs, rtol=1e-6)
+  rng = np.random.default_rng(1)
+  positions = np.array([0, 1, 5, 37, 300])
+  x = rng.normal(size=(len(positions), 3, H)).astype(np.float32)
+  cos, sin = rope_cos_sin(cfg, jnp.asarray(positions)[None])
+  got = apply_rope(jnp.asarray(x)[None], cos, sin)[0]
+  np.testing.assert_allclose(got, np_rope(x, positions, freqs), rtol=1e-4, atol=1e-4)
+
+
+def np_causal_attention(q, k, v):
+  """Dense masked softmax attention with GQA, [B, T, N, H] -> [B, T, N, H]."""
+  B, T, N, H = q.shape
+  G = N // k.shape[2]
+  k, v = np.repeat(k, G, axis=2), np.repeat(v, G, axis=2)
+  s = np.einsum("btnh,bsnh->bnts", q, k) / math.sqrt(H)
+  s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
+  p = np.exp(s - s.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  return np.einsum("bnts,bsnh->btnh", p, v)
+
+
+@pytest.mark.parametrize("T,block", [(1, 512), (7, 512), (40, 8), (37, 16), (64, 16)])
+def test_blockwise_causal_attention_matches_dense(T, block):
+  rng = np.random.default_rng(T)
+  q = rng.normal(size=(2, T, 8, 16)).astype(np.float32)
+  k = rng.normal(size=(2, T, 2, 16)).astype(np.float32)
+  v = rng.normal(size=(2, T, 2, 16)).astype(np.float32)
+  got = attention.causal_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), block)
+  np.testing.assert_allclose(got, np_causal_attention(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def test_blockwise_attention_visits_only_lower_triangle():
+  """The compiled block loop runs nb(nb+1)/2 times on block x block tiles."""
+  T, block = 4096, 512
+  q = jax.ShapeDtypeStruct((1, T, 8, 16), jnp.float32)
+  kv = jax.ShapeDtypeStruct((1, T, 2, 16), jnp.float32)
+  hlo = jax.jit(attention.causal_attention, static_argnums=3).lower(
+      q, kv, kv, block).compile().as_text()
+  nb = T // block
+  assert f'"known_trip_count":{{"n":"{nb * (nb + 1) // 2}"}}' in hlo
+  assert f"{T},{T}]" not in hlo  # no T x T score matrix anywhere
+
+
+def test_merge_of_partials_equals_attention_over_union():
+  rng = np.random.default_rng(3)
+  q = rng.normal(size=(1, 2, 4, 8)).astype(np.float32)  # [B, K, G, H]
+  k = rng.normal(size=(1, 2, 10, 8)).astype(np.float32)
+  v = rng.normal(size=(1, 2, 10, 8)).astype(np.float32)
+  valid = np.ones((1, 10), bool)
+  whole = attention.decode_attention(q, k, v, valid)
+  left = attention.decode_attention(q, k[:, :, :6], v[:, :, :6], valid[:, :6])
+  right = attention.decode_attention(q, k[:, :, 6:], v[:, :, 6:], valid[:, 6:])
+  np.testing.assert_allclose(attention.finalize(attention.merge(left, right), jnp.float32),
+                             attention.finalize(whole, jnp.float32), rtol=1e-6, atol=1e-6)
+  s = np.einsum("bkgh,bksh->bkgs", q, k) / math.sqrt(8)
+  p = np.exp(s - s.max(-1, keepdims=True))
+  ref = np.einsum("bkgs,bksh->bkgh", p / p.sum(-1, keepdims=True), v)
+  np.testing.assert_allclose(attention.finalize(whole, jnp.float32), ref, rtol=1e-5, atol=1e-6)
