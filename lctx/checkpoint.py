@@ -242,3 +242,50 @@ def _check_stored(stored, abstract: Params, path: Path) -> None:
   if problems:
     raise ValueError(f"checkpoint {path} does not match the expected params:\n  "
                      + "\n  ".join(problems))
+
+
+# ---- export (lctx -> Hugging Face) --------------------------------------------------------
+
+def hf_config_dict(config: ModelConfig) -> dict[str, Any]:
+  """The config.json fields of an equivalent transformers LlamaForCausalLM."""
+  rs = config.rope_scaling
+  rope_scaling = None
+  if rs.rope_type == "linear":
+    rope_scaling = {"rope_type": "linear", "factor": rs.factor}
+  elif rs.rope_type == "llama3":
+    rope_scaling = {"rope_type": "llama3", "factor": rs.factor,
+                    "low_freq_factor": rs.low_freq_factor, "high_freq_factor": rs.high_freq_factor,
+                    "original_max_position_embeddings": rs.original_max_position_embeddings}
+  return {
+      "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+      "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+      "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_layers,
+      "num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
+      "head_dim": config.head_dim, "rms_norm_eps": config.rms_norm_eps,
+      "rope_theta": config.rope_theta, "rope_scaling": rope_scaling,
+      "tie_word_embeddings": config.tie_word_embeddings,
+      "max_position_embeddings": config.max_position_embeddings,
+      "attention_bias": False, "mlp_bias": False,
+  }
+
+
+def to_hf_state_dict(config: ModelConfig, params: Params) -> dict[str, np.ndarray]:
+  """HF tensor name -> numpy array, the inverse of load_hf_checkpoint's mapping.
+
+  Every lctx leaf is either stored as is (embeddings, norms) or is the HF matrix
+  transposed with its output axis split into heads, so the inverse is a reshape
+  to the transposed HF shape followed by a transpose.
+  """
+  params = stack_layers(params)
+
+  def to_hf(x, hf_shape):
+    x = np.asarray(x)
+    return x if x.shape == hf_shape else np.ascontiguousarray(x.reshape(hf_shape[::-1]).T)
+
+  out = {hf_name: to_hf(params[leaf], shape)
+         for leaf, (hf_name, shape, _) in _hf_top_spec(config).items()}
+  for leaf, (suffix, shape, _) in _hf_layer_spec(config).items():
+    stacked = np.asarray(params["layers"][leaf])
+    for l in range(config.num_layers):
+      out[f"model.layers.{l}.{suffix}"] = to_hf(stacked[l], shape)
+  return out

@@ -111,12 +111,13 @@ def test_blockwise_attention_visits_only_lower_triangle():
 def test_merge_of_partials_equals_attention_over_union():
   rng = np.random.default_rng(3)
   q = rng.normal(size=(1, 2, 4, 8)).astype(np.float32)  # [B, K, G, H]
-  k = rng.normal(size=(1, 2, 10, 8)).astype(np.float32)
+  k = rng.normal(size=(1, 2, 10, 8)).astype(np.float32)  # [B, K, S, H]
   v = rng.normal(size=(1, 2, 10, 8)).astype(np.float32)
   valid = np.ones((1, 10), bool)
-  whole = attention.decode_attention(q, k, v, valid)
-  left = attention.decode_attention(q, k[:, :, :6], v[:, :, :6], valid[:, :6])
-  right = attention.decode_attention(q, k[:, :, 6:], v[:, :, 6:], valid[:, 6:])
+  kt = k.transpose(0, 1, 3, 2)  # the cache's key layout [B, K, H, S]
+  whole = attention.decode_attention(q, kt, v, valid)
+  left = attention.decode_attention(q, kt[..., :6], v[:, :, :6], valid[:, :6])
+  right = attention.decode_attention(q, kt[..., 6:], v[:, :, 6:], valid[:, 6:])
   np.testing.assert_allclose(attention.finalize(attention.merge(left, right), jnp.float32),
                              attention.finalize(whole, jnp.float32), rtol=1e-6, atol=1e-6)
   s = np.einsum("bkgh,bksh->bkgs", q, k) / math.sqrt(8)

@@ -1,10 +1,11 @@
 """The dense KV cache: fixed capacity, per-row fill lengths, updated in place.
 
-Per layer, K and V are [B, K, S, H] (S = capacity): decode attention is then a
-batched matmul over (b, k) with contiguous operands. The layers are either
-stacked into one [L, B, K, S, H] array (for the scanned layer loop) or kept as
-a tuple of L arrays (for the unrolled loop, where each layer's buffer is read
-and written in place with no slicing copies).
+Per layer, keys are [B, K, H, S] and values [B, K, S, H] (S = capacity): both
+decode-attention products are then batched matmuls over (b, k) with the
+contiguous operand the CPU backend wants (see lctx.model.attention). The layers
+are either stacked into one [L, ...] array per K and V (for the scanned layer
+loop) or kept as a tuple of L arrays (for the unrolled loop, where each layer's
+buffer is read and written in place with no slicing copies).
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ from flax import struct
 
 from lctx.config import ModelConfig
 
-# Logical axes of one cache array (stacked form has "layers" in front).
-CACHE_AXES = ("cache_batch", "cache_kv_heads", "cache_seq", "head_dim")
+# Logical axes of one layer's cache arrays (the stacked form has "layers" in front).
+K_CACHE_AXES = ("cache_batch", "cache_kv_heads", "head_dim", "cache_seq")
+V_CACHE_AXES = ("cache_batch", "cache_kv_heads", "cache_seq", "head_dim")
 
 
 @struct.dataclass
 class KVCache:
-  k: jax.Array | tuple[jax.Array, ...]  # [L, B, K, S, H] or L x [B, K, S, H]
-  v: jax.Array | tuple[jax.Array, ...]
+  k: jax.Array | tuple[jax.Array, ...]  # [L, B, K, H, S] or L x [B, K, H, S]
+  v: jax.Array | tuple[jax.Array, ...]  # [L, B, K, S, H] or L x [B, K, S, H]
   lengths: jax.Array  # [B] int32: valid tokens per row; the next token goes there
 
   @property
@@ -32,7 +34,7 @@ class KVCache:
 
   @property
   def capacity(self) -> int:
-    return (self.k if self.stacked else self.k[0]).shape[-2]
+    return (self.v if self.stacked else self.v[0]).shape[-2]
 
   @property
   def batch(self) -> int:
@@ -45,22 +47,22 @@ class KVCache:
                for x in jax.tree.leaves(self))
 
 
-def _layer_shape(config: ModelConfig, batch: int, capacity: int) -> tuple[int, ...]:
+def _layer_shapes(config: ModelConfig, batch: int, capacity: int):
   if capacity <= 0 or batch <= 0:
     raise ValueError(f"cache batch ({batch}) and capacity ({capacity}) must be positive")
-  return (batch, config.num_kv_heads, capacity, config.head_dim)
+  K, H = config.num_kv_heads, config.head_dim
+  return (batch, K, H, capacity), (batch, K, capacity, H)
 
 
 def init_cache(config: ModelConfig, batch: int, capacity: int, stacked: bool = True) -> KVCache:
   """An empty cache (zeros; never uninitialised memory) in the compute dtype."""
-  shape = _layer_shape(config, batch, capacity)
-  dtype = jnp.dtype(config.dtype)
+  k_shape, v_shape = _layer_shapes(config, batch, capacity)
+  dtype, L = jnp.dtype(config.dtype), config.num_layers
   if stacked:
-    k = jnp.zeros((config.num_layers, *shape), dtype)
-    v = jnp.zeros((config.num_layers, *shape), dtype)
+    k, v = jnp.zeros((L, *k_shape), dtype), jnp.zeros((L, *v_shape), dtype)
   else:
-    k = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-    v = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+    k = tuple(jnp.zeros(k_shape, dtype) for _ in range(L))
+    v = tuple(jnp.zeros(v_shape, dtype) for _ in range(L))
   return KVCache(k, v, jnp.zeros((batch,), jnp.int32))
 
 

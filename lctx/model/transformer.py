@@ -32,18 +32,32 @@ PREFILL_BLOCK = 512
 
 def _qkv(config: ModelConfig, lp: Params, x_btd: jax.Array, positions_bt: jax.Array):
   dtype = x_btd.dtype
+  N, K = config.num_heads, config.num_kv_heads
   h = rms_norm(x_btd, lp["attn_norm"], config.rms_norm_eps)
-  q = jnp.einsum("btd,dnh->btnh", h, lp["w_q"].astype(dtype))
-  k = jnp.einsum("btd,dkh->btkh", h, lp["w_k"].astype(dtype))
-  v = jnp.einsum("btd,dkh->btkh", h, lp["w_v"].astype(dtype))
+  if "w_qkv" in lp:  # fused layout (see params.fuse_projections): one matmul
+    qkv = jnp.einsum("btd,dnh->btnh", h, lp["w_qkv"].astype(dtype))
+    q, k, v = qkv[:, :, :N], qkv[:, :, N:N + K], qkv[:, :, N + K:]
+  else:
+    q = jnp.einsum("btd,dnh->btnh", h, lp["w_q"].astype(dtype))
+    k = jnp.einsum("btd,dkh->btkh", h, lp["w_k"].astype(dtype))
+    v = jnp.einsum("btd,dkh->btkh", h, lp["w_v"].astype(dtype))
   cos, sin = rope_cos_sin(config, positions_bt)
   return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
 def _out_and_mlp(config: ModelConfig, lp: Params, x_btd: jax.Array, attn_btnh: jax.Array):
-  x = x_btd + jnp.einsum("btnh,nhd->btd", attn_btnh, lp["w_o"].astype(x_btd.dtype))
+  B, T, N, H = attn_btnh.shape
+  dtype = x_btd.dtype
+  # One [N*H, D] matmul on flattened heads: with a (n, h) einsum the CPU backend
+  # picked a layout that transposes w_o every step.
+  w_o = lp["w_o"].astype(dtype).reshape(N * H, -1)
+  x = x_btd + attn_btnh.reshape(B, T, N * H) @ w_o
   h = rms_norm(x, lp["mlp_norm"], config.rms_norm_eps)
-  return x + swiglu(h, lp["w_gate"], lp["w_up"], lp["w_down"])
+  if "w_gate_up" in lp:
+    gate, up = jnp.split(h @ lp["w_gate_up"].astype(dtype), 2, axis=-1)
+  else:
+    gate, up = h @ lp["w_gate"].astype(dtype), h @ lp["w_up"].astype(dtype)
+  return x + swiglu(gate, up, lp["w_down"])
 
 
 def _layer_loop(layers, carry, body: Callable):
@@ -69,24 +83,32 @@ def _cache_layer(kv, l):
   return jax.lax.dynamic_index_in_dim(kv, l, axis=0, keepdims=False)
 
 
-def _cache_write_prefix(kv, l, new_bkth):
-  """Writes slots [0, T) of layer l (every row) in place."""
+def _cache_write_prefix(kv, l, new):
+  """Writes slots [0, T) of layer l (every row) in place; new is laid out as the cache."""
   if isinstance(kv, tuple):
-    return kv[:l] + (jax.lax.dynamic_update_slice(kv[l], new_bkth, (0, 0, 0, 0)),) + kv[l + 1:]
-  return jax.lax.dynamic_update_slice(kv, new_bkth[None], (l, 0, 0, 0, 0))
+    return kv[:l] + (jax.lax.dynamic_update_slice(kv[l], new, (0, 0, 0, 0)),) + kv[l + 1:]
+  return jax.lax.dynamic_update_slice(kv, new[None], (l, 0, 0, 0, 0))
 
 
-def _cache_write_token(kv, l, slots_b, new_bkh):
+def _cache_write_token(kv, l, slots_b, new_bkh, seq_axis):
   """Writes row b's new token at slot slots_b[b] of layer l, in place.
 
-  Out-of-range slots are dropped, never clamped onto a valid slot (callers
-  check capacity before the step).
+  seq_axis: the slot axis of a per-layer array (3 for keys [B, K, H, S], 2 for
+  values [B, K, S, H]). Out-of-range slots are dropped, never clamped onto a
+  valid slot (callers check capacity before the step).
   """
   rows = jnp.arange(slots_b.shape[0])
+  if rows.shape[0] == 1:
+    # XLA rewrites a one-update scatter into a dynamic-update-slice, which the CPU
+    # backend then duplicates into its readers and copies the whole cache layer
+    # every step. A second, identical update keeps it a scatter, updated in place.
+    rows, slots_b, new_bkh = (jnp.concatenate([a, a]) for a in (rows, slots_b, new_bkh))
+  index = [rows, slice(None), slice(None), slice(None)]
+  index[seq_axis] = slots_b
   if isinstance(kv, tuple):
-    layer = kv[l].at[rows, :, slots_b].set(new_bkh, mode="drop")
+    layer = kv[l].at[tuple(index)].set(new_bkh, mode="drop")
     return kv[:l] + (layer,) + kv[l + 1:]
-  return kv.at[l, rows, :, slots_b].set(new_bkh, mode="drop")
+  return kv.at[(l, *index)].set(new_bkh, mode="drop")
 
 
 # ---- embedding and head ----------------------------------------------------------
@@ -137,7 +159,7 @@ def prefill(config: ModelConfig, params: Params, tokens: jax.Array, lengths: jax
   def body(lp, l, carry):
     x, k_cache, v_cache = carry
     q, k, v = _qkv(config, lp, x, positions)
-    k_cache = _cache_write_prefix(k_cache, l, k.transpose(0, 2, 1, 3).astype(config.dtype))
+    k_cache = _cache_write_prefix(k_cache, l, k.transpose(0, 2, 3, 1).astype(config.dtype))
     v_cache = _cache_write_prefix(v_cache, l, v.transpose(0, 2, 1, 3).astype(config.dtype))
     x = _out_and_mlp(config, lp, x, attention.causal_attention(q, k, v, block))
     return x, k_cache, v_cache
@@ -159,8 +181,8 @@ def decode(config: ModelConfig, params: Params, tokens: jax.Array,
   def body(lp, l, carry):
     x, k_cache, v_cache = carry
     q, k, v = _qkv(config, lp, x, lengths[:, None])  # [B, 1, heads, H]
-    k_cache = _cache_write_token(k_cache, l, lengths, k[:, 0].astype(config.dtype))
-    v_cache = _cache_write_token(v_cache, l, lengths, v[:, 0].astype(config.dtype))
+    k_cache = _cache_write_token(k_cache, l, lengths, k[:, 0].astype(config.dtype), 3)
+    v_cache = _cache_write_token(v_cache, l, lengths, v[:, 0].astype(config.dtype), 2)
     part = attention.decode_attention(q.reshape(B, K, G, H), _cache_layer(k_cache, l),
                                       _cache_layer(v_cache, l), valid_bs)
     attn = attention.finalize(part, x.dtype).reshape(B, 1, K * G, H)

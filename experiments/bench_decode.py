@@ -1,0 +1,67 @@
+"""Prefill and decode speed of lctx next to the transformers library, same weights.
+
+  python -m experiments.bench_decode [--model=small --context=4096 --batch=1]
+
+Both run fp32 on the current JAX backend / torch CPU with the same thread count,
+from the same random weights (lctx params exported to a transformers
+LlamaForCausalLM). Rounds alternate between the two so machine noise hits both;
+medians are reported. Achieved bandwidth = bytes a decode step must read
+(weights, except the embedding rows not looked up, plus the KV cache) / step
+time, next to the machine's read bandwidth (a >= 1 GB buffer summed by torch
+and by XLA, all threads).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "small", "Preset name or config.json path.")
+flags.DEFINE_integer("context", 4096, "Prompt tokens per row (the KV cache the decode reads).")
+flags.DEFINE_integer("batch", 1, "Rows decoded together.")
+flags.DEFINE_integer("decode_steps", 16, "Decode steps timed per round.")
+flags.DEFINE_integer("rounds", 3, "Alternating lctx / reference rounds (prefill + decode each).")
+flags.DEFINE_integer("threads", os.cpu_count(), "torch threads (XLA's CPU pool uses all cores).")
+flags.DEFINE_boolean("scan_layers", False, "Run lctx with stacked, scanned layers "
+                     "(default: unrolled per-layer buffers, faster on CPU).")
+flags.DEFINE_boolean("reference", True, "Also time the transformers implementation.")
+flags.DEFINE_integer("seed", 0, "Weights and prompt seed.")
+flags.DEFINE_string("json_out", None, "Write the results here as JSON.")
+
+
+def main(argv):
+  del argv
+  import jax
+  import numpy as np
+
+  from lctx import bench
+
+  if FLAGS.context < 1 or FLAGS.batch < 1 or FLAGS.decode_steps < 1 or FLAGS.rounds < 1:
+    raise app.UsageError("--context, --batch, --decode_steps and --rounds must be >= 1")
+  setup = bench.Setup.create(FLAGS.model, FLAGS.context, FLAGS.batch, FLAGS.seed,
+                             scan_layers=FLAGS.scan_layers, threads=FLAGS.threads,
+                             reference=FLAGS.reference)
+  print(f"model {setup.config.name}: {setup.config.num_params / 1e6:.1f}M params fp32, "
+        f"context {FLAGS.context}, batch {FLAGS.batch}, backend {jax.default_backend()}, "
+        f"{os.cpu_count()} cores, torch threads {FLAGS.threads}")
+  results = bench.run(setup, rounds=FLAGS.rounds, decode_steps=FLAGS.decode_steps)
+  results["machine_read_gb_s"], results["machine_read_gb_s_xla"] = bench.machine_read_gb_s(
+      FLAGS.threads)
+  results["bandwidth_fraction"] = results["achieved_gb_s"] / results["machine_read_gb_s"]
+  results.update(model=setup.config.name, context=FLAGS.context, batch=FLAGS.batch,
+                 scan_layers=FLAGS.scan_layers, backend=jax.default_backend(),
+                 cpu_count=os.cpu_count(), torch_threads=FLAGS.threads,
+                 jax_version=jax.__version__)
+  print(bench.format_results(results))
+  if FLAGS.json_out:
+    with open(FLAGS.json_out, "w") as f:
+      json.dump(results, f, indent=2)
+    print(f"wrote {FLAGS.json_out}")
+
+
+if __name__ == "__main__":
+  app.run(main)

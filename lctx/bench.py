@@ -1,0 +1,182 @@
+"""Side-by-side timing of lctx and the transformers library on the same weights.
+
+Used by experiments/bench_decode.py; torch and transformers are imported only
+when the reference is requested (they are test extras, not runtime deps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lctx import engine
+from lctx.config import ModelConfig
+from lctx.model.params import Params, init_params, unstack_layers
+
+
+@dataclasses.dataclass
+class Setup:
+  config: ModelConfig
+  params: Params
+  tokens: np.ndarray  # [B, T] prompts
+  reference: Any  # a transformers LlamaForCausalLM with the same weights, or None
+
+  @classmethod
+  def create(cls, model: str, context: int, batch: int, seed: int, *, scan_layers: bool,
+             threads: int, reference: bool) -> "Setup":
+    config = ModelConfig.resolve(model)  # fp32 params and compute
+    params = init_params(config, seed)
+    tokens = np.random.default_rng(seed).integers(0, config.vocab_size, (batch, context))
+    ref = _reference_model(config, params, threads) if reference else None
+    if not scan_layers:
+      params = unstack_layers(params)
+    return cls(config, params, tokens.astype(np.int32), ref)
+
+
+def _reference_model(config: ModelConfig, params: Params, threads: int):
+  import torch
+  import transformers
+
+  from lctx.checkpoint import hf_config_dict, to_hf_state_dict
+
+  torch.set_num_threads(threads)
+  hf_config = transformers.LlamaConfig(**hf_config_dict(config))
+  model = transformers.LlamaForCausalLM(hf_config).to(torch.float32).eval()
+  state = {k: torch.from_numpy(v) for k, v in to_hf_state_dict(config, params).items()}
+  missing, unexpected = model.load_state_dict(state, strict=False)
+  allowed_missing = {"lm_head.weight"} if config.tie_word_embeddings else set()
+  if set(missing) - allowed_missing or unexpected:
+    raise RuntimeError(f"reference weights do not line up: missing {missing}, "
+                       f"unexpected {unexpected}")
+  return model
+
+
+def _time(fn):
+  start = time.perf_counter()
+  out = fn()
+  return out, time.perf_counter() - start
+
+
+def _lctx_round(setup: Setup, decode_steps: int) -> tuple[float, list[float], np.ndarray]:
+  config, params = setup.config, setup.params
+  B, T = setup.tokens.shape
+  cache = engine.new_cache(config, params, B, T + decode_steps)
+  jax.block_until_ready(cache)
+  (logits, cache), prefill_s = _time(
+      lambda: jax.block_until_ready(engine.prefill(config, params, setup.tokens, cache)))
+  first_logits = np.asarray(logits)
+  steps = []
+  for _ in range(decode_steps):
+    token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    # The raw compiled step: engine.decode_step adds a host-side capacity check.
+    (logits, cache), dt = _time(
+        lambda: jax.block_until_ready(engine.decode_jit(config, params, token, cache)))
+    steps.append(dt)
+  return prefill_s, steps, first_logits
+
+
+def _reference_round(setup: Setup, decode_steps: int) -> tuple[float, list[float], np.ndarray]:
+  import torch
+  model = setup.reference
+  with torch.no_grad():
+    ids = torch.from_numpy(setup.tokens.astype(np.int64))
+    out, prefill_s = _time(lambda: model(ids, use_cache=True, logits_to_keep=1))
+    first_logits = out.logits[:, -1].numpy().copy()
+    past, logits = out.past_key_values, out.logits[:, -1]
+    steps = []
+    for _ in range(decode_steps):
+      token = logits.argmax(-1, keepdim=True)
+      out, dt = _time(lambda: model(token, past_key_values=past, use_cache=True))
+      past, logits = out.past_key_values, out.logits[:, -1]
+      steps.append(dt)
+  return prefill_s, steps, first_logits
+
+
+def decode_bytes(config: ModelConfig, batch: int, context: int) -> int:
+  """Bytes one decode step must read: weights (B embedding rows, the whole head)
+  plus every row's KV cache."""
+  itemsize = np.dtype(config.param_dtype).itemsize
+  weights = config.num_params
+  if not config.tie_word_embeddings:  # only B rows of the embedding table are looked up
+    weights -= (config.vocab_size - batch) * config.hidden_size
+  return weights * itemsize + batch * context * config.kv_bytes_per_token()
+
+
+def run(setup: Setup, rounds: int, decode_steps: int) -> dict[str, Any]:
+  """rounds + 1 alternating rounds; the first (compilation, warm-up) is discarded."""
+  B, T = setup.tokens.shape
+  lctx_prefill, lctx_steps, ref_prefill, ref_steps = [], [], [], []
+  logits_diff = None
+  for r in range(rounds + 1):
+    p, s, lctx_logits = _lctx_round(setup, decode_steps)
+    line = f"round {r}{' (warm-up)' if r == 0 else ''}: lctx prefill {p:.2f} s, " \
+           f"decode {1e3 * np.median(s):.1f} ms/step"
+    if r:
+      lctx_prefill.append(p)
+      lctx_steps += s
+    if setup.reference is not None:
+      p, s, ref_logits = _reference_round(setup, decode_steps)
+      line += f"; transformers prefill {p:.2f} s, decode {1e3 * np.median(s):.1f} ms/step"
+      logits_diff = float(np.abs(lctx_logits - ref_logits).max())
+      if r:
+        ref_prefill.append(p)
+        ref_steps += s
+    print(line, flush=True)
+  step_s = float(np.median(lctx_steps))
+  out: dict[str, Any] = {
+      "lctx_prefill_s": float(np.median(lctx_prefill)),
+      "lctx_decode_step_s": step_s,
+      "lctx_prefill_tok_s": B * T / float(np.median(lctx_prefill)),
+      "lctx_decode_tok_s": B / step_s,
+      # Mean context over the timed steps is T + decode_steps / 2.
+      "decode_bytes_per_step": decode_bytes(setup.config, B, T + decode_steps // 2),
+  }
+  out["achieved_gb_s"] = out["decode_bytes_per_step"] / step_s / 1e9
+  if setup.reference is not None:
+    ref_step = float(np.median(ref_steps))
+    out.update(
+        ref_prefill_s=float(np.median(ref_prefill)), ref_decode_step_s=ref_step,
+        ref_prefill_tok_s=B * T / float(np.median(ref_prefill)), ref_decode_tok_s=B / ref_step,
+        max_abs_logit_diff=logits_diff)
+    out["prefill_speedup"] = out["lctx_prefill_tok_s"] / out["ref_prefill_tok_s"]
+    out["decode_speedup"] = out["lctx_decode_tok_s"] / out["ref_decode_tok_s"]
+  return out
+
+
+def machine_read_gb_s(threads: int, nbytes: int = 1 << 30, repeats: int = 7) -> tuple[float, float]:
+  """Read bandwidth of a >= 1 GB fp32 buffer summed by torch (threads) and by XLA."""
+  n = nbytes // 4
+  x = jnp.ones((n,), jnp.float32)
+  total = jax.jit(jnp.sum)
+  total(x).block_until_ready()
+  xla = [_time(lambda: total(x).block_until_ready())[1] for _ in range(repeats)]
+  del x
+  try:
+    import torch
+  except ImportError:
+    return float("nan"), nbytes / float(np.median(xla)) / 1e9
+  torch.set_num_threads(threads)
+  t = torch.ones(n, dtype=torch.float32)
+  t.sum()
+  ts = [_time(lambda: t.sum())[1] for _ in range(repeats)]
+  return nbytes / float(np.median(ts)) / 1e9, nbytes / float(np.median(xla)) / 1e9
+
+
+def format_results(r: dict[str, Any]) -> str:
+  lines = [f"{'':22s}{'lctx':>12s}{'transformers':>14s}{'ratio':>8s}"]
+  for label, key in (("prefill tok/s", "prefill_tok_s"), ("decode tok/s", "decode_tok_s")):
+    ref = r.get(f"ref_{key}")
+    ratio = r[f"lctx_{key}"] / ref if ref else float("nan")
+    lines.append(f"{label:22s}{r[f'lctx_{key}']:12.1f}{ref or float('nan'):14.1f}{ratio:8.2f}x")
+  lines.append(f"decode bytes/step      {r['decode_bytes_per_step'] / 1e6:.1f} MB")
+  lines.append(f"achieved bandwidth     {r['achieved_gb_s']:.1f} GB/s = "
+               f"{100 * r['bandwidth_fraction']:.0f}% of the machine's {r['machine_read_gb_s']:.1f} "
+               f"GB/s (torch sum; XLA sum {r['machine_read_gb_s_xla']:.1f} GB/s)")
+  if r.get("max_abs_logit_diff") is not None:
+    lines.append(f"max |logit diff| lctx vs transformers (prefill): {r['max_abs_logit_diff']:.2e}")
+  return "\n".join(lines)
