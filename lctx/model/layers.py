@@ -58,6 +58,8 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return out.astype(x.dtype)
 
 
-def swiglu(gate: jax.Array, up: jax.Array, w_down: jax.Array) -> jax.Array:
-  """down(silu(gate) * up), given the two up-projections [..., F]; w_down: [F, D]."""
-  return (jax.nn.silu(gate) * up) @ w_down.astype(gate.dtype)
+def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
+  """down(silu(x @ gate) * (x @ up)); x: [..., D], w_gate/w_up: [D, F], w_down: [F, D]."""
+  gate = x @ w_gate.astype(x.dtype)
+  up = x @ w_up.astype(x.dtype)
+  return (jax.nn.silu(gate) * up) @ w_down.astype(x.dtype)

@@ -99,40 +99,13 @@ def abstract_params(config: ModelConfig) -> Params:
   return nnx.to_pure_dict(state)
 
 
-def unstack_layers(params: Params, fuse: bool = True) -> Params:
-  """Stacked layers [L, ...] -> a tuple of L per-layer dicts (the unrolled layout).
-
-  With `fuse`, each layer's Q/K/V projections become one w_qkv [D, N + 2K, H]
-  and gate/up one w_gate_up [D, 2F]: fewer, larger matmuls (faster decode on
-  CPU, see experiments/bench_decode). stack_layers undoes both.
-  """
+def unstack_layers(params: Params) -> Params:
+  """Stacked layers [L, ...] -> a tuple of L per-layer dicts (the unrolled layout)."""
   layers = params["layers"]
   if isinstance(layers, (tuple, list)):
     return params
   L = next(iter(layers.values())).shape[0]
-  per_layer = tuple({k: v[i] for k, v in layers.items()} for i in range(L))
-  if fuse:
-    per_layer = tuple(_fuse(lp) for lp in per_layer)
-  return {**params, "layers": per_layer}
-
-
-def _fuse(lp: Params) -> Params:
-  lp = dict(lp)
-  lp["w_qkv"] = jnp.concatenate([lp.pop("w_q"), lp.pop("w_k"), lp.pop("w_v")], axis=1)
-  lp["w_gate_up"] = jnp.concatenate([lp.pop("w_gate"), lp.pop("w_up")], axis=1)
-  return lp
-
-
-def _unfuse(lp: Params) -> Params:
-  lp = dict(lp)
-  if "w_qkv" in lp:
-    q_heads = lp["w_o"].shape[0]
-    k_heads = (lp["w_qkv"].shape[1] - q_heads) // 2
-    w_qkv = lp.pop("w_qkv")
-    lp["w_q"], lp["w_k"], lp["w_v"] = jnp.split(w_qkv, [q_heads, q_heads + k_heads], axis=1)
-  if "w_gate_up" in lp:
-    lp["w_gate"], lp["w_up"] = jnp.split(lp.pop("w_gate_up"), 2, axis=1)
-  return lp
+  return {**params, "layers": tuple({k: v[i] for k, v in layers.items()} for i in range(L))}
 
 
 def stack_layers(params: Params) -> Params:
@@ -140,5 +113,4 @@ def stack_layers(params: Params) -> Params:
   layers = params["layers"]
   if not isinstance(layers, (tuple, list)):
     return params
-  layers = [_unfuse(lp) for lp in layers]
   return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
