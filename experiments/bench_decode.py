@@ -30,18 +30,19 @@ flags.DEFINE_boolean("scan_layers", False, "Run lctx with stacked, scanned layer
                      "(default: unrolled per-layer buffers, faster on CPU).")
 flags.DEFINE_boolean("reference", True, "Also time the transformers implementation.")
 flags.DEFINE_integer("seed", 0, "Weights and prompt seed.")
+flags.DEFINE_integer("read_buffer_mb", 1024, "Buffer size of the machine read-bandwidth probe.")
 flags.DEFINE_string("json_out", None, "Write the results here as JSON.")
 
 
 def main(argv):
   del argv
   import jax
-  import numpy as np
 
   from lctx import bench
 
-  if FLAGS.context < 1 or FLAGS.batch < 1 or FLAGS.decode_steps < 1 or FLAGS.rounds < 1:
-    raise app.UsageError("--context, --batch, --decode_steps and --rounds must be >= 1")
+  for name in ("context", "batch", "decode_steps", "rounds", "threads", "read_buffer_mb"):
+    if getattr(FLAGS, name) < 1:
+      raise app.UsageError(f"--{name} must be >= 1, got {getattr(FLAGS, name)}")
   setup = bench.Setup.create(FLAGS.model, FLAGS.context, FLAGS.batch, FLAGS.seed,
                              scan_layers=FLAGS.scan_layers, threads=FLAGS.threads,
                              reference=FLAGS.reference)
@@ -50,7 +51,7 @@ def main(argv):
         f"{os.cpu_count()} cores, torch threads {FLAGS.threads}")
   results = bench.run(setup, rounds=FLAGS.rounds, decode_steps=FLAGS.decode_steps)
   results["machine_read_gb_s"], results["machine_read_gb_s_xla"] = bench.machine_read_gb_s(
-      FLAGS.threads)
+      FLAGS.threads, FLAGS.read_buffer_mb << 20)
   results["bandwidth_fraction"] = results["achieved_gb_s"] / results["machine_read_gb_s"]
   results.update(model=setup.config.name, context=FLAGS.context, batch=FLAGS.batch,
                  scan_layers=FLAGS.scan_layers, backend=jax.default_backend(),

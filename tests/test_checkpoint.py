@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
+import lctx
 from lctx.checkpoint import load_hf_checkpoint, restore_params, save_params
 from lctx.config import ModelConfig, RopeScaling
 from lctx.model.params import abstract_params, unstack_layers
@@ -287,3 +288,20 @@ def test_orbax_overwrite_and_mismatch(tmp_path):
     restore_params(tmp_path / "ck", TINY.replace(param_dtype="bfloat16"))
   with pytest.raises(ValueError, match="w_gate"):
     restore_params(tmp_path / "ck", TINY.replace(intermediate_size=64))
+
+
+def test_export_to_hf_round_trips(tmp_path):
+  """to_hf_state_dict + hf_config_dict is the inverse of load_hf_checkpoint."""
+  from safetensors.numpy import save_file
+  from lctx.checkpoint import hf_config_dict, to_hf_state_dict
+  for name, overrides in (("tiny", {}), ("tiny", dict(tie_word_embeddings=True))):
+    cfg = ModelConfig.from_preset(name, **overrides)
+    params = lctx.init_params(cfg, seed=3)
+    out = tmp_path / f"{name}{len(overrides)}"
+    out.mkdir()
+    save_file(to_hf_state_dict(cfg, lctx.unstack_layers(params)), str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(hf_config_dict(cfg)))
+    loaded_cfg, loaded = load_hf_checkpoint(out)
+    assert loaded_cfg.replace(name=cfg.name) == cfg
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
+      np.testing.assert_array_equal(a, b)

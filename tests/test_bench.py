@@ -1,0 +1,32 @@
+"""The benchmark script end to end on a tiny model (numbers are not asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from lctx import ModelConfig
+from lctx.bench import decode_bytes
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_decode_runs_and_agrees_with_transformers(tmp_path):
+  out = tmp_path / "bench.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", "experiments.bench_decode", "--model=tiny", "--context=40",
+         "--decode_steps=2", "--rounds=1", "--read_buffer_mb=16", f"--json_out={out}"]
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = json.loads(out.read_text())
+  for key in ("lctx_prefill_tok_s", "lctx_decode_tok_s", "ref_prefill_tok_s", "ref_decode_tok_s",
+              "achieved_gb_s", "machine_read_gb_s"):
+    assert r[key] > 0, key
+  # Same weights in both implementations: the prefill logits agree.
+  assert r["max_abs_logit_diff"] < 1e-4
+  # Bytes per step: tiny is untied, so the embedding contributes one row.
+  cfg = ModelConfig.from_preset("tiny")
+  weights = cfg.num_params - (cfg.vocab_size - 1) * cfg.hidden_size
+  kv = (40 + 1) * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
+  assert r["decode_bytes_per_step"] == decode_bytes(cfg, 1, 41) == 4 * (weights + kv)
