@@ -36,13 +36,24 @@ def new_cache(config: ModelConfig, params: Params, batch: int, capacity: int) ->
   return init_cache(config, batch, capacity, stacked=layers_stacked(params))
 
 
-def _check_tokens(tokens, lengths):
+def _check_vocab(config: ModelConfig, tokens: jax.Array, name: str) -> None:
+  """Token ids outside [0, V) would be silently clamped by the embedding lookup."""
+  if isinstance(tokens, jax.core.Tracer) or tokens.size == 0:
+    return
+  low, high = int(jnp.min(tokens)), int(jnp.max(tokens))
+  if low < 0 or high >= config.vocab_size:
+    raise ValueError(f"{name} holds token ids in [{low}, {high}], outside the vocabulary "
+                     f"[0, {config.vocab_size})")
+
+
+def _check_tokens(config: ModelConfig, tokens, lengths):
   tokens = jnp.asarray(tokens)
   if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
     raise ValueError(f"tokens must be an integer array [B, T], got {tokens.dtype}{tokens.shape}")
   B, T = tokens.shape
   if T == 0:
     raise ValueError("tokens must hold at least one token per row (T >= 1)")
+  _check_vocab(config, tokens, "tokens")
   if lengths is None:
     return tokens.astype(jnp.int32), jnp.full((B,), T, jnp.int32)
   lengths_np = np.asarray(lengths)
@@ -57,7 +68,7 @@ def prefill(config: ModelConfig, params: Params, tokens, cache: KVCache, lengths
 
   Returns (logits [B, V] of each row's last prompt token, filled cache).
   """
-  tokens, lengths = _check_tokens(tokens, lengths)
+  tokens, lengths = _check_tokens(config, tokens, lengths)
   if tokens.shape[0] != cache.batch:
     raise ValueError(f"batch of tokens ({tokens.shape[0]}) != cache batch ({cache.batch})")
   if tokens.shape[1] > cache.capacity:
@@ -69,12 +80,17 @@ def prefill(config: ModelConfig, params: Params, tokens, cache: KVCache, lengths
 def decode_step(config: ModelConfig, params: Params, tokens, cache: KVCache
                 ) -> tuple[jax.Array, KVCache]:
   """Appends one token per row (tokens [B]) and returns its logits [B, V]. Donates `cache`."""
+  tokens = jnp.asarray(tokens, jnp.int32)
+  if tokens.shape != (cache.batch,):
+    raise ValueError(f"tokens must have shape ({cache.batch},) (one per cache row), "
+                     f"got {tokens.shape}")
+  _check_vocab(config, tokens, "tokens")
   if not isinstance(cache.lengths, jax.core.Tracer):
     fullest = int(jnp.max(cache.lengths))
     if fullest >= cache.capacity:
       raise ValueError(f"KV cache is full: a row holds {fullest} tokens and the capacity is "
                        f"{cache.capacity}; allocate a larger cache")
-  return decode_jit(config, params, jnp.asarray(tokens, jnp.int32), cache)
+  return decode_jit(config, params, tokens, cache)
 
 
 def generate(config: ModelConfig, params: Params, tokens, *, max_new_tokens: int,
@@ -87,7 +103,7 @@ def generate(config: ModelConfig, params: Params, tokens, *, max_new_tokens: int
   T + max_new_tokens - 1 of them. key: a PRNG key, required when sampling.
   Returns the new tokens [B, max_new_tokens] int32.
   """
-  tokens, lengths = _check_tokens(tokens, lengths)
+  tokens, lengths = _check_tokens(config, tokens, lengths)
   T = tokens.shape[1]
   if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")

@@ -132,6 +132,14 @@ def test_bad_arguments():
     SamplingConfig(temperature=1.0, top_p=0.0)
   with pytest.raises(ValueError, match=r"\[B, T\]"):
     lctx.generate(CFG, PARAMS, np.zeros((5,), np.int32), max_new_tokens=2)
+  with pytest.raises(ValueError, match="vocabulary"):
+    lctx.generate(CFG, PARAMS, np.full((1, 5), CFG.vocab_size, np.int32), max_new_tokens=2)
+  cache = engine.new_cache(CFG, PARAMS, batch=1, capacity=8)
+  _, cache = lctx.prefill(CFG, PARAMS, np.ones((1, 3), np.int32), cache)
+  with pytest.raises(ValueError, match="vocabulary"):
+    lctx.decode_step(CFG, PARAMS, jnp.array([-1]), cache)
+  with pytest.raises(ValueError, match="one per cache row"):
+    lctx.decode_step(CFG, PARAMS, jnp.array([1, 2]), cache)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
