@@ -51,9 +51,12 @@ _DTYPE = flags.DEFINE_enum(
 _SCAN_LAYERS = flags.DEFINE_bool(
     "scan_layers", True, "Stacked layers under lax.scan; false = unrolled per-layer params.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write the tokens and run details here.")
+_MESH = flags.DEFINE_string(
+    "mesh", None, "Run sharded on a device mesh, e.g. model:8, data:2,model:4, seq:8 or "
+    "data:2,seq:2,model:2 (axes data, seq, model). Default: one device.")
 
 OWN_FLAGS = ("model", "checkpoint", "prompt_len", "prompt_tokens", "batch", "max_new_tokens",
-             "seed", "temperature", "top_k", "top_p", "dtype", "scan_layers", "json_out")
+             "seed", "temperature", "top_k", "top_p", "dtype", "scan_layers", "json_out", "mesh")
 
 
 def _ints(values) -> bool:
@@ -125,6 +128,36 @@ def _resolve_config(name: str, overrides) -> lctx.ModelConfig:
     raise app.UsageError(f"--model={name}: {e}") from e
 
 
+def run_generate(config, params, prompt: np.ndarray, sampling, mesh_spec: str | None):
+  """lctx.generate, sharded when a mesh is given.
+
+  On a mesh, the batch is padded with dummy rows to a multiple of `data`, and
+  the prompt and the cache capacity are right-padded to multiples of `seq`
+  (per-row lengths keep the padding invisible); only the real rows come back.
+  """
+  new = _MAX_NEW_TOKENS.value
+  key = jax.random.key(_SEED.value)
+  if not mesh_spec:
+    return lctx.generate(config, params, prompt, max_new_tokens=new, sampling=sampling, key=key)
+  try:
+    plan = lctx.sharding.Plan(config, lctx.sharding.make_mesh(mesh_spec))
+  except ValueError as e:
+    raise app.UsageError(f"--mesh={mesh_spec}: {e}") from e
+  B, T = prompt.shape
+  data, seq = plan.size("data"), plan.size("seq")
+  rows, width = -(-B // data) * data, -(-T // seq) * seq
+  padded = np.zeros((rows, width), np.int32)
+  padded[:B, :T] = prompt
+  padded[B:, :T] = prompt[:1]  # dummy rows: any valid prompt
+  capacity = -(-(width + new) // seq) * seq
+  try:
+    out = lctx.generate(config, params, padded, lengths=np.full((rows,), T), max_new_tokens=new,
+                        sampling=sampling, key=key, capacity=capacity, plan=plan)
+  except ValueError as e:
+    raise app.UsageError(f"--mesh={mesh_spec}: {e}") from e
+  return out[:B]
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -152,8 +185,7 @@ def main(argv):
   print("flags: " + " ".join(f"--{n}={flags.FLAGS[n].value}" for n in OWN_FLAGS))
 
   start = time.perf_counter()
-  tokens = lctx.generate(config, params, prompt, max_new_tokens=_MAX_NEW_TOKENS.value,
-                         sampling=sampling, key=jax.random.key(_SEED.value))
+  tokens = run_generate(config, params, prompt, sampling, _MESH.value)
   tokens = np.asarray(jax.block_until_ready(tokens)).tolist()
   seconds = time.perf_counter() - start
 

@@ -1,5 +1,6 @@
 """lctx: long-context serving costs from a runnable JAX/Flax Llama-family model."""
 
+from lctx import sharding
 from lctx.cache import KVCache, init_cache
 from lctx.config import ModelConfig
 from lctx.engine import decode_step, generate, prefill

@@ -19,6 +19,7 @@ from lctx.config import ModelConfig
 from lctx.model import transformer
 from lctx.model.params import Params
 from lctx.sampling import SamplingConfig, sample
+from lctx.sharding import Plan
 
 PREFILL_BLOCK = transformer.PREFILL_BLOCK
 
@@ -31,9 +32,56 @@ def layers_stacked(params: Params) -> bool:
   return not isinstance(params["layers"], (tuple, list))
 
 
-def new_cache(config: ModelConfig, params: Params, batch: int, capacity: int) -> KVCache:
-  """An empty cache in the layout (stacked or per layer) that matches the params."""
-  return init_cache(config, batch, capacity, stacked=layers_stacked(params))
+def new_cache(config: ModelConfig, params: Params, batch: int, capacity: int,
+              plan: Plan | None = None) -> KVCache:
+  """An empty cache in the layout (stacked or per layer) that matches the params;
+  with a plan, created directly in its sharded layout."""
+  stacked = layers_stacked(params)
+  if plan is None:
+    return init_cache(config, batch, capacity, stacked=stacked)
+  _check_plan(config, plan, batch=batch, capacity=capacity)
+  make = functools.partial(init_cache, config, batch, capacity, stacked)
+  return jax.jit(make, out_shardings=plan.cache_shardings(jax.eval_shape(make)))()
+
+
+def shard_params(params: Params, plan: Plan) -> Params:
+  """Places params on the plan's mesh (tensor-parallel over `model`, replicated
+  over `data` and `seq`)."""
+  return plan.put(params, plan.param_shardings(params))
+
+
+def _check_plan(config: ModelConfig, plan: Plan, **dims) -> None:
+  if plan.config != config:
+    raise ValueError(f"the sharding plan was made for model {plan.config.name!r}, not "
+                     f"{config.name!r}")
+  plan.check(**dims)
+
+
+_SHARDED_STEPS: dict = {}
+
+
+def sharded_step(kind: str, plan: Plan, params: Params, cache: KVCache,
+                 block: int = PREFILL_BLOCK):
+  """The jitted prefill or decode step with explicit in/out shardings for `plan`.
+
+  The cache keeps one sharding from prefill to decode (out = in, donated), so
+  no step reshards it. Works with concrete or ShapeDtypeStruct arguments.
+  """
+  key = (kind, plan, jax.tree.structure(params), jax.tree.structure(cache), block)
+  if key not in _SHARDED_STEPS:
+    ps, cs = plan.param_shardings(params), plan.cache_shardings(cache)
+    if kind == "prefill":
+      fn = functools.partial(transformer.prefill, plan.config, block=block)
+      in_shardings = (ps, plan.tokens_sharding("prefill"), plan.batch_sharding(), cs)
+    elif kind == "decode":
+      fn = functools.partial(transformer.decode, plan.config)
+      in_shardings = (ps, plan.tokens_sharding("decode"), cs)
+    else:
+      raise ValueError(f"step kind {kind!r} not allowed; allowed: ('prefill', 'decode')")
+    _SHARDED_STEPS[key] = jax.jit(fn, in_shardings=in_shardings,
+                                  out_shardings=(plan.logits_sharding(), cs),
+                                  donate_argnums=(len(in_shardings) - 1,))
+  return _SHARDED_STEPS[key]
 
 
 def _check_vocab(config: ModelConfig, tokens: jax.Array, name: str) -> None:
@@ -63,10 +111,12 @@ def _check_tokens(config: ModelConfig, tokens, lengths):
 
 
 def prefill(config: ModelConfig, params: Params, tokens, cache: KVCache, lengths=None,
-            block: int = PREFILL_BLOCK) -> tuple[jax.Array, KVCache]:
+            block: int = PREFILL_BLOCK, plan: Plan | None = None) -> tuple[jax.Array, KVCache]:
   """Prompts tokens [B, T], right-padded where lengths[b] < T. Donates `cache`.
 
-  Returns (logits [B, V] of each row's last prompt token, filled cache).
+  Returns (logits [B, V] of each row's last prompt token, filled cache). With a
+  plan, runs sharded on its mesh (params from shard_params, cache from
+  new_cache(..., plan=plan)).
   """
   tokens, lengths = _check_tokens(config, tokens, lengths)
   if tokens.shape[0] != cache.batch:
@@ -74,11 +124,15 @@ def prefill(config: ModelConfig, params: Params, tokens, cache: KVCache, lengths
   if tokens.shape[1] > cache.capacity:
     raise ValueError(f"prompt length {tokens.shape[1]} exceeds the cache capacity "
                      f"{cache.capacity}")
+  if plan is not None:
+    _check_plan(config, plan, batch=cache.batch, capacity=cache.capacity,
+                prompt_len=tokens.shape[1])
+    return sharded_step("prefill", plan, params, cache, block)(params, tokens, lengths, cache)
   return prefill_jit(config, params, tokens, lengths, cache, block=block)
 
 
-def decode_step(config: ModelConfig, params: Params, tokens, cache: KVCache
-                ) -> tuple[jax.Array, KVCache]:
+def decode_step(config: ModelConfig, params: Params, tokens, cache: KVCache,
+                plan: Plan | None = None) -> tuple[jax.Array, KVCache]:
   """Appends one token per row (tokens [B]) and returns its logits [B, V]. Donates `cache`."""
   tokens = jnp.asarray(tokens, jnp.int32)
   if tokens.shape != (cache.batch,):
@@ -90,17 +144,22 @@ def decode_step(config: ModelConfig, params: Params, tokens, cache: KVCache
     if fullest >= cache.capacity:
       raise ValueError(f"KV cache is full: a row holds {fullest} tokens and the capacity is "
                        f"{cache.capacity}; allocate a larger cache")
+  if plan is not None:
+    _check_plan(config, plan, batch=cache.batch, capacity=cache.capacity)
+    return sharded_step("decode", plan, params, cache)(params, tokens, cache)
   return decode_jit(config, params, tokens, cache)
 
 
 def generate(config: ModelConfig, params: Params, tokens, *, max_new_tokens: int,
              lengths=None, sampling: SamplingConfig = SamplingConfig(), key=None,
-             capacity: int | None = None, block: int = PREFILL_BLOCK) -> jax.Array:
+             capacity: int | None = None, block: int = PREFILL_BLOCK,
+             plan: Plan | None = None) -> jax.Array:
   """Prefill then `max_new_tokens` tokens per row, the token loop inside one jit.
 
   tokens: [B, T] right-padded prompts, lengths [B] (default: all T).
   capacity: cache slots (default T + max_new_tokens); the run needs
   T + max_new_tokens - 1 of them. key: a PRNG key, required when sampling.
+  plan: run sharded on its mesh (params are placed with shard_params).
   Returns the new tokens [B, max_new_tokens] int32.
   """
   tokens, lengths = _check_tokens(config, tokens, lengths)
@@ -116,15 +175,22 @@ def generate(config: ModelConfig, params: Params, tokens, *, max_new_tokens: int
     if not sampling.greedy:
       raise ValueError("sampling with temperature > 0 needs an explicit PRNG key (key=...)")
     key = jax.random.key(0)  # unused by greedy decoding
+  if plan is not None:
+    _check_plan(config, plan, batch=tokens.shape[0], capacity=capacity, prompt_len=T)
+    params = shard_params(params, plan)
+    tokens = plan.put(tokens, plan.tokens_sharding("prefill"))
+    lengths = plan.put(lengths, plan.batch_sharding())
   return _generate_jit(config, params, tokens, lengths, key, max_new_tokens=int(max_new_tokens),
-                       capacity=int(capacity), sampling=sampling, block=block)
+                       capacity=int(capacity), sampling=sampling, block=block, plan=plan)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "capacity",
-                                             "sampling", "block"))
+                                             "sampling", "block", "plan"))
 def _generate_jit(config, params, tokens, lengths, key, *, max_new_tokens, capacity, sampling,
-                  block):
+                  block, plan):
   cache = new_cache(config, params, tokens.shape[0], capacity)
+  if plan is not None:  # built in place, in the same layout as the sharded steps use
+    cache = plan.constrain(cache, plan.cache_shardings(cache))
   logits, cache = transformer.prefill(config, params, tokens, lengths, cache, block)
   key, sub = jax.random.split(key)
   first = sample(logits, sub, sampling)

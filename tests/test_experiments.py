@@ -97,3 +97,17 @@ def test_model_must_not_contradict_checkpoint_config(tmp_path):
   rc, stdout, stderr = finish(start_generate(f"--checkpoint={tmp_path}", "--model=tiny"))
   assert rc != 0
   assert "--model=tiny contradicts" in stderr + stdout
+
+
+def test_generate_on_the_four_meshes_matches_unsharded(tmp_path, compile_cache):
+  """Default flags plus --mesh: the same tokens as the unsharded run (8 fake devices)."""
+  want = expected_tokens()
+  meshes = ["model:8", "data:2,model:4", "seq:8", "data:2,seq:2,model:2"]
+  for mesh in meshes:  # one at a time: each uses both cores
+    out = tmp_path / f"{mesh.replace(':', '_').replace(',', '_')}.json"
+    proc = start_generate(f"--mesh={mesh}", f"--json_out={out}", cache_dir=compile_cache)
+    code, _, stderr = finish(proc)
+    assert code == 0, stderr[-2000:]
+    assert json.loads(out.read_text())["tokens"] == want, mesh
+  code, _, stderr = finish(start_generate("--mesh=model:3", cache_dir=compile_cache))
+  assert code != 0 and "--mesh=model:3" in stderr and "num_heads" in stderr

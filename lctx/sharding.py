@@ -1,0 +1,169 @@
+"""Device meshes and logical-axis sharding: the one module that calls JAX's sharding APIs.
+
+Model and cache code name *logical* axes (the constants below); a rules table
+per mode (prefill, decode) maps each to a mesh axis or to replication. The
+mesh always has the three axes (data, seq, model), size 1 where unused, in
+Auto mode: shardings of parameters, cache and inputs are given, and XLA's
+SPMD partitioner (GSPMD) propagates them through the model and inserts the
+collectives (Megatron-style tensor parallelism falls out of the weight
+shardings: an all-reduce after the attention output and after the MLP).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from lctx.cache.dense import K_CACHE_AXES, V_CACHE_AXES, KVCache
+from lctx.config import ModelConfig
+from lctx.model.params import param_logical_axes
+
+MESH_AXES = ("data", "seq", "model")
+MODES = ("prefill", "decode")
+
+# Logical axes (shared with lctx.model.params and lctx.cache.dense).
+BATCH, SEQ, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB, LAYERS = (
+    "batch", "seq", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers")
+CACHE_BATCH, CACHE_KV_HEADS, CACHE_SEQ = "cache_batch", "cache_kv_heads", "cache_seq"
+
+
+def parse_mesh_spec(spec: str) -> dict[str, int]:
+  """'data:2,model:4' -> {'data': 2, 'seq': 1, 'model': 4}."""
+  sizes = dict.fromkeys(MESH_AXES, 1)
+  seen = set()
+  for part in filter(None, (p.strip() for p in spec.split(","))):
+    name, _, size = part.partition(":")
+    if name not in MESH_AXES:
+      raise ValueError(f"mesh spec {spec!r}: unknown axis {name!r}; allowed: {MESH_AXES}")
+    if name in seen:
+      raise ValueError(f"mesh spec {spec!r}: axis {name!r} given twice")
+    if not size.isdigit() or int(size) < 1:
+      raise ValueError(f"mesh spec {spec!r}: axis {name!r} needs a positive integer size, "
+                       f"e.g. {name}:2")
+    seen.add(name)
+    sizes[name] = int(size)
+  return sizes
+
+
+def make_mesh(spec: str | dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, seq, model) mesh over the first data*seq*model devices."""
+  sizes = parse_mesh_spec(spec) if isinstance(spec, str) else {**dict.fromkeys(MESH_AXES, 1),
+                                                               **spec}
+  devices = list(jax.devices() if devices is None else devices)
+  needed = math.prod(sizes.values())
+  if needed > len(devices):
+    raise ValueError(f"mesh {sizes} needs {needed} devices but only {len(devices)} are "
+                     f"available")
+  shape = tuple(sizes[a] for a in MESH_AXES)
+  return Mesh(np.asarray(devices[:needed]).reshape(shape), MESH_AXES,
+              axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """How one model is laid out on one mesh; hashable, so jitted steps are cached by it."""
+
+  config: ModelConfig
+  mesh: Mesh
+
+  def size(self, axis: str) -> int:
+    return self.mesh.shape[axis]
+
+  @property
+  def kv_heads_sharded(self) -> bool:
+    """KV heads split over `model` only when it divides them; beyond K they are
+    replicated (each model shard computes all K/V heads, and the cache holds
+    them in full)."""
+    return self.config.num_kv_heads % self.size("model") == 0
+
+  def rules(self, mode: str) -> dict[str, str | None]:
+    if mode not in MODES:
+      raise ValueError(f"mode {mode!r} not allowed; allowed: {MODES}")
+    model = "model" if self.size("model") > 1 else None
+    vocab = model if self.config.vocab_size % self.size("model") == 0 else None
+    kv = model if self.kv_heads_sharded else None
+    return {
+        BATCH: "data", CACHE_BATCH: "data",
+        SEQ: "seq" if mode == "prefill" else None, CACHE_SEQ: "seq",
+        HEADS: model, MLP: model, VOCAB: vocab, KV_HEADS: kv, CACHE_KV_HEADS: kv,
+        EMBED: None, HEAD_DIM: None, LAYERS: None,
+    }
+
+  def spec(self, logical: Sequence[str], mode: str) -> PartitionSpec:
+    rules = self.rules(mode)  # mesh axes of size 1 are left out of the spec
+    return PartitionSpec(*(rules[a] if rules[a] and self.size(rules[a]) > 1 else None
+                           for a in logical))
+
+  def sharding(self, logical: Sequence[str], mode: str) -> NamedSharding:
+    return NamedSharding(self.mesh, self.spec(logical, mode))
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, PartitionSpec())
+
+  # ---- trees of shardings ------------------------------------------------------------
+
+  def param_shardings(self, params: Any, mode: str = "decode") -> Any:
+    """Shardings for a params tree, stacked or unrolled (layers a tuple of dicts)."""
+    axes = param_logical_axes(self.config)
+    out = {k: self.sharding(axes[k], mode) for k in params if k != "layers"}
+    layer_axes = axes["layers"]
+    if isinstance(params["layers"], (tuple, list)):
+      one = {k: self.sharding(layer_axes[k][1:], mode) for k in params["layers"][0]}
+      out["layers"] = type(params["layers"])(one for _ in params["layers"])
+    else:
+      out["layers"] = {k: self.sharding(layer_axes[k], mode) for k in params["layers"]}
+    return out
+
+  def cache_shardings(self, cache: KVCache) -> KVCache:
+    lead = (LAYERS,) if cache.stacked else ()
+    k = self.sharding(lead + K_CACHE_AXES, "decode")
+    v = self.sharding(lead + V_CACHE_AXES, "decode")
+    if not cache.stacked:
+      k, v = tuple(k for _ in cache.k), tuple(v for _ in cache.v)
+    return KVCache(k, v, self.sharding((CACHE_BATCH,), "decode"))
+
+  def tokens_sharding(self, mode: str) -> NamedSharding:
+    """[B, T] prompts for prefill, [B] tokens for decode."""
+    return self.sharding((BATCH, SEQ) if mode == "prefill" else (BATCH,), mode)
+
+  def batch_sharding(self) -> NamedSharding:
+    """Per-row vectors [B] (lengths) and per-row outputs' leading axis."""
+    return self.sharding((BATCH,), "decode")
+
+  def logits_sharding(self) -> NamedSharding:
+    return self.sharding((BATCH, VOCAB), "decode")
+
+  # ---- placement ---------------------------------------------------------------------
+
+  def put(self, tree: Any, shardings: Any) -> Any:
+    return jax.device_put(tree, shardings)
+
+  def constrain(self, tree: Any, shardings: Any) -> Any:
+    """Inside jit: pins intermediate values (e.g. a cache built in place) to a layout."""
+    return jax.lax.with_sharding_constraint(tree, shardings)
+
+  # ---- validation, before anything compiles -------------------------------------------
+
+  def check(self, *, batch: int | None = None, capacity: int | None = None,
+            prompt_len: int | None = None) -> None:
+    """Raises ValueError naming the axis, the dimension and the sizes when a
+    mesh axis does not divide the dimension it shards."""
+    c = self.config
+    dims = [("model", "num_heads (query heads)", c.num_heads),
+            ("model", "intermediate_size (MLP)", c.intermediate_size)]
+    if batch is not None:
+      dims.append(("data", "batch", batch))
+    if capacity is not None:
+      dims.append(("seq", "cache capacity", capacity))
+    if prompt_len is not None:
+      dims.append(("seq", "prompt length", prompt_len))
+    for axis, what, n in dims:
+      if n % self.size(axis):
+        raise ValueError(f"mesh axis {axis!r} of size {self.size(axis)} does not divide "
+                         f"{what} = {n}")
