@@ -71,10 +71,10 @@ def sharded_step(kind: str, plan: Plan, params: Params, cache: KVCache,
   if key not in _SHARDED_STEPS:
     ps, cs = plan.param_shardings(params), plan.cache_shardings(cache)
     if kind == "prefill":
-      fn = functools.partial(transformer.prefill, plan.config, block=block)
+      fn = functools.partial(transformer.prefill, plan.config, block=block, plan=plan)
       in_shardings = (ps, plan.tokens_sharding("prefill"), plan.batch_sharding(), cs)
     elif kind == "decode":
-      fn = functools.partial(transformer.decode, plan.config)
+      fn = functools.partial(transformer.decode, plan.config, plan=plan)
       in_shardings = (ps, plan.tokens_sharding("decode"), cs)
     else:
       raise ValueError(f"step kind {kind!r} not allowed; allowed: ('prefill', 'decode')")
@@ -191,13 +191,13 @@ def _generate_jit(config, params, tokens, lengths, key, *, max_new_tokens, capac
   cache = new_cache(config, params, tokens.shape[0], capacity)
   if plan is not None:  # built in place, in the same layout as the sharded steps use
     cache = plan.constrain(cache, plan.cache_shardings(cache))
-  logits, cache = transformer.prefill(config, params, tokens, lengths, cache, block)
+  logits, cache = transformer.prefill(config, params, tokens, lengths, cache, block, plan)
   key, sub = jax.random.split(key)
   first = sample(logits, sub, sampling)
 
   def step(carry, _):
     token, cache, key = carry
-    logits, cache = transformer.decode(config, params, token, cache)
+    logits, cache = transformer.decode(config, params, token, cache, plan)
     key, sub = jax.random.split(key)
     nxt = sample(logits, sub, sampling)
     return (nxt, cache, key), nxt

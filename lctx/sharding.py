@@ -95,9 +95,9 @@ class Plan:
     }
 
   def spec(self, logical: Sequence[str], mode: str) -> PartitionSpec:
-    rules = self.rules(mode)  # mesh axes of size 1 are left out of the spec
-    return PartitionSpec(*(rules[a] if rules[a] and self.size(rules[a]) > 1 else None
-                           for a in logical))
+    rules = self.rules(mode)  # None entries and mesh axes of size 1 are not split
+    axes = (rules[a] if a is not None else None for a in logical)
+    return PartitionSpec(*(a if a and self.size(a) > 1 else None for a in axes))
 
   def sharding(self, logical: Sequence[str], mode: str) -> NamedSharding:
     return NamedSharding(self.mesh, self.spec(logical, mode))
@@ -138,6 +138,34 @@ class Plan:
 
   def logits_sharding(self) -> NamedSharding:
     return self.sharding((BATCH, VOCAB), "decode")
+
+  # ---- sequence parallelism -----------------------------------------------------------
+
+  @property
+  def seq_parallel(self) -> bool:
+    return self.size("seq") > 1
+
+  def attention_heads(self) -> str | None:
+    """Logical axis of the query heads inside a manual attention region: split
+    over `model` only together with their KV heads (then every model shard
+    holds whole GQA groups); beyond K, every model shard attends all heads."""
+    return HEADS if self.kv_heads_sharded else None
+
+  def manual(self, fn, in_logical: Sequence[Sequence[str | None]],
+             out_logical: Sequence[str | None] | Sequence[Sequence[str | None]], mode: str):
+    """Runs fn once per device (shard_map over the whole mesh) on the local
+    blocks of its inputs; *_logical give each input's / output's logical axes
+    (None: not split), mapped by `mode`'s rules. Inside fn, lax collectives
+    over "seq" (or any mesh axis) work."""
+    def specs(tree):
+      if tree and isinstance(tree[0], (tuple, list)):
+        return tuple(self.spec(t, mode) for t in tree)
+      return self.spec(tree, mode)
+    return jax.shard_map(fn, mesh=self.mesh, in_specs=specs(in_logical),
+                         out_specs=specs(out_logical),
+                         # The blockwise attention's conds mix per-shard and shared
+                         # values; replication is guaranteed by the psums instead.
+                         check_vma=False)
 
   # ---- placement ---------------------------------------------------------------------
 

@@ -37,6 +37,16 @@ def merge(a: Partial, b: Partial) -> Partial:
   return Partial(a.out * ca[..., None] + b.out * cb[..., None], m, a.sum * ca + b.sum * cb)
 
 
+def merge_across(p: Partial, axis_name: str) -> Partial:
+  """The online-softmax merge of the partials held by every device along a
+  mesh axis (flash-decoding across devices): rescale each to the global max,
+  then sum. Called inside shard_map."""
+  m = jax.lax.pmax(p.max, axis_name)
+  scale = jnp.exp(p.max - m)
+  return Partial(jax.lax.psum(p.out * scale[..., None], axis_name), m,
+                 jax.lax.psum(p.sum * scale, axis_name))
+
+
 def finalize(p: Partial, dtype) -> jax.Array:
   return (p.out / p.sum[..., None]).astype(dtype)
 
@@ -62,62 +72,78 @@ def decode_attention(q_bkgh: jax.Array, k_bkhs: jax.Array, v_bksh: jax.Array,
 
 
 def causal_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
-                     block: int = 512) -> jax.Array:
-  """Causal self-attention over T tokens, blockwise with an online softmax.
+                     block: int = 512, q_offset: jax.Array | None = None) -> jax.Array:
+  """Causal attention, blockwise with an online softmax. Returns [B, Tq, N, H].
 
-  Only the lower-triangular (query block, key block) pairs are computed: one
-  scan walks them row by row with a statically known trip count of
-  nb (nb + 1) / 2, so compiled FLOPs are the causal count (plus half of the
-  diagonal blocks) and memory grows linearly in T. The G query heads sharing a
-  KV head are folded into the rows of one matmul per pair, and only diagonal
-  pairs pay for the mask. Returns [B, T, N, H].
+  Self-attention (q_offset None, Tq = Tk): only the lower-triangular (query
+  block, key block) pairs are computed: one scan walks them row by row with a
+  statically known trip count of nb (nb + 1) / 2, so compiled FLOPs are the
+  causal count (plus half of the diagonal blocks) and memory grows linearly in
+  T. A shard of queries (q_offset = position of q's first token, keys from 0):
+  the scan walks the full rectangle and skips fully hidden pairs with a cond.
+  The G query heads sharing a KV head are folded into the rows of one matmul
+  per pair, and only pairs that straddle the diagonal pay for the mask.
   """
-  B, T, N, H = q_btnh.shape
-  K = k_btkh.shape[2]
+  B, Tq, N, H = q_btnh.shape
+  Tk, K = k_btkh.shape[1], k_btkh.shape[2]
   G = N // K
-  block = min(block, _round_up(T, 8))
-  T_pad = _round_up(T, block)
-  nb, M = T_pad // block, G * block
-  if T_pad != T:  # padded keys sit after every real query, so causality hides them
-    pad = [(0, 0), (0, T_pad - T), (0, 0), (0, 0)]
-    q_btnh, k_btkh, v_btkh = (jnp.pad(a, pad) for a in (q_btnh, k_btkh, v_btkh))
-  # q: [B, K, nb, M, H] with rows (g, t) of query block i; k, v: [B, K, nb, block, H].
-  q = (q_btnh * H ** -0.5).reshape(B, nb, block, K, G, H).transpose(0, 3, 1, 4, 2, 5)
-  q = q.reshape(B, K, nb, M, H)
-  k = k_btkh.reshape(B, nb, block, K, H).transpose(0, 3, 1, 2, 4)
-  v = v_btkh.reshape(B, nb, block, K, H).transpose(0, 3, 1, 2, 4)
-  rows, cols = np.tril_indices(nb)  # (0,0), (1,0), (1,1), (2,0), ...: row by row
-  diagonal_visible = jnp.tile(jnp.arange(block), G)[:, None] >= jnp.arange(block)[None, :]
+  block = min(block, _round_up(Tq, 8))
+  Tq_pad, Tk_pad = _round_up(Tq, block), _round_up(Tk, block)
+  nbq, nbk, M = Tq_pad // block, Tk_pad // block, G * block
+  # Padded keys sit after every real query, so causality hides them.
+  q_btnh = jnp.pad(q_btnh, [(0, 0), (0, Tq_pad - Tq), (0, 0), (0, 0)])
+  k_btkh, v_btkh = (jnp.pad(a, [(0, 0), (0, Tk_pad - Tk), (0, 0), (0, 0)]) for a in (k_btkh, v_btkh))
+  # q: [B, K, nbq, M, H] with rows (g, t) of query block i; k, v: [B, K, nbk, block, H].
+  q = (q_btnh * H ** -0.5).reshape(B, nbq, block, K, G, H).transpose(0, 3, 1, 4, 2, 5)
+  q = q.reshape(B, K, nbq, M, H)
+  k = k_btkh.reshape(B, nbk, block, K, H).transpose(0, 3, 1, 2, 4)
+  v = v_btkh.reshape(B, nbk, block, K, H).transpose(0, 3, 1, 2, 4)
+  triangle = q_offset is None
+  if triangle:
+    rows, cols = np.tril_indices(nbq)  # (0,0), (1,0), (1,1), (2,0), ...: row by row
+    q_offset = 0
+  else:
+    rows, cols = (a.ravel() for a in np.indices((nbq, nbk)))
+  last = np.append(rows[1:] != rows[:-1], True)  # the final pair of each row
+  row_pos = jnp.tile(jnp.arange(block), G)  # position within the block of each of the M rows
 
-  def step(carry, ij):
-    acc, out = carry
-    i, j = ij
+  def attend(acc, i, j):
     q_i = jax.lax.dynamic_index_in_dim(q, i, axis=2, keepdims=False)  # [B, K, M, H]
     k_j = jax.lax.dynamic_index_in_dim(k, j, axis=2, keepdims=False)  # [B, K, blk, H]
     v_j = jax.lax.dynamic_index_in_dim(v, j, axis=2, keepdims=False)
     s = jnp.einsum("bkmh,bksh->bkms", q_i, k_j.astype(q_i.dtype),
                    preferred_element_type=jnp.float32)
-    s = jax.lax.cond(i == j, lambda s: jnp.where(diagonal_visible, s, MASKED), lambda s: s, s)
-    # Online softmax; a row's first pair (j == 0) starts from an empty accumulator.
+    q_lo, k_lo = q_offset + i * block, j * block
+    visible = (q_lo + row_pos)[:, None] >= (k_lo + jnp.arange(block))[None, :]
+    s = jax.lax.cond(k_lo + block - 1 > q_lo, lambda s: jnp.where(visible, s, MASKED),
+                     lambda s: s, s)
+    # Online softmax; a row's first pair (j == 0, never hidden) starts afresh.
     first = j == 0
     m = jnp.maximum(s.max(axis=-1), jnp.where(first, MASKED, acc.max))
     p = jnp.exp(s - m[..., None])
     correction = jnp.where(first, 0.0, jnp.exp(acc.max - m))
     o = acc.out * correction[..., None] + jnp.einsum(
         "bkms,bksh->bkmh", p.astype(v_j.dtype), v_j, preferred_element_type=jnp.float32)
-    acc = Partial(o, m, acc.sum * correction + p.sum(axis=-1))
-    # Row i ends with its diagonal pair (i, i): write the finished rows then.
-    out = jax.lax.cond(
-        i == j, lambda out: jax.lax.dynamic_update_index_in_dim(
-            out, finalize(acc, out.dtype), i, axis=2), lambda out: out, out)
+    return Partial(o, m, acc.sum * correction + p.sum(axis=-1))
+
+  def step(carry, xs):
+    acc, out = carry
+    i, j, is_last = xs
+    if triangle:  # every pair has visible keys
+      acc = attend(acc, i, j)
+    else:
+      hidden = j * block > q_offset + i * block + block - 1
+      acc = jax.lax.cond(hidden, lambda a: a, lambda a: attend(a, i, j), acc)
+    out = jax.lax.cond(is_last, lambda out: jax.lax.dynamic_update_index_in_dim(
+        out, finalize(acc, out.dtype), i, axis=2), lambda out: out, out)
     return (acc, out), None
 
   acc0 = Partial(jnp.zeros((B, K, M, H), jnp.float32), jnp.full((B, K, M), MASKED, jnp.float32),
                  jnp.zeros((B, K, M), jnp.float32))
-  (_, out), _ = jax.lax.scan(step, (acc0, jnp.zeros_like(q)),
-                             (jnp.asarray(rows, jnp.int32), jnp.asarray(cols, jnp.int32)))
-  out = out.reshape(B, K, nb, G, block, H).transpose(0, 2, 4, 1, 3, 5)
-  return out.reshape(B, T_pad, N, H)[:, :T]
+  xs = (jnp.asarray(rows, jnp.int32), jnp.asarray(cols, jnp.int32), jnp.asarray(last))
+  (_, out), _ = jax.lax.scan(step, (acc0, jnp.zeros_like(q)), xs)
+  out = out.reshape(B, K, nbq, G, block, H).transpose(0, 2, 4, 1, 3, 5)
+  return out.reshape(B, Tq_pad, N, H)[:, :Tq]
 
 
 def _round_up(x: int, m: int) -> int:

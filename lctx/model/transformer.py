@@ -89,6 +89,9 @@ def _cache_write_token(kv, l, slots_b, new_bkh, seq_axis):
   values [B, K, S, H]). Out-of-range slots are dropped, never clamped onto a
   valid slot (callers check capacity before the step).
   """
+  capacity = (kv[l] if isinstance(kv, tuple) else kv).shape[seq_axis - 4]
+  # Negative indices would wrap around (numpy style) before "drop" applies.
+  slots_b = jnp.where(slots_b < 0, capacity, slots_b)
   rows = jnp.arange(slots_b.shape[0])
   if rows.shape[0] == 1:
     # XLA rewrites a one-update scatter into a dynamic-update-slice, which the CPU
@@ -135,13 +138,37 @@ def forward(config: ModelConfig, params: Params, tokens: jax.Array,
   return _logits(config, params, x)
 
 
+def _prefill_attention(q, k, v, block: int, plan):
+  """Causal attention of the prompt; with a `seq` mesh axis, sequence-parallel.
+
+  Each seq shard all-gathers K and V and attends its own queries at their
+  offset. All-gather rather than a ring: with GQA, K and V are N / K times
+  smaller than Q, so one collective moves little, and per-device memory stays
+  linear in T; the price is no compute/communication overlap and more work on
+  later shards (their queries see more keys).
+  """
+  if plan is None or not plan.seq_parallel:
+    return attention.causal_attention(q, k, v, block)
+
+  def local(q, k, v):
+    k_all = jax.lax.all_gather(k, "seq", axis=1, tiled=True)
+    v_all = jax.lax.all_gather(v, "seq", axis=1, tiled=True)
+    offset = jax.lax.axis_index("seq") * q.shape[1]
+    return attention.causal_attention(q, k_all, v_all, block, q_offset=offset)
+
+  heads, kv = plan.attention_heads(), plan.attention_heads() and "kv_heads"
+  q_axes, kv_axes = ("batch", "seq", heads, None), ("batch", "seq", kv, None)
+  return plan.manual(local, (q_axes, kv_axes, kv_axes), q_axes, "prefill")(q, k, v)
+
+
 def prefill(config: ModelConfig, params: Params, tokens: jax.Array, lengths: jax.Array,
-            cache: KVCache, block: int = PREFILL_BLOCK) -> tuple[jax.Array, KVCache]:
+            cache: KVCache, block: int = PREFILL_BLOCK, plan=None) -> tuple[jax.Array, KVCache]:
   """Runs right-padded prompts tokens [B, T] (row b valid up to lengths[b]).
 
   Returns the logits [B, V] of each row's last prompt token and the cache with
   slots [0, T) written and `lengths` set. Padding slots beyond lengths[b] are
-  overwritten by decode before anything attends to them.
+  overwritten by decode before anything attends to them. plan: an
+  lctx.sharding.Plan when running sharded (sequence parallelism needs it).
   """
   B, T = tokens.shape
   if T > cache.capacity:
@@ -153,7 +180,7 @@ def prefill(config: ModelConfig, params: Params, tokens: jax.Array, lengths: jax
     q, k, v = _qkv(config, lp, x, positions)
     k_cache = _cache_write_prefix(k_cache, l, k.transpose(0, 2, 3, 1).astype(config.dtype))
     v_cache = _cache_write_prefix(v_cache, l, v.transpose(0, 2, 1, 3).astype(config.dtype))
-    x = _out_and_mlp(config, lp, x, attention.causal_attention(q, k, v, block))
+    x = _out_and_mlp(config, lp, x, _prefill_attention(q, k, v, block, plan))
     return x, k_cache, v_cache
 
   x, k_cache, v_cache = _layer_loop(
@@ -162,22 +189,67 @@ def prefill(config: ModelConfig, params: Params, tokens: jax.Array, lengths: jax
   return _logits(config, params, last), KVCache(k_cache, v_cache, lengths.astype(jnp.int32))
 
 
-def decode(config: ModelConfig, params: Params, tokens: jax.Array,
-           cache: KVCache) -> tuple[jax.Array, KVCache]:
-  """One step: tokens [B] at positions cache.lengths; returns logits [B, V]."""
-  B = tokens.shape[0]
-  K, G, H = config.num_kv_heads, config.group_size, config.head_dim
+def _decode_attention(config: ModelConfig, k_cache, v_cache, l, lengths, q, k, v,
+                      seq_axis: str | None = None):
+  """Writes the new token's K/V and attends over the cache slots [0, lengths].
+
+  With seq_axis (inside shard_map), the cache arrays are this device's slice
+  of the sequence: the token is written only by the shard owning its slot, and
+  the per-shard partial softmaxes are merged across devices.
+  """
+  B, _, N, H = q.shape  # local shapes: a shard may hold a subset of rows and heads
+  K = k.shape[2]
+  G = N // K
+  S = _cache_layer(v_cache, l).shape[-2]
+  offset = 0 if seq_axis is None else jax.lax.axis_index(seq_axis) * S
+  k_cache = _cache_write_token(k_cache, l, lengths - offset, k[:, 0].astype(config.dtype), 3)
+  v_cache = _cache_write_token(v_cache, l, lengths - offset, v[:, 0].astype(config.dtype), 2)
+  valid_bs = (offset + jnp.arange(S))[None, :] <= lengths[:, None]
+  part = attention.decode_attention(q.reshape(B, K, G, H), _cache_layer(k_cache, l),
+                                    _cache_layer(v_cache, l), valid_bs)
+  if seq_axis is not None:
+    part = attention.merge_across(part, seq_axis)
+  return attention.finalize(part, q.dtype).reshape(B, 1, K * G, H), k_cache, v_cache
+
+
+def decode(config: ModelConfig, params: Params, tokens: jax.Array, cache: KVCache,
+           plan=None) -> tuple[jax.Array, KVCache]:
+  """One step: tokens [B] at positions cache.lengths; returns logits [B, V].
+
+  With a plan whose `seq` axis splits the cache's sequence, every device
+  attends over its own slice and the partial softmaxes are merged with the
+  online-softmax rule (flash-decoding across devices); the cache is never
+  gathered.
+  """
   lengths = cache.lengths
-  valid_bs = jnp.arange(cache.capacity)[None, :] <= lengths[:, None]
+
+  def attend(k_cache, v_cache, l, q, k, v):
+    if plan is None or not plan.seq_parallel:
+      return _decode_attention(config, k_cache, v_cache, l, lengths, q, k, v)
+    # Manual over the whole mesh: each device its batch rows, heads and sequence slice.
+    heads = plan.attention_heads()
+    kv = heads and "cache_kv_heads"
+    k_axes = ("cache_batch", kv, None, "cache_seq")
+    v_axes = ("cache_batch", kv, "cache_seq", None)
+    q_axes, new_axes = ("batch", None, heads, None), ("batch", None, kv, None)
+    if isinstance(k_cache, tuple):  # unrolled: map over this layer's arrays only
+      def fn(kc, vc, lens, q, k, v):
+        attn, (kc,), (vc,) = _decode_attention(config, (kc,), (vc,), 0, lens, q, k, v, "seq")
+        return attn, kc, vc
+      attn, kc, vc = plan.manual(
+          fn, (k_axes, v_axes, ("batch",), q_axes, new_axes, new_axes),
+          (q_axes, k_axes, v_axes), "decode")(k_cache[l], v_cache[l], lengths, q, k, v)
+      return attn, k_cache[:l] + (kc,) + k_cache[l + 1:], v_cache[:l] + (vc,) + v_cache[l + 1:]
+    k_axes, v_axes = ("layers",) + k_axes, ("layers",) + v_axes
+    fn = lambda kc, vc, l, lens, q, k, v: _decode_attention(
+        config, kc, vc, l, lens, q, k, v, "seq")
+    return plan.manual(fn, (k_axes, v_axes, (), ("batch",), q_axes, new_axes, new_axes),
+                       (q_axes, k_axes, v_axes), "decode")(k_cache, v_cache, l, lengths, q, k, v)
 
   def body(lp, l, carry):
     x, k_cache, v_cache = carry
     q, k, v = _qkv(config, lp, x, lengths[:, None])  # [B, 1, heads, H]
-    k_cache = _cache_write_token(k_cache, l, lengths, k[:, 0].astype(config.dtype), 3)
-    v_cache = _cache_write_token(v_cache, l, lengths, v[:, 0].astype(config.dtype), 2)
-    part = attention.decode_attention(q.reshape(B, K, G, H), _cache_layer(k_cache, l),
-                                      _cache_layer(v_cache, l), valid_bs)
-    attn = attention.finalize(part, x.dtype).reshape(B, 1, K * G, H)
+    attn, k_cache, v_cache = attend(k_cache, v_cache, l, q, k, v)
     return _out_and_mlp(config, lp, x, attn), k_cache, v_cache
 
   x, k_cache, v_cache = _layer_loop(
