@@ -19,6 +19,8 @@ import time
 
 from absl import app, flags
 
+from experiments import distributed
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "small", "Preset name or config.json path.")
 flags.DEFINE_integer("context", 4096, "Prompt tokens per row (the KV cache the decode reads).")
@@ -36,6 +38,7 @@ flags.DEFINE_string("json_out", None, "Write the results here as JSON.")
 
 def main(argv):
   del argv
+  distributed.maybe_initialize()
   import jax
 
   from lctx import bench

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 import lctx
+from experiments import distributed
 
 _MODEL = flags.DEFINE_string(
     "model", "tiny", "Preset name, config.json path or checkpoint directory.")
@@ -155,12 +156,13 @@ def run_generate(config, params, prompt: np.ndarray, sampling, mesh_spec: str | 
                         sampling=sampling, key=key, capacity=capacity, plan=plan)
   except ValueError as e:
     raise app.UsageError(f"--mesh={mesh_spec}: {e}") from e
-  return out[:B]
+  return plan.to_host(out)[:B]
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  distributed.maybe_initialize()
   if _PROMPT_TOKENS.value is not None and flags.FLAGS["prompt_len"].present:
     raise app.UsageError("--prompt_len and --prompt_tokens are mutually exclusive; set one")
 
@@ -193,7 +195,7 @@ def main(argv):
     print(f"row {row}: prompt {p}\n       tokens {t}")
   print(f"generate: {seconds:.2f} s (compile included), B={len(tokens)} T={prompt.shape[1]} "
         f"new={_MAX_NEW_TOKENS.value}")
-  if _JSON_OUT.value:
+  if _JSON_OUT.value and distributed.is_main_process():
     out = {"tokens": tokens, "prompt": prompt.tolist(), "model": config.name,
            "num_params": config.num_params, "seconds": seconds,
            "flags": {n: flags.FLAGS[n].value for n in OWN_FLAGS}}

@@ -170,7 +170,23 @@ class Plan:
   # ---- placement ---------------------------------------------------------------------
 
   def put(self, tree: Any, shardings: Any) -> Any:
-    return jax.device_put(tree, shardings)
+    """Host or local values -> arrays laid out by `shardings`. When the mesh
+    spans several processes, each process builds only its own shards (every
+    process must pass the same values)."""
+    def one(x, sharding):
+      if sharding.is_fully_addressable or (isinstance(x, jax.Array)
+                                           and not x.is_fully_addressable):
+        return jax.device_put(x, sharding)
+      host = np.asarray(x)
+      return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    return jax.tree.map(one, tree, shardings)
+
+  def to_host(self, x: jax.Array) -> np.ndarray:
+    """The whole value of a (possibly multi-process) array, on every process."""
+    if x.is_fully_addressable:
+      return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
   def constrain(self, tree: Any, shardings: Any) -> Any:
     """Inside jit: pins intermediate values (e.g. a cache built in place) to a layout."""
