@@ -134,3 +134,22 @@ def test_prompt_length_must_divide_seq():
   cache = engine.new_cache(CFG, PARAMS, 4, 24, plan=plan)
   with pytest.raises(ValueError, match="prompt length = 12"):
     lctx.prefill(CFG, PARAMS, np.ones((4, 12), np.int32), cache, plan=plan)
+
+
+@pytest.mark.parametrize("layout", ["stacked", "unrolled"])
+def test_sequence_parallel_decode_never_gathers_the_cache(layout):
+  """seq:8 decode: per-shard partial softmaxes merged by all-reduces of [B, N, H]-sized
+  values; no all-gather, all-to-all or permute (the cache stays where it is)."""
+  plan = plan_for("seq:8")
+  params = lctx.abstract_params(CFG)
+  if layout == "unrolled":
+    params = jax.eval_shape(lctx.unstack_layers, params)
+  cache = abstract_cache(CFG, B, 1024, stacked=layout == "stacked")
+  step = engine.sharded_step("decode", plan, params, cache)
+  hlo = step.lower(params, jax.ShapeDtypeStruct((B,), jnp.int32), cache).compile().as_text()
+  kinds = {kind for _, kind in _collectives(hlo)}
+  assert kinds <= {"all-reduce"}, kinds
+  assert "all-reduce" in hlo
+  mem = step.lower(params, jax.ShapeDtypeStruct((B,), jnp.int32), cache).compile().memory_analysis()
+  kv_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((cache.k, cache.v)))
+  assert mem.alias_size_in_bytes >= kv_bytes / 8  # each device updates its slice in place
