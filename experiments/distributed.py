@@ -8,7 +8,7 @@ jax.distributed.initialize() finds the coordinator itself. For local runs
 
 from __future__ import annotations
 
-from absl import flags
+from absl import app, flags
 
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() before anything else "
@@ -25,7 +25,7 @@ def maybe_initialize() -> None:
   if not _DISTRIBUTED.value:
     for name in ("coordinator_address", "num_processes", "process_id"):
       if flags.FLAGS[name].present:
-        raise flags.ValidationError(f"--{name} needs --distributed")
+        raise app.UsageError(f"--{name} needs --distributed")
     return
   import jax
   # CPU devices of several processes talk through gloo (no effect on GPU/TPU);
