@@ -1,0 +1,1 @@
+"""Serving costs of lctx models: hardware specs, closed-form formulas, compiled-HLO counts."""

@@ -1,0 +1,324 @@
+"""Per-device costs read from a program's partitioned HLO, in native dtypes.
+
+The program analysed is XLA's module right after SPMD partitioning (per-device
+shapes, inserted collectives) and before any backend pass, so a CPU host sees
+what a GPU/TPU would run: the CPU backend's bf16->f32 rewrites come later
+(../shared/design/JAX_NOTES.md). For a single device the module before
+optimizations plays that role.
+
+Counting conventions (per device):
+  flops           dots: 2 x output elements x contracted size; elementwise and
+                  reductions: one per element (reductions: per input element);
+                  data movement (copy, transpose, slice, broadcast...): 0
+  transcendentals exp, log, tanh, logistic, rsqrt, sqrt, power, sin, cos, ...
+  bytes_upper     every op's operands and outputs (no fusion at all)
+  bytes_ideal     only what must touch memory under perfect fusion: dot
+                  operands and outputs, reduction inputs and outputs,
+                  collectives, writes into buffers (dynamic-update-slice /
+                  scatter updates); slices are read by their consumers; and a
+                  chain of pointwise ops and reductions from one matmul into
+                  the next stays on chip (flash attention's scores, a fused
+                  MLP's hidden units), so its ends and its reductions are free
+  while loops     body x trip count (read from the loop condition's bound)
+  conditionals    the most expensive branch (an upper bound)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import math
+import os
+import re
+import tempfile
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2,
+               "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
+               "c128": 16, "token": 0}
+FREE_OPS = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "reshape",
+            "after-all", "partition-id", "replica-id", "iota", "opt-barrier", "domain",
+            "add-dependency"}
+MOVE_OPS = {"copy", "transpose", "broadcast", "slice", "concatenate", "pad", "reverse",
+            "convert", "bitcast-convert", "copy-start", "copy-done", "dynamic-reshape"}
+TRANSCENDENTAL = {"exponential", "exponential-minus-one", "log", "log-plus-one", "tanh",
+                  "logistic", "rsqrt", "sqrt", "cbrt", "power", "sine", "cosine", "tan",
+                  "atan2", "erf"}
+COLLECTIVES = {"all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
+               "collective-broadcast"}
+
+_ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\]")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\(.*?\)|\S+)\s+([\w\-]+)\((.*)$")
+_COMP = re.compile(r"^\s*(ENTRY\s+)?%?([\w.\-]+)\s*(\(.*\))?\s*->.*\{\s*$")
+
+
+def _dtype_bytes(dtype: str) -> float:
+  if dtype.startswith("f8"):
+    return 1
+  return DTYPE_BYTES.get(dtype, 4)
+
+
+def shape_arrays(shape: str) -> list[tuple[str, tuple[int, ...]]]:
+  return [(m.group(1), tuple(int(d) for d in m.group(2).split(",") if d))
+          for m in _ARRAY.finditer(shape.split("{")[0] if not shape.startswith("(") else shape)]
+
+
+def shape_bytes(shape: str) -> float:
+  return sum(_dtype_bytes(dt) * math.prod(dims) for dt, dims in shape_arrays(shape))
+
+
+def shape_elements(shape: str) -> int:
+  return sum(math.prod(dims) for _, dims in shape_arrays(shape))
+
+
+@dataclasses.dataclass
+class Instr:
+  name: str
+  shape: str
+  opcode: str
+  operands: list[str]
+  args: str  # the text inside the parentheses (a constant's value)
+  attrs: str
+  op_name: str
+
+
+@dataclasses.dataclass
+class Module:
+  computations: dict[str, list[Instr]]
+  entry: str
+
+
+def parse(text: str) -> Module:
+  comps: dict[str, list[Instr]] = {}
+  entry, current = None, None
+  for line in text.splitlines():
+    if current is None:
+      m = _COMP.match(line)
+      if m and not line.lstrip().startswith("HloModule"):
+        current = m.group(2)
+        comps[current] = []
+        if m.group(1):
+          entry = current
+      continue
+    if line.strip() == "}":
+      current = None
+      continue
+    m = _INSTR.match(line)
+    if not m:
+      continue
+    name, shape, opcode, rest = m.groups()
+    depth, split = 1, len(rest)
+    for i, ch in enumerate(rest):  # the operand list ends at the matching parenthesis
+      depth += ch == "("
+      depth -= ch == ")"
+      if depth == 0:
+        split = i
+        break
+    operands = re.findall(r"%([\w.\-]+)", rest[:split])
+    op_name = re.search(r'op_name="([^"]*)"', rest)
+    comps[current].append(Instr(name, shape, opcode, operands, rest[:split], rest[split + 1:],
+                                op_name.group(1) if op_name else ""))
+  if entry is None:
+    raise ValueError("no ENTRY computation in the HLO text")
+  return Module(comps, entry)
+
+
+@dataclasses.dataclass
+class Costs:
+  flops: float = 0.0
+  transcendentals: float = 0.0
+  bytes_upper: float = 0.0
+  bytes_ideal: float = 0.0
+  host_transfer_bytes: float = 0.0
+  collectives: dict = dataclasses.field(default_factory=lambda: defaultdict(float))  # kind -> bytes
+  collective_ops: list = dataclasses.field(default_factory=list)  # (kind, bytes, participants, count)
+  ops: dict = dataclasses.field(default_factory=lambda: defaultdict(lambda: np.zeros(3)))
+  unknown_trip_counts: int = 0
+
+  def add(self, other: "Costs", times: float = 1.0) -> None:
+    for f in ("flops", "transcendentals", "bytes_upper", "bytes_ideal", "host_transfer_bytes"):
+      setattr(self, f, getattr(self, f) + times * getattr(other, f))
+    for k, v in other.collectives.items():
+      self.collectives[k] += times * v
+    self.collective_ops += [(k, b, p, c * times) for k, b, p, c in other.collective_ops]
+    for k, v in other.ops.items():
+      self.ops[k] = self.ops[k] + times * v
+    self.unknown_trip_counts += other.unknown_trip_counts
+
+  @property
+  def collective_bytes(self) -> float:
+    return sum(self.collectives.values())
+
+  def top_ops(self, n: int = 20) -> list[dict[str, Any]]:
+    """The heaviest ops by (flops, bytes_ideal), keyed by their source op_name."""
+    rows = [{"op_name": k, "flops": v[0], "bytes_ideal": v[1], "bytes_upper": v[2]}
+            for k, v in self.ops.items()]
+    return sorted(rows, key=lambda r: (r["flops"] + r["bytes_ideal"]), reverse=True)[:n]
+
+
+def _participants(attrs: str) -> int:
+  m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attrs)
+  if m:  # mesh['axis_0'=2,'axis_1'=4] {'axis_1'}: the named axes form a group
+    sizes = dict((k.strip("' "), int(v)) for k, v in (p.split("=") for p in m.group(1).split(",")))
+    return math.prod(sizes[a.strip("' ")] for a in m.group(2).split(",") if a.strip())
+  m = re.search(r"replica_groups=\[([\d,]+)\]<=", attrs)
+  if m:  # iota form [groups, size]<=[n]
+    return int(m.group(1).split(",")[-1])
+  m = re.search(r"replica_groups=\{\{([\d,]*)\}", attrs)
+  if m:
+    return len([x for x in m.group(1).split(",") if x])
+  m = re.search(r"source_target_pairs=\{(.*?)\}\s*(,|$)", attrs)
+  return 2 if m else 1
+
+
+def _trip_count(module: Module, instr: Instr) -> int | None:
+  """A while loop's trip count: XLA's known_trip_count when present, else the
+  integer bound its condition compares against (JAX loops count from 0)."""
+  m = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', instr.attrs)
+  if m:
+    return int(m.group(1))
+  cond = re.search(r"condition=%?([\w.\-]+)", instr.attrs)
+  bounds = [int(i.args) for i in module.computations.get(cond.group(1), []) if cond
+            and i.opcode == "constant" and re.fullmatch(r"-?\d+", i.args.strip())]
+  return max(bounds) if bounds else None
+
+
+def _called(instr: Instr, key: str) -> list[str]:
+  """Computations an instruction calls: key=%name or key={%a, %b}."""
+  m = re.search(key + r"=(\{[^}]*\}|%?[\w.\-]+)", instr.attrs)
+  return [c.strip().lstrip("%") for c in m.group(1).strip("{}").split(",")] if m else []
+
+
+def computation_costs(module: Module, name: str, _memo: dict | None = None) -> Costs:
+  memo = {} if _memo is None else _memo
+  if name in memo:
+    return memo[name]
+  instrs = module.computations[name]
+  shapes = {i.name: i.shape for i in instrs}
+  from_dot, to_dot = _matmul_chains(instrs)
+  total = Costs()
+  for instr in instrs:
+    op = instr.opcode
+    base = op.removesuffix("-start").removesuffix("-done")
+    c = Costs()
+    out_b = shape_bytes(instr.shape)
+    in_b = sum(shape_bytes(shapes.get(o, "")) for o in instr.operands)
+    if op == "while":
+      body = _called(instr, "body")
+      trips = _trip_count(module, instr)
+      if trips is None:
+        total.unknown_trip_counts += 1
+        trips = 1
+      for b in body:
+        total.add(computation_costs(module, b, memo), trips)
+      continue
+    if op == "conditional":
+      branches = _called(instr, "branch_computations") or (
+          _called(instr, "true_computation") + _called(instr, "false_computation"))
+      costs = [computation_costs(module, b, memo) for b in branches]
+      if costs:
+        total.add(max(costs, key=lambda k: (k.flops, k.bytes_ideal)))
+      continue
+    if op in ("call", "fusion", "async-start"):
+      for callee in _called(instr, "to_apply") + _called(instr, "calls"):
+        total.add(computation_costs(module, callee, memo))
+      continue
+    if op in FREE_OPS or op.endswith("-done"):
+      continue
+    if op == "dot":
+      lhs = shape_arrays(shapes.get(instr.operands[0], ""))
+      dims = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", instr.attrs)
+      contracted = math.prod(lhs[0][1][int(d)] for d in dims.group(1).split(",") if d) \
+          if lhs and dims else 1
+      c.flops = 2 * shape_elements(instr.shape) * contracted
+      c.bytes_ideal = (sum(shape_bytes(shapes.get(o, "")) for o in instr.operands
+                           if not from_dot.get(o)) + (0 if to_dot[instr.name] else out_b))
+    elif base in COLLECTIVES:
+      moved = out_b if base in ("all-gather",) else in_b
+      c.collectives[base] += moved
+      c.collective_ops.append((base, moved, _participants(instr.attrs), 1))
+      c.bytes_ideal = in_b + out_b
+    elif op in ("reduce", "reduce-window"):
+      c.flops = sum(shape_elements(shapes.get(o, "")) for o in instr.operands[:len(
+          instr.operands) // 2 or 1])
+      inside_chain = from_dot[instr.name] and to_dot[instr.name]
+      c.bytes_ideal = 0 if inside_chain else in_b + out_b
+    elif op in ("dynamic-slice", "gather"):
+      pass  # a read fused into its consumer, which counts it
+    elif op in ("dynamic-update-slice", "scatter"):
+      update = shape_bytes(shapes.get(instr.operands[1 if op == "dynamic-update-slice" else 2],
+                                      ""))
+      c.bytes_ideal = update  # the written slice
+      in_b = update + sum(shape_bytes(shapes.get(o, "")) for o in instr.operands[2:])
+      out_b = update  # in place: only the written slice moves
+    elif op in MOVE_OPS or op == "custom-call":
+      if "S(5)" in instr.shape or any("S(5)" in shapes.get(o, "") for o in instr.operands):
+        c.host_transfer_bytes = out_b  # between device memory and host memory
+        c.bytes_ideal = out_b
+    elif op in TRANSCENDENTAL:
+      c.transcendentals = shape_elements(instr.shape)
+    else:  # elementwise arithmetic, compare, select, ...
+      c.flops = shape_elements(instr.shape)
+    c.bytes_upper = in_b + out_b
+    c.ops[instr.op_name or instr.name] = np.array([c.flops, c.bytes_ideal, c.bytes_upper])
+    total.add(c)
+  memo[name] = total
+  return total
+
+
+_NOT_FUSIBLE = {"parameter", "get-tuple-element", "constant", "iota", "tuple", "while",
+                "conditional", "call", "custom-call", "dynamic-slice", "gather",
+                "dynamic-update-slice", "scatter", "rng", "rng-bit-generator", "sort"} | COLLECTIVES
+
+
+def _fusible(instr: Instr) -> bool:
+  base = instr.opcode.removesuffix("-start").removesuffix("-done")
+  return base not in _NOT_FUSIBLE and instr.opcode != "dot"
+
+
+def _matmul_chains(instrs: list[Instr]) -> tuple[dict[str, bool], dict[str, bool]]:
+  """from_dot[v]: v is a matmul output or computed from one by fusible ops only;
+  to_dot[v]: v feeds a matmul through fusible ops only. HLO text lists every
+  instruction after its operands, so one pass each way suffices."""
+  from_dot: dict[str, bool] = {}
+  for i in instrs:
+    from_dot[i.name] = i.opcode == "dot" or (_fusible(i) and any(
+        from_dot.get(o, False) for o in i.operands))
+  to_dot = dict.fromkeys(from_dot, False)
+  for i in reversed(instrs):
+    if i.opcode == "dot" or (_fusible(i) and to_dot[i.name]):
+      for o in i.operands:
+        if o in to_dot and (i.opcode == "dot" or _fusible(i)):
+          to_dot[o] = True
+  return from_dot, to_dot
+
+
+def module_costs(text: str) -> Costs:
+  module = parse(text)
+  return computation_costs(module, module.entry)
+
+
+def partitioned_hlo(lowered) -> str:
+  """The per-device module after SPMD partitioning, before backend passes.
+
+  One device is not partitioned: then the module right after the first call
+  inliner (nested jits flattened, still before the CPU's bf16 rewrite) stands in.
+  """
+  with tempfile.TemporaryDirectory() as tmp:
+    lowered.compile(compiler_options={"xla_dump_to": tmp,
+                                      "xla_dump_hlo_pass_re": "spmd-partitioning|call-inliner"})
+    for pattern in ("*after_spmd-partitioning*.txt", "*after_call-inliner*.txt",
+                    "*before_optimizations.txt"):
+      found = sorted(glob.glob(os.path.join(tmp, pattern)))  # numbered in pass order
+      if found:
+        with open(found[0]) as f:
+          return f.read()
+  raise RuntimeError("XLA wrote no HLO dump; is xla_dump_to supported by this backend?")
+
+
+def analyze(lowered) -> Costs:
+  """Per-device costs of a lowered jax program (e.g. jax.jit(f).lower(*abstract_args))."""
+  return module_costs(partitioned_hlo(lowered))
