@@ -20,7 +20,9 @@ Counting conventions (per device):
                   the next stays on chip (flash attention's scores, a fused
                   MLP's hidden units), so its ends and its reductions are free
   while loops     body x trip count (read from the loop condition's bound)
-  conditionals    the most expensive branch (an upper bound)
+  conditionals    flops and bytes_upper: the dearest branch (an upper bound);
+                  bytes_ideal and the op table: the cheapest (lctx's conds mask
+                  a diagonal block or write a finished row once per row)
 """
 
 from __future__ import annotations
@@ -219,8 +221,12 @@ def computation_costs(module: Module, name: str, _memo: dict | None = None) -> C
       branches = _called(instr, "branch_computations") or (
           _called(instr, "true_computation") + _called(instr, "false_computation"))
       costs = [computation_costs(module, b, memo) for b in branches]
-      if costs:
-        total.add(max(costs, key=lambda k: (k.flops, k.bytes_ideal)))
+      if costs:  # ideal bytes (and the op table): the cheapest branch; the rest: the dearest
+        cheap = min(costs, key=lambda k: k.bytes_ideal)
+        total.add(cheap)
+        for f in ("flops", "transcendentals", "bytes_upper"):
+          setattr(total, f, getattr(total, f) + max(getattr(k, f) for k in costs)
+                  - getattr(cheap, f))
       continue
     if op in ("call", "fusion", "async-start"):
       for callee in _called(instr, "to_apply") + _called(instr, "calls"):
@@ -244,8 +250,11 @@ def computation_costs(module: Module, name: str, _memo: dict | None = None) -> C
     elif op in ("reduce", "reduce-window"):
       c.flops = sum(shape_elements(shapes.get(o, "")) for o in instr.operands[:len(
           instr.operands) // 2 or 1])
-      inside_chain = from_dot[instr.name] and to_dot[instr.name]
-      c.bytes_ideal = 0 if inside_chain else in_b + out_b
+      # Reducing an on-chip intermediate (scores on their way into the next
+      # matmul: the softmax max and sum) touches no memory.
+      source = instr.operands[0] if instr.operands else ""
+      on_chip = from_dot.get(source, False) and to_dot.get(source, False)
+      c.bytes_ideal = 0 if on_chip else in_b + out_b
     elif op in ("dynamic-slice", "gather"):
       pass  # a read fused into its consumer, which counts it
     elif op in ("dynamic-update-slice", "scatter"):
@@ -269,8 +278,10 @@ def computation_costs(module: Module, name: str, _memo: dict | None = None) -> C
   return total
 
 
+# A conditional passes values through (lctx's conds select a mask or not), so it
+# does not break a matmul-to-matmul chain.
 _NOT_FUSIBLE = {"parameter", "get-tuple-element", "constant", "iota", "tuple", "while",
-                "conditional", "call", "custom-call", "dynamic-slice", "gather",
+                "call", "custom-call", "dynamic-slice", "gather",
                 "dynamic-update-slice", "scatter", "rng", "rng-bit-generator", "sort"} | COLLECTIVES
 
 
