@@ -139,9 +139,20 @@ def main(argv):
           flush=True)
   print(format_table(rows))
   print(f"total {time.perf_counter() - start:.1f} s")
+  report = [dataclasses.asdict(r) for r in rows]
+  if _CONVENTION.value == "paper":
+    from lctx.cost import paper
+    if config.name != "yi-34b":
+      print("(the paper's figures T1-T15 are for yi-34b; none to compare for this model)")
+    else:
+      targets = paper.targets(config, hw)
+      print("\nThe paper's figures (FRAMEWORK.md T1-T15) beside lctx's closed form, paper "
+            f"convention, on {hw.name}:\n" + paper.format_targets(targets))
+      report = {"rows": report, "paper_targets": [
+          {**dataclasses.asdict(t), "diff_percent": t.diff_percent} for t in targets]}
   if _JSON_OUT.value:
     with open(_JSON_OUT.value, "w") as f:
-      json.dump([dataclasses.asdict(r) for r in rows], f, indent=1)
+      json.dump(report, f, indent=1)
     print(f"wrote {_JSON_OUT.value}")
   if _PLOT_OUT.value:
     plot(rows, _PLOT_OUT.value)

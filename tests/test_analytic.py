@@ -162,3 +162,18 @@ def test_report_helpers():
 def test_bad_inputs(yi, call, match):
   with pytest.raises(ValueError, match=match):
     call(yi)
+
+
+def test_paper_targets_table():
+  """lctx.cost.paper: every T1-T15 figure within 2% of what the paper prints
+  (T7: its formula gives 14.34 s against the printed 14.1 s), counts exact."""
+  from lctx.config import ModelConfig
+  from lctx.cost import paper
+  from lctx.cost.hardware import load_hardware
+  rows = paper.targets(ModelConfig.from_preset("yi-34b"), load_hardware("a100-80g-sxm"))
+  assert [t.id for t in rows][:3] == ["T1", "T2", "T3"] and len({t.id for t in rows}) == 15
+  for t in rows:
+    assert abs(t.diff_percent) <= (2.0 if t.id == "T7" else 0.6), t
+    if t.unit == "users":
+      assert t.ours == t.paper, t
+  assert 1.0 < next(t for t in rows if t.id == "T7").diff_percent < 2.0
