@@ -20,9 +20,11 @@ Counting conventions (per device):
                   the next stays on chip (flash attention's scores, a fused
                   MLP's hidden units), so its ends and its reductions are free
   while loops     body x trip count (read from the loop condition's bound)
-  conditionals    flops and bytes_upper: the dearest branch (an upper bound);
-                  bytes_ideal and the op table: the cheapest (lctx's conds mask
-                  a diagonal block or write a finished row once per row)
+  conditionals    the branch moving the fewest bytes (lctx writes a finished
+                  row of attention output once per row, not on every pair),
+                  unless another computes markedly more FLOPs (then that one:
+                  an upper bound, a skipped attention block counts as
+                  computed); bytes_upper: the largest branch
 """
 
 from __future__ import annotations
@@ -221,12 +223,12 @@ def computation_costs(module: Module, name: str, _memo: dict | None = None) -> C
       branches = _called(instr, "branch_computations") or (
           _called(instr, "true_computation") + _called(instr, "false_computation"))
       costs = [computation_costs(module, b, memo) for b in branches]
-      if costs:  # ideal bytes (and the op table): the cheapest branch; the rest: the dearest
-        cheap = min(costs, key=lambda k: k.bytes_ideal)
-        total.add(cheap)
-        for f in ("flops", "transcendentals", "bytes_upper"):
-          setattr(total, f, getattr(total, f) + max(getattr(k, f) for k in costs)
-                  - getattr(cheap, f))
+      if costs:  # the lightest branch unless another computes markedly more
+        cheap = min(costs, key=lambda k: (k.bytes_ideal, k.flops))
+        dear = max(costs, key=lambda k: k.flops)
+        chosen = dear if dear.flops > 2 * cheap.flops + 1000 else cheap  # index math is not work
+        total.add(chosen)
+        total.bytes_upper += max(k.bytes_upper for k in costs) - chosen.bytes_upper
       continue
     if op in ("call", "fusion", "async-start"):
       for callee in _called(instr, "to_apply") + _called(instr, "calls"):

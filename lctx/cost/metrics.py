@@ -86,7 +86,8 @@ def _program_costs(config: ModelConfig, g: int, T: int, B: int, kind: str) -> hl
   return hlo.analyze(step.lower(params, *args, cache))
 
 
-def _per_device_bytes(tree, shardings) -> float:
+def per_device_bytes(tree, shardings) -> float:
+  """Bytes one device holds of a tree of (abstract) arrays laid out by `shardings`."""
   return sum(math.prod(s.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
              for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
 
@@ -97,9 +98,9 @@ def from_hlo(config: ModelConfig, hw, g: int, T: int, B: int = 1,
   config = config.replace(param_dtype=dtype, dtype=dtype)
   plan = sharding.Plan(config, sharding.make_mesh(f"model:{g}"))
   params, one_user = abstract_params(config), abstract_cache(config, 1, T)
-  weights = _per_device_bytes(params, plan.param_shardings(params))
-  kv = _per_device_bytes((one_user.k, one_user.v), (plan.cache_shardings(one_user).k,
-                                                    plan.cache_shardings(one_user).v))
+  weights = per_device_bytes(params, plan.param_shardings(params))
+  cache_shardings = plan.cache_shardings(one_user)
+  kv = per_device_bytes((one_user.k, one_user.v), (cache_shardings.k, cache_shardings.v))
   free = hw.hbm_bytes - weights
   users = max(math.floor(free / kv), 0)
   prefill = _program_costs(config, g, T, 1, "prefill")

@@ -134,8 +134,9 @@ def causal_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
     else:
       hidden = j * block > q_offset + i * block + block - 1
       acc = jax.lax.cond(hidden, lambda a: a, lambda a: attend(a, i, j), acc)
+    done = finalize(acc, out.dtype)  # outside the cond: its branches differ only in bytes
     out = jax.lax.cond(is_last, lambda out: jax.lax.dynamic_update_index_in_dim(
-        out, finalize(acc, out.dtype), i, axis=2), lambda out: out, out)
+        out, done, i, axis=2), lambda out: out, out)
     return (acc, out), None
 
   acc0 = Partial(jnp.zeros((B, K, M, H), jnp.float32), jnp.full((B, K, M), MASKED, jnp.float32),

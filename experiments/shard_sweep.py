@@ -1,0 +1,104 @@
+"""Every (data x seq x model) factorization of a device count, compiled and costed.
+
+  python -m experiments.shard_sweep                  # yi-34b, 50K context, 8 devices
+  python -m experiments.shard_sweep --context=1000000 --batch=8 --json_out=sweep.json
+
+For each mesh: per-device weight and cache bytes, prefill and decode FLOPs and
+bytes from the partitioned HLO, collective bytes by kind, and predicted prefill
+and decode times on --hardware; the best mesh for each is marked. Meshes that
+do not divide the model, batch or context are listed with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+from absl import app, flags
+
+from experiments import distributed
+
+_MODEL = flags.DEFINE_string("model", "yi-34b", "Preset name or config.json path.")
+_HARDWARE = flags.DEFINE_string("hardware", "a100-80g-sxm", "Hardware preset or spec json.")
+_DEVICES = flags.DEFINE_integer("num_devices", 8, "Devices to factor into data x seq x model.",
+                                lower_bound=1)
+_CONTEXT = flags.DEFINE_integer("context", 50000, "Prompt length and cache capacity.",
+                                lower_bound=1)
+_BATCH = flags.DEFINE_integer("batch", 8, "Users (rows) per step.", lower_bound=1)
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16", "float32"], "dtype.")
+_JSON_OUT = flags.DEFINE_string("json_out", None, "Write the rows here as JSON.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  distributed.maybe_initialize()
+  import jax
+  import jax.numpy as jnp
+
+  import lctx
+  from lctx import engine, sharding
+  from lctx.cache import abstract_cache
+  from lctx.cost import hlo, metrics
+  from lctx.cost.hardware import load_hardware
+
+  n, T, B = _DEVICES.value, _CONTEXT.value, _BATCH.value
+  if n > jax.device_count():
+    raise app.UsageError(f"--num_devices={n} needs {n} devices; this process has "
+                         f"{jax.device_count()}")
+  try:
+    config = lctx.ModelConfig.resolve(_MODEL.value, param_dtype=_DTYPE.value, dtype=_DTYPE.value)
+    hw = load_hardware(_HARDWARE.value)
+  except (ValueError, FileNotFoundError) as e:
+    raise app.UsageError(str(e)) from e
+  params, cache = lctx.abstract_params(config), abstract_cache(config, B, T)
+  rows, start = [], time.perf_counter()
+  for d in (d for d in range(1, n + 1) if n % d == 0):
+    for s in (s for s in range(1, n // d + 1) if (n // d) % s == 0):
+      m = n // d // s
+      spec = f"data:{d},seq:{s},model:{m}"
+      plan = sharding.Plan(config, sharding.make_mesh(spec))
+      try:
+        plan.check(batch=B, capacity=T, prompt_len=T)
+      except ValueError as e:
+        rows.append({"mesh": spec, "skipped": str(e)})
+        continue
+      row = {"mesh": spec, "data": d, "seq": s, "model": m,
+             "weight_bytes_per_device": metrics.per_device_bytes(params,
+                                                                 plan.param_shardings(params)),
+             "cache_bytes_per_device": metrics.per_device_bytes(
+                 (cache.k, cache.v), (plan.cache_shardings(cache).k, plan.cache_shardings(cache).v))}
+      for kind, args in (("prefill", (jax.ShapeDtypeStruct((B, T), jnp.int32),
+                                      jax.ShapeDtypeStruct((B,), jnp.int32))),
+                         ("decode", (jax.ShapeDtypeStruct((B,), jnp.int32),))):
+        costs = hlo.analyze(engine.sharded_step(kind, plan, params, cache).lower(
+            params, *args, cache))
+        row.update({f"{kind}_flops": costs.flops, f"{kind}_bytes": costs.bytes_ideal,
+                    f"{kind}_collective_bytes": dict(costs.collectives),
+                    f"{kind}_s": metrics.roofline_seconds(costs, hw, _DTYPE.value)})
+      rows.append(row)
+      print(f"{spec:24s} weights {row['weight_bytes_per_device'] / 1e9:7.2f} GB  cache "
+            f"{row['cache_bytes_per_device'] / 1e9:7.2f} GB  prefill {row['prefill_s']:8.3f} s  "
+            f"decode {1e3 * row['decode_s']:8.3f} ms  ({time.perf_counter() - start:.0f} s)",
+            flush=True)
+  ran = [r for r in rows if "skipped" not in r]
+  for kind in ("prefill", "decode"):
+    if ran:
+      best = min(ran, key=lambda r: r[f"{kind}_s"])
+      best[f"best_{kind}"] = True
+      print(f"best {kind}: {best['mesh']} ({best[f'{kind}_s']:.4g} s)")
+  for r in rows:
+    if "skipped" in r:
+      print(f"{r['mesh']:24s} skipped: {r['skipped']}")
+  if _JSON_OUT.value:
+    with open(_JSON_OUT.value, "w") as f:
+      json.dump({"model": config.name, "hardware": hw.name, "context": T, "batch": B,
+                 "num_devices": n, "rows": rows}, f, indent=1)
+    print(f"wrote {_JSON_OUT.value}")
+
+
+if __name__ == "__main__":
+  os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  app.run(main)
