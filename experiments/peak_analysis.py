@@ -19,7 +19,7 @@ import time
 
 from absl import app, flags
 
-from experiments import distributed
+from experiments import costing, distributed
 
 _MODEL = flags.DEFINE_string("model", "yi-34b", "Preset name or config.json path.")
 _HARDWARE = flags.DEFINE_string("hardware", "a100-80g-sxm", "Hardware preset (configs/hardware) "
@@ -107,22 +107,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   distributed.maybe_initialize()
-  import jax
 
-  import lctx
   from lctx.cost import metrics
-  from lctx.cost.hardware import load_hardware
 
   devices, contexts = _ints("num_devices", _NUM_DEVICES.value), _ints("contexts", _CONTEXTS.value)
-  if max(devices) > jax.device_count():
-    raise app.UsageError(f"--num_devices up to {max(devices)} needs that many devices; this "
-                         f"process has {jax.device_count()} (on CPU set XLA_FLAGS="
-                         f"--xla_force_host_platform_device_count={max(devices)})")
-  try:
-    config = lctx.ModelConfig.resolve(_MODEL.value, param_dtype=_DTYPE.value, dtype=_DTYPE.value)
-    hw = load_hardware(_HARDWARE.value)
-  except (ValueError, FileNotFoundError) as e:
-    raise app.UsageError(str(e)) from e
+  costing.require_devices(max(devices))
+  config, hw = costing.model_and_hardware(_MODEL.value, _HARDWARE.value, _DTYPE.value)
   print(f"model {config.name} ({config.num_params / 1e9:.3f}B params, {_DTYPE.value}), "
         f"hardware {hw.name}, devices {devices}, contexts {contexts}, batch {_BATCH.value}, "
         f"convention {_CONVENTION.value}", flush=True)

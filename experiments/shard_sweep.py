@@ -11,14 +11,13 @@ do not divide the model, batch or context are listed with the reason.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
 
 from absl import app, flags
 
-from experiments import distributed
+from experiments import costing, distributed
 
 _MODEL = flags.DEFINE_string("model", "yi-34b", "Preset name or config.json path.")
 _HARDWARE = flags.DEFINE_string("hardware", "a100-80g-sxm", "Hardware preset or spec json.")
@@ -42,17 +41,10 @@ def main(argv):
   from lctx import engine, sharding
   from lctx.cache import abstract_cache
   from lctx.cost import hlo, metrics
-  from lctx.cost.hardware import load_hardware
 
   n, T, B = _DEVICES.value, _CONTEXT.value, _BATCH.value
-  if n > jax.device_count():
-    raise app.UsageError(f"--num_devices={n} needs {n} devices; this process has "
-                         f"{jax.device_count()}")
-  try:
-    config = lctx.ModelConfig.resolve(_MODEL.value, param_dtype=_DTYPE.value, dtype=_DTYPE.value)
-    hw = load_hardware(_HARDWARE.value)
-  except (ValueError, FileNotFoundError) as e:
-    raise app.UsageError(str(e)) from e
+  costing.require_devices(n)
+  config, hw = costing.model_and_hardware(_MODEL.value, _HARDWARE.value, _DTYPE.value)
   params, cache = lctx.abstract_params(config), abstract_cache(config, B, T)
   rows, start = [], time.perf_counter()
   for d in (d for d in range(1, n + 1) if n % d == 0):

@@ -11,7 +11,7 @@ from lctx.sampling import SamplingConfig
 __all__ = [
     "KVCache", "ModelConfig", "SamplingConfig", "abstract_params", "decode_step", "forward",
     "generate", "init_cache", "init_params", "load_hf_checkpoint", "prefill", "restore_params",
-    "save_params", "stack_layers", "unstack_layers",
+    "save_params", "sharding", "stack_layers", "unstack_layers",
 ]
 
 
