@@ -3,11 +3,13 @@
   python -m experiments.peak_analysis            # yi-34b on A100 80GB, 1/2/4/8 GPUs
   python -m experiments.peak_analysis --hardware=h100-sxm --contexts=4000,1000000 \\
       --json_out=out.json --plot_out=out.png
+  python -m experiments.peak_analysis --mesh=model:8 --mesh=seq:2,model:4 --mesh=data:2,model:4
 
-For every context length and tensor-parallel device count it compiles lctx's
-prefill and decode programs from abstract shapes (nothing is allocated) and
-reads per-device costs from their partitioned HLO (`hlo` rows), beside the
-framework's closed form (`analytic` rows, --convention exact or paper).
+For every context length and mesh (tensor parallel over --num_devices, or each
+--mesh) it compiles lctx's prefill and decode programs from abstract shapes
+(nothing is allocated) and reads per-device costs from their partitioned HLO
+(`hlo` rows), beside the framework's closed form (`analytic` rows, --convention
+exact or paper), with their ratio.
 """
 
 from __future__ import annotations
@@ -26,15 +28,24 @@ _HARDWARE = flags.DEFINE_string("hardware", "a100-80g-sxm", "Hardware preset (co
                                 "or spec json, or cpu-local (measured).")
 _NUM_DEVICES = flags.DEFINE_list("num_devices", ["1", "2", "4", "8"],
                                  "Tensor-parallel device counts (mesh model:g).")
+_MESH = flags.DEFINE_multi_string("mesh", [], "Mesh specs such as seq:2,model:4 (repeat the "
+                                  "flag for several); replaces --num_devices.")
 _CONTEXTS = flags.DEFINE_list("contexts", ["4000", "50000", "100000", "200000", "1000000"],
                               "Context lengths in tokens (decimal, as in the paper).")
-_BATCH = flags.DEFINE_integer("batch", 1, "Users decoded together.", lower_bound=1)
+_BATCH = flags.DEFINE_integer("batch", 1, "Users in the decode step (decode ms/token).",
+                              lower_bound=1)
+_GENERATED = flags.DEFINE_integer("generated_tokens", 1000, "Tokens each session generates "
+                                  "(sessions per hour).", lower_bound=1)
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16", "float32"],
                            "Weights and KV cache dtype.")
 _CONVENTION = flags.DEFINE_enum("convention", "exact", ["exact", "paper"],
                                 "Closed-form convention (see lctx.cost.analytic).")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write every row here as JSON.")
 _PLOT_OUT = flags.DEFINE_string("plot_out", None, "Draw the four metrics vs context (PNG).")
+_OP_TABLE_OUT = flags.DEFINE_string("op_table_out", None, "Write each compiled program's top "
+                                    "ops by predicted time (with their source op_name) as JSON.")
+_TOP_OPS = flags.DEFINE_integer("top_ops", 20, "Ops per program in --op_table_out.",
+                                lower_bound=1)
 
 
 def _ints(name: str, values) -> list[int]:
@@ -51,24 +62,62 @@ def _gb(x: float) -> str:
   return f"{x / 1e9:.2f}"
 
 
-def format_table(rows) -> str:
-  """One line per (context, devices): analytic | hlo for each metric."""
+def _pairs(rows) -> dict:
+  """(context, devices, mesh) -> {source: row}, in that order."""
   pairs = {}
   for r in rows:
-    pairs.setdefault((r.context, r.num_devices), {})[r.source] = r
-  head = (f"{'context':>9} {'g':>2} {'KV/user GB':>10} {'weights/dev GB':>14} "
+    pairs.setdefault((r.context, r.num_devices, r.mesh), {})[r.source] = r
+  return dict(sorted(pairs.items()))
+
+
+def format_table(rows) -> str:
+  """One line per (context, mesh): analytic | hlo for each metric."""
+  head = (f"{'context':>9} {'mesh':>14} {'KV/user GB':>10} {'weights/dev GB':>14} "
           f"{'concurrency':>12} {'prefill s':>17} {'decode ms/tok':>15} {'ctx switch s':>14}")
-  lines = [head, " " * 27 + "(analytic | hlo; KV per user over all devices, weights per device)"]
-  for (T, g), by in sorted(pairs.items()):
+  lines = [head, " " * 35 + "(analytic | hlo; KV per user over all devices, weights per device)"]
+  for (T, g, mesh), by in _pairs(rows).items():
     a, h = by["analytic"], by["hlo"]
     lines.append(
-        f"{T:>9} {g:>2} {_gb(a.kv_bytes_per_user * g):>10} "
+        f"{T:>9} {mesh:>14} {_gb(a.kv_bytes_per_user * g):>10} "
         f"{_gb(a.weight_bytes_per_device) + '|' + _gb(h.weight_bytes_per_device):>14} "
         f"{f'{a.concurrency}|{h.concurrency}':>12} "
         f"{f'{a.prefill_s:.2f}|{h.prefill_s:.2f}':>17} "
         f"{f'{a.decode_step_s * 1e3:.2f}|{h.decode_step_s * 1e3:.2f}':>15} "
         f"{f'{a.context_switch_s:.3f}|{h.context_switch_s:.3f}':>14}")
   return "\n".join(lines)
+
+
+def _ratio(x: float | None) -> str:
+  return "-" if x is None else f"{x:.3f}"
+
+
+def format_throughput(rows, metrics) -> str:
+  """Throughput at a full HBM, the HLO's temporaries, and hlo/analytic ratios."""
+  G = rows[0].generated_tokens
+  head = (f"{'context':>9} {'mesh':>14} {'decode tok/s':>15} {'sessions/hour':>15} "
+          f"{'temp GB dec|pre':>16}   hlo/analytic: {'conc':>6} {'prefill':>7} {'decode':>7} "
+          f"{'switch':>7}")
+  lines = [f"Throughput with HBM full ({G} generated tokens per session; analytic | hlo), "
+           f"the compiled programs' peak temporaries per device, and hlo / analytic:", head]
+  for (T, _, mesh), by in _pairs(rows).items():
+    a, h = by["analytic"], by["hlo"]
+    q = metrics.ratios(a, h)
+    lines.append(
+        f"{T:>9} {mesh:>14} {f'{a.decode_tokens_per_s:.0f}|{h.decode_tokens_per_s:.0f}':>15} "
+        f"{f'{a.sessions_per_hour:.0f}|{h.sessions_per_hour:.0f}':>15} "
+        f"{_gb(h.temp_bytes_per_device) + '|' + _gb(h.prefill_temp_bytes_per_device):>16}"
+        f"   {'':>13} {_ratio(q['concurrency']):>6} {_ratio(q['prefill_s']):>7} "
+        f"{_ratio(q['decode_step_s']):>7} {_ratio(q['context_switch_s']):>7}")
+  return "\n".join(lines)
+
+
+def op_table(config, meshes, contexts, batch, hw, dtype, n) -> list[dict]:
+  """The top ops of every program the sweep compiled (cached: nothing recompiles)."""
+  from lctx.cost import metrics
+  return [{"context": T, "mesh": spec, "kind": kind, "batch": B,
+           "ops": costs.top_ops(hw.flops(dtype), hw.hbm_bandwidth, n)}
+          for T in contexts for mesh in meshes
+          for kind, (spec, B, costs) in metrics.programs(config, mesh, T, batch, dtype).items()]
 
 
 def plot(rows, path: str) -> None:
@@ -79,15 +128,17 @@ def plot(rows, path: str) -> None:
   panels = [("concurrency", "users that fit", 1), ("prefill_s", "prefill latency (s)", 1),
             ("decode_step_s", "decode latency (ms/token)", 1e3),
             ("context_switch_s", "context switch (s)", 1)]
-  devices = sorted({r.num_devices for r in rows})
+  meshes = sorted({(r.num_devices, r.mesh) for r in rows})
   for ax, (field, label, scale) in zip(axes.flat, panels):
-    for i, g in enumerate(devices):
+    for i, (g, mesh) in enumerate(meshes):
       for source, style in (("analytic", "--"), ("hlo", "-")):
+        if source == "analytic" and any(m[0] == g for m in meshes[:i]):
+          continue  # the closed form depends on the device count only
         pts = sorted((r.context, getattr(r, field) * scale) for r in rows
-                     if r.num_devices == g and r.source == source)
+                     if r.mesh == mesh and r.source == source)
         ax.plot([p[0] for p in pts], [max(p[1], 1e-9) if field != "concurrency" else p[1]
                                       for p in pts], style, color=f"C{i}", marker="o", ms=3,
-                label=f"{g} dev, {source}")
+                label=f"{mesh}, {source}" if source == "hlo" else f"{g} dev, analytic")
     ax.set_xscale("log")
     ax.set_yscale("symlog" if field == "concurrency" else "log")
     if field == "concurrency":
@@ -110,26 +161,39 @@ def main(argv):
 
   from lctx.cost import metrics
 
-  devices, contexts = _ints("num_devices", _NUM_DEVICES.value), _ints("contexts", _CONTEXTS.value)
-  costing.require_devices(max(devices))
+  contexts = _ints("contexts", _CONTEXTS.value)
+  try:
+    meshes = ([metrics.mesh_label(m) for m in _MESH.value] if _MESH.value else
+              [metrics.mesh_label(g) for g in _ints("num_devices", _NUM_DEVICES.value)])
+  except ValueError as e:
+    raise app.UsageError(f"--mesh: {e}") from e
+  costing.require_devices(max(metrics.num_devices(m) for m in meshes))
   config, hw = costing.model_and_hardware(_MODEL.value, _HARDWARE.value, _DTYPE.value)
   print(f"model {config.name} ({config.num_params / 1e9:.3f}B params, {_DTYPE.value}), "
-        f"hardware {hw.name}, devices {devices}, contexts {contexts}, batch {_BATCH.value}, "
+        f"hardware {hw.name}, meshes {meshes}, contexts {contexts}, batch {_BATCH.value}, "
         f"convention {_CONVENTION.value}", flush=True)
   rows, start = [], time.perf_counter()
   for i, T in enumerate(contexts):
-    for g in devices:
+    for mesh in meshes:
       try:
-        rows.append(metrics.from_closed_form(config, hw, g, T, _BATCH.value, _DTYPE.value,
-                                             _CONVENTION.value))
-        rows.append(metrics.from_hlo(config, hw, g, T, _BATCH.value, _DTYPE.value))
+        rows.append(metrics.from_closed_form(config, hw, mesh, T, _BATCH.value, _DTYPE.value,
+                                             _CONVENTION.value, _GENERATED.value))
+        rows.append(metrics.from_hlo(config, hw, mesh, T, _BATCH.value, _DTYPE.value,
+                                     _GENERATED.value))
       except ValueError as e:
-        raise app.UsageError(f"context {T} on {g} devices: {e}") from e
+        raise app.UsageError(f"context {T} on mesh {mesh}: {e}") from e
     print(f"[{i + 1}/{len(contexts)}] context {T}: {time.perf_counter() - start:.1f} s",
           flush=True)
   print(format_table(rows))
+  print()
+  print(format_throughput(rows, metrics))
   print(f"total {time.perf_counter() - start:.1f} s")
   report = [dataclasses.asdict(r) for r in rows]
+  pairs = _pairs(rows)
+  for row, r in zip(report, rows):  # each hlo row carries its ratios to the closed form
+    if r.source == "hlo":
+      row["hlo_over_analytic"] = metrics.ratios(pairs[(r.context, r.num_devices,
+                                                       r.mesh)]["analytic"], r)
   if _CONVENTION.value == "paper":
     from lctx.cost import paper
     if config.name != "yi-34b":
@@ -144,6 +208,11 @@ def main(argv):
     with open(_JSON_OUT.value, "w") as f:
       json.dump(report, f, indent=1)
     print(f"wrote {_JSON_OUT.value}")
+  if _OP_TABLE_OUT.value:
+    table = op_table(config, meshes, contexts, _BATCH.value, hw, _DTYPE.value, _TOP_OPS.value)
+    with open(_OP_TABLE_OUT.value, "w") as f:
+      json.dump(table, f, indent=1)
+    print(f"wrote {_OP_TABLE_OUT.value}")
   if _PLOT_OUT.value:
     plot(rows, _PLOT_OUT.value)
     print(f"wrote {_PLOT_OUT.value}")

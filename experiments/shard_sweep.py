@@ -3,8 +3,8 @@
   python -m experiments.shard_sweep                  # yi-34b, 50K context, 8 devices
   python -m experiments.shard_sweep --context=1000000 --batch=8 --json_out=sweep.json
 
-For each mesh: per-device weight and cache bytes, prefill and decode FLOPs and
-bytes from the partitioned HLO, collective bytes by kind, and predicted prefill
+For each mesh: per-device weight and cache bytes, prefill and decode FLOPs,
+bytes and peak temporaries from the partitioned HLO, collective bytes by kind, and predicted prefill
 and decode times on --hardware; the best mesh for each is marked. Meshes that
 do not divide the model, batch or context are listed with the reason.
 """
@@ -34,13 +34,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   distributed.maybe_initialize()
-  import jax
-  import jax.numpy as jnp
-
   import lctx
-  from lctx import engine, sharding
+  from lctx import sharding
   from lctx.cache import abstract_cache
-  from lctx.cost import hlo, metrics
+  from lctx.cost import metrics
 
   n, T, B = _DEVICES.value, _CONTEXT.value, _BATCH.value
   costing.require_devices(n)
@@ -57,22 +54,23 @@ def main(argv):
       except ValueError as e:
         rows.append({"mesh": spec, "skipped": str(e)})
         continue
+      cache_shardings = plan.cache_shardings(cache)
       row = {"mesh": spec, "data": d, "seq": s, "model": m,
              "weight_bytes_per_device": metrics.per_device_bytes(params,
                                                                  plan.param_shardings(params)),
              "cache_bytes_per_device": metrics.per_device_bytes(
-                 (cache.k, cache.v), (plan.cache_shardings(cache).k, plan.cache_shardings(cache).v))}
-      for kind, args in (("prefill", (jax.ShapeDtypeStruct((B, T), jnp.int32),
-                                      jax.ShapeDtypeStruct((B,), jnp.int32))),
-                         ("decode", (jax.ShapeDtypeStruct((B,), jnp.int32),))):
-        costs = hlo.analyze(engine.sharded_step(kind, plan, params, cache).lower(
-            params, *args, cache))
+                 (cache.k, cache.v), (cache_shardings.k, cache_shardings.v))}
+      for kind in ("prefill", "decode"):
+        costs = metrics.program_costs(config, spec, T, B, kind)
         row.update({f"{kind}_flops": costs.flops, f"{kind}_bytes": costs.bytes_ideal,
+                    f"{kind}_temp_bytes": costs.temp_bytes,
                     f"{kind}_collective_bytes": dict(costs.collectives),
                     f"{kind}_s": metrics.roofline_seconds(costs, hw, _DTYPE.value)})
       rows.append(row)
       print(f"{spec:24s} weights {row['weight_bytes_per_device'] / 1e9:7.2f} GB  cache "
-            f"{row['cache_bytes_per_device'] / 1e9:7.2f} GB  prefill {row['prefill_s']:8.3f} s  "
+            f"{row['cache_bytes_per_device'] / 1e9:7.2f} GB  temps prefill "
+            f"{row['prefill_temp_bytes'] / 1e9:7.2f} GB  decode "
+            f"{row['decode_temp_bytes'] / 1e9:6.3f} GB  prefill {row['prefill_s']:8.3f} s  "
             f"decode {1e3 * row['decode_s']:8.3f} ms  ({time.perf_counter() - start:.0f} s)",
             flush=True)
   ran = [r for r in rows if "skipped" not in r]

@@ -98,3 +98,88 @@ def test_yi34b_prefill_flops_are_causal():
   costs = hlo.analyze(lowered)
   assert costs.unknown_trip_counts == 0
   assert costs.flops == pytest.approx(analytic.prefill_flops(config, T, "exact") / 8, rel=0.05)
+
+
+# ---- peak temporaries (liveness over the listed order) ----------------------------------
+
+N, M = 256, 512
+
+
+def test_temp_bytes_counts_a_matmul_output_and_fuses_pointwise_ops():
+  """tanh(x @ w).sum(0): the [N, M] product is a buffer (its user is not a
+  matmul), tanh fuses into the reduction, the [M] sum is the output."""
+  f = lambda x, w: jnp.tanh(x @ w).sum(axis=0)
+  args = [jax.ShapeDtypeStruct(s, jnp.float32) for s in ((N, 128), (128, M))]
+  costs = hlo.analyze(jax.jit(f).lower(*args))
+  assert costs.temp_bytes == N * M * 4 + M * 4
+
+
+def test_temp_bytes_frees_dead_buffers():
+  """Two products used one after the other are never live together."""
+  f = lambda x, w1, w2: jnp.tanh(x @ w1).sum() + jnp.tanh(x @ w2).sum()
+  args = [jax.ShapeDtypeStruct(s, jnp.float32) for s in ((N, 128), (128, M), (128, M))]
+  costs = hlo.analyze(jax.jit(f).lower(*args))
+  assert N * M * 4 <= costs.temp_bytes < N * M * 4 + 64
+
+
+def test_temp_bytes_of_in_place_updates_and_bf16_dots():
+  """A donated buffer updated in place costs nothing; a bf16 matrix that JAX's
+  CPU lowering widens to f32 for a mixed-precision dot is held as bf16, i.e.
+  not at all (it is an argument)."""
+  update = jax.jit(lambda c, x: c.at[3].set(x), donate_argnums=0)
+  c = jax.ShapeDtypeStruct((64, N, M), jnp.float32)
+  assert hlo.analyze(update.lower(c, jax.ShapeDtypeStruct((N, M), jnp.float32))).temp_bytes == 0
+
+  head = jax.jit(lambda h, w: jnp.einsum("...d,dv->...v", h, w,
+                                         preferred_element_type=jnp.float32))
+  costs = hlo.analyze(head.lower(jax.ShapeDtypeStruct((2, 128), jnp.bfloat16),
+                                 jax.ShapeDtypeStruct((128, 4 * M), jnp.bfloat16)))
+  assert costs.temp_bytes == 2 * 4 * M * 4  # the f32 logits only
+  assert costs.bytes_ideal == (2 * 128 + 128 * 4 * M) * 2 + 2 * 4 * M * 4
+
+
+def test_temp_bytes_of_a_loop_count_its_body_once():
+  """A scan's body reuses its buffers every trip: the peak is one trip's."""
+  def scanned(x, ws):
+    return jax.lax.scan(lambda h, w: (h + jnp.tanh(h @ w).sum(0), None), x, ws)[0]
+  x = jax.ShapeDtypeStruct((N, M), jnp.float32)
+  one = hlo.analyze(jax.jit(scanned).lower(x, jax.ShapeDtypeStruct((1, M, M), jnp.float32)))
+  six = hlo.analyze(jax.jit(scanned).lower(x, jax.ShapeDtypeStruct((6, M, M), jnp.float32)))
+  assert six.temp_bytes == one.temp_bytes
+  assert six.temp_bytes >= N * M * 4  # the product inside the body
+
+
+# ---- host <-> device transfers (JAX memory kinds) ----------------------------------------
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_host_transfer_bytes_of_arguments_and_results(n):
+  """A host argument read on device and a result returned to host each cross
+  the link once, per device its shard."""
+  mesh = sharding.make_mesh(f"model:{n}")
+  dev = NamedSharding(mesh, P(None, "model"), memory_kind="device")
+  host = NamedSharding(mesh, P(None, "model"), memory_kind="pinned_host")
+
+  def f(x, h):
+    return jax.device_put(x * 3, host), jax.device_put(h, dev) * 2
+
+  x = jax.ShapeDtypeStruct((1024, 256), jnp.float32, sharding=dev)
+  h = jax.ShapeDtypeStruct((512, 256), jnp.float32, sharding=host)
+  costs = hlo.analyze(jax.jit(f, out_shardings=(host, dev)).lower(x, h))
+  assert costs.host_transfer_bytes == (1024 + 512) * 256 * 4 / n
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_host_transfer_bytes_of_an_offloading_scan(n):
+  """Each trip of a scan offloads its [1024, 256] output: trips x shard bytes."""
+  mesh = sharding.make_mesh(f"model:{n}")
+
+  def offload(xs):
+    body = lambda c, x: (c, jax.device_put(jnp.tanh(x), jax.memory.Space.Host))
+    return jax.lax.scan(body, 0, xs)[1]
+
+  xs = jax.ShapeDtypeStruct((6, 1024, 256), jnp.float32,
+                            sharding=NamedSharding(mesh, P(None, None, "model")))
+  costs = hlo.analyze(jax.jit(offload).lower(xs))
+  assert costs.host_transfer_bytes == 6 * 1024 * 256 * 4 / n
+  plain = hlo.analyze(jax.jit(lambda xs: jnp.tanh(xs)).lower(xs))
+  assert plain.host_transfer_bytes == 0

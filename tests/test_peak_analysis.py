@@ -11,30 +11,66 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 FIELDS = {"model", "hardware", "num_devices", "context", "batch", "source", "kv_bytes_per_user",
           "weight_bytes_per_device", "concurrency", "prefill_flops_per_device", "prefill_s",
-          "decode_bytes_per_device", "decode_step_s", "context_switch_s"}
+          "decode_bytes_per_device", "decode_step_s", "context_switch_s", "mesh",
+          "temp_bytes_per_device", "prefill_temp_bytes_per_device", "decode_tokens_per_s",
+          "sessions_per_hour"}
+
+
+def _run(*flags, timeout=600):
+  return subprocess.run([sys.executable, "-m", "experiments.peak_analysis", *flags], cwd=ROOT,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
+                        text=True, timeout=timeout)
 
 
 def test_peak_analysis_rows_and_plot(tmp_path):
   out, png = tmp_path / "rows.json", tmp_path / "plot.png"
-  cmd = [sys.executable, "-m", "experiments.peak_analysis", "--contexts=4000,50000",
-         "--num_devices=1,4", f"--json_out={out}", f"--plot_out={png}"]
-  proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"},
-                        capture_output=True, text=True, timeout=600)
+  proc = _run("--contexts=4000,50000", "--num_devices=1,4", f"--json_out={out}",
+              f"--plot_out={png}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = json.loads(out.read_text())
   assert len(rows) == 2 * 2 * 2 and FIELDS <= set(rows[0])
   by = {(r["context"], r["num_devices"], r["source"]): r for r in rows}
-  # FRAMEWORK.md T11: 20 users of 50K tokens fit on 4 A100s (decimal GB, exact params).
-  assert by[(50000, 4, "analytic")]["concurrency"] == by[(50000, 4, "hlo")]["concurrency"] == 20
+  # FRAMEWORK.md T11: 20 users of 50K tokens fit on 4 A100s (decimal GB, exact
+  # params); the HLO also reserves the one-pass prefill's activations.
+  assert by[(50000, 4, "analytic")]["concurrency"] == 20
+  assert by[(50000, 4, "hlo")]["concurrency"] == 19
   for (T, g, source), r in by.items():
     other = by[(T, g, "hlo" if source == "analytic" else "analytic")]
     assert r["decode_step_s"] == pytest.approx(other["decode_step_s"], rel=0.05)
+    if source == "hlo":
+      ratios = r["hlo_over_analytic"]
+      assert ratios["decode_step_s"] == pytest.approx(r["decode_step_s"] / other["decode_step_s"])
   assert png.stat().st_size > 10_000
-  assert "decode ms/tok" in proc.stdout
+  assert "decode ms/tok" in proc.stdout and "sessions/hour" in proc.stdout
+
+
+def test_peak_analysis_meshes_and_op_table(tmp_path):
+  out, ops = tmp_path / "rows.json", tmp_path / "ops.json"
+  proc = _run("--contexts=4000", "--mesh=seq:2,model:2", "--mesh=data:2,model:2", "--batch=2",
+              f"--json_out={out}", f"--op_table_out={ops}", "--top_ops=5")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = {(r["mesh"], r["source"]): r for r in json.loads(out.read_text())}
+  assert set(rows) == {(m, s) for m in ("seq:2,model:2", "data:2,model:2")
+                       for s in ("analytic", "hlo")}
+  assert all(r["num_devices"] == 4 for r in rows.values())
+  # seq:2 halves each device's share of a cache; data:2 keeps whole model:2 replicas.
+  assert rows[("seq:2,model:2", "hlo")]["kv_bytes_per_user"] == pytest.approx(
+      rows[("data:2,model:2", "hlo")]["kv_bytes_per_user"] / 2)
+  table = json.loads(ops.read_text())
+  assert {(t["mesh"], t["kind"]) for t in table} == {
+      ("seq:2,model:2", "prefill"), ("seq:2,model:2", "decode"),
+      ("model:2", "prefill"), ("data:2,model:2", "decode")}
+  for t in table:
+    seconds = [op["seconds"] for op in t["ops"]]
+    assert len(seconds) == 5 and seconds == sorted(seconds, reverse=True)
+    assert all(op["op_name"] for op in t["ops"])
+
+
+def test_peak_analysis_rejects_a_bad_mesh():
+  proc = _run("--contexts=4000", "--mesh=tensor:4", timeout=300)
+  assert proc.returncode != 0 and "unknown axis 'tensor'" in proc.stderr
 
 
 def test_peak_analysis_errors_list_choices():
-  proc = subprocess.run([sys.executable, "-m", "experiments.peak_analysis", "--hardware=a99"],
-                        cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"},
-                        capture_output=True, text=True, timeout=300)
+  proc = _run("--hardware=a99", timeout=300)
   assert proc.returncode != 0 and "a100-80g-sxm" in proc.stderr

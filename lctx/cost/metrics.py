@@ -1,11 +1,17 @@
 """The four long-context metrics, from the closed form and from the compiled HLO.
 
-For a model on g devices (tensor parallel over `model`) serving B users at
-context T on a hardware spec: concurrency (HBM size), prefill latency
-(FLOP/s), decode step latency (HBM bandwidth) and context-switch latency (host
-link), each computed twice: `analytic` (lctx.cost.analytic) and `hlo` (per-op
-rooflines over the partitioned program that lctx really compiles, and the
-physical per-device bytes of its sharded weights and cache).
+For a model on a device mesh (default tensor parallel, `model:g`) serving
+users at context T on a hardware spec: concurrency (HBM size), prefill latency
+(FLOP/s), decode step latency for B users (HBM bandwidth), context-switch
+latency (host link), and the throughput they imply. Each is computed twice:
+`analytic` (lctx.cost.analytic, g devices as one tensor-parallel group) and
+`hlo` (per-op rooflines over the partitioned programs lctx really compiles,
+the physical per-device bytes of its sharded weights and cache, and the peak
+temporaries of those programs).
+
+Data parallelism (`data:d` in the mesh) replicates the weights d times: one
+user lives on one replica (seq x model devices), which holds its cache and
+runs its prefill; a decode step runs B users over the whole mesh.
 """
 
 from __future__ import annotations
@@ -30,34 +36,88 @@ SOURCES = ("analytic", "hlo")
 class Metrics:
   model: str
   hardware: str
+  mesh: str  # data/seq/model sizes, e.g. "model:8"
   num_devices: int
   context: int
   batch: int
   source: str
-  kv_bytes_per_user: float  # per device
+  kv_bytes_per_user: float  # per device of the user's replica
   weight_bytes_per_device: float
-  concurrency: int
-  shortfall_bytes: float  # HBM missing for one user when concurrency is 0
+  temp_bytes_per_device: float  # peak temporaries of a decode step of `batch` users
+  prefill_temp_bytes_per_device: float  # peak temporaries of one user's prefill
+  concurrency: int  # users whose caches fit in HBM over the whole mesh
+  shortfall_bytes: float  # HBM missing per device for one user when concurrency is 0
   prefill_flops_per_device: float
-  prefill_s: float
+  prefill_s: float  # also the recompute alternative to a context switch
   decode_bytes_per_device: float
-  decode_step_s: float
+  decode_step_s: float  # one step for `batch` users
   context_switch_s: float  # one user's KV out and another's in over the host link
+  generated_tokens: int  # G of the session workload below
+  decode_tokens_per_s: float  # a full HBM (`concurrency` users) decoding together
+  sessions_per_hour: float  # users of T context + G tokens served, waves of `concurrency`
 
 
-def from_closed_form(config: ModelConfig, hw, g: int, T: int, B: int = 1,
-                     dtype: str = "bfloat16", convention: str = "exact") -> Metrics:
+def mesh_label(mesh: str | int) -> str:
+  """'model:8' for 8 or 'model:8'; 'data:2,model:4' keeps only axes above 1."""
+  sizes = sharding.parse_mesh_spec(f"model:{mesh}" if isinstance(mesh, int) else mesh)
+  return ",".join(f"{a}:{n}" for a, n in sizes.items() if n > 1) or "model:1"
+
+
+def num_devices(mesh: str | int) -> int:
+  return math.prod(sharding.parse_mesh_spec(mesh_label(mesh)).values())
+
+
+def replica_mesh(mesh: str | int) -> str:
+  """The devices one user lives on: the mesh without its data axis."""
+  sizes = sharding.parse_mesh_spec(mesh_label(mesh))
+  return mesh_label(",".join(f"{a}:{n}" for a, n in sizes.items() if a != "data"))
+
+
+def _fit(hbm: float, weights: float, kv: float, decode_temp_per_user: float,
+         prefill_temp: float) -> tuple[int, float]:
+  """Most users n per replica with weights + n kv + max(n x decode temporaries,
+  one prefill's temporaries) <= HBM, and the shortfall when n is 0."""
+  free = hbm - weights
+  n = max(min(math.floor(free / (kv + decode_temp_per_user)),
+              math.floor((free - prefill_temp) / kv)), 0)
+  shortfall = weights + kv + max(decode_temp_per_user, prefill_temp) - hbm
+  return n, (shortfall if n == 0 else 0.0)
+
+
+def _sessions(users: int, replicas: int, prefill_s: float, G: int,
+              decode_s_at) -> tuple[float, float]:
+  """(decode tokens/s, sessions/hour) of waves of `users` sessions: each
+  replica prefills its share one prompt after another, then the wave decodes
+  G tokens together. `decode_s_at(b)`: one decode step's seconds for b users."""
+  if users == 0:
+    return 0.0, 0.0
+  step = decode_s_at(users)
+  wave = math.ceil(users / replicas) * prefill_s + G * step
+  return users / step, 3600 * users / wave
+
+
+def from_closed_form(config: ModelConfig, hw, mesh: str | int, T: int, B: int = 1,
+                     dtype: str = "bfloat16", convention: str = "exact",
+                     generated_tokens: int = 1000) -> Metrics:
+  """The framework's formulas on all of the mesh's devices as one group."""
+  label, g = mesh_label(mesh), num_devices(mesh)
   conc = analytic.concurrency(config, T, hw, g, dtype, convention)
+  prefill_s = analytic.prefill_seconds(config, T, hw, g, dtype, convention)
+  step = lambda b: analytic.decode_step_seconds(config, b, T, hw, g, dtype, convention)
+  tokens_s, sessions_h = _sessions(conc.users, 1, prefill_s, generated_tokens, step)
   return Metrics(
-      config.name, hw.name, g, T, B, "analytic",
+      config.name, hw.name, label, g, T, B, "analytic",
       kv_bytes_per_user=analytic.kv_bytes_per_user(config, T, dtype) / g,
       weight_bytes_per_device=analytic.weight_bytes(config, dtype, convention) / g,
-      concurrency=conc.users, shortfall_bytes=conc.shortfall_bytes,
+      temp_bytes_per_device=0.0, prefill_temp_bytes_per_device=0.0,
+      concurrency=conc.users, shortfall_bytes=conc.shortfall_bytes / g,
       prefill_flops_per_device=analytic.prefill_flops(config, T, convention) / g,
-      prefill_s=analytic.prefill_seconds(config, T, hw, g, dtype, convention),
+      prefill_s=prefill_s,
       decode_bytes_per_device=analytic.decode_step_bytes(config, B, T, dtype, convention) / g,
-      decode_step_s=analytic.decode_step_seconds(config, B, T, hw, g, dtype, convention),
-      context_switch_s=analytic.context_switch_seconds(config, T, hw, dtype))
+      decode_step_s=step(B),
+      context_switch_s=analytic.context_switch_seconds(config, T, hw, dtype),
+      generated_tokens=generated_tokens, decode_tokens_per_s=tokens_s,
+      sessions_per_hour=sessions_h)
 
 
 def roofline_seconds(costs: hlo.Costs, hw, dtype: str) -> float:
@@ -73,17 +133,36 @@ def roofline_seconds(costs: hlo.Costs, hw, dtype: str) -> float:
   return compute + comm
 
 
+def step_args(kind: str, B: int, T: int) -> tuple:
+  """Abstract token (and, for prefill, length) arguments of an engine step."""
+  if kind == "prefill":
+    return (jax.ShapeDtypeStruct((B, T), jnp.int32), jax.ShapeDtypeStruct((B,), jnp.int32))
+  return (jax.ShapeDtypeStruct((B,), jnp.int32),)
+
+
 @functools.lru_cache(maxsize=None)
-def _program_costs(config: ModelConfig, g: int, T: int, B: int, kind: str) -> hlo.Costs:
-  """Compiled once per shape: a sweep reuses every program."""
-  plan = sharding.Plan(config, sharding.make_mesh(f"model:{g}"))
+def program_costs(config: ModelConfig, mesh: str, T: int, B: int, kind: str) -> hlo.Costs:
+  """Per-device costs of lctx's `kind` step for B users at cache capacity T on
+  `mesh`, from abstract shapes. Compiled once per shape: a sweep reuses them."""
+  plan = sharding.Plan(config, sharding.make_mesh(mesh))
+  plan.check(batch=B, capacity=T, prompt_len=T if kind == "prefill" else None)
   params, cache = abstract_params(config), abstract_cache(config, B, T)
   step = engine.sharded_step(kind, plan, params, cache)
-  if kind == "prefill":
-    args = (jax.ShapeDtypeStruct((B, T), jnp.int32), jax.ShapeDtypeStruct((B,), jnp.int32))
-  else:
-    args = (jax.ShapeDtypeStruct((B,), jnp.int32),)
-  return hlo.analyze(step.lower(params, *args, cache))
+  return hlo.analyze(step.lower(params, *step_args(kind, B, T), cache))
+
+
+def programs(config: ModelConfig, mesh: str | int, T: int, B: int,
+             dtype: str) -> dict[str, tuple[str, int, hlo.Costs]]:
+  """kind -> (mesh, batch, costs) of the two programs behind a row: one user's
+  prefill on its replica, a decode step of B users on the whole mesh."""
+  config = config.replace(param_dtype=dtype, dtype=dtype)
+  label, replica = mesh_label(mesh), replica_mesh(mesh)
+  d = sharding.parse_mesh_spec(label)["data"]
+  if B % d:
+    raise ValueError(f"batch {B} must be a multiple of the mesh's data size {d} "
+                     f"(mesh {label})")
+  return {"prefill": (replica, 1, program_costs(config, replica, T, 1, "prefill")),
+          "decode": (label, B, program_costs(config, label, T, B, "decode"))}
 
 
 def per_device_bytes(tree, shardings) -> float:
@@ -92,25 +171,46 @@ def per_device_bytes(tree, shardings) -> float:
              for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
 
 
-def from_hlo(config: ModelConfig, hw, g: int, T: int, B: int = 1,
-             dtype: str = "bfloat16") -> Metrics:
-  """Metrics of the programs lctx compiles for `model:g` (abstract shapes only)."""
+def from_hlo(config: ModelConfig, hw, mesh: str | int, T: int, B: int = 1,
+             dtype: str = "bfloat16", generated_tokens: int = 1000) -> Metrics:
+  """Metrics of the programs lctx compiles for `mesh` (abstract shapes only).
+  B must be a multiple of the mesh's data size."""
+  runs = programs(config, mesh, T, B, dtype)
+  prefill, decode = runs["prefill"][2], runs["decode"][2]
   config = config.replace(param_dtype=dtype, dtype=dtype)
-  plan = sharding.Plan(config, sharding.make_mesh(f"model:{g}"))
+  label = mesh_label(mesh)
+  d = sharding.parse_mesh_spec(label)["data"]
+  plan = sharding.Plan(config, sharding.make_mesh(replica_mesh(mesh)))
   params, one_user = abstract_params(config), abstract_cache(config, 1, T)
   weights = per_device_bytes(params, plan.param_shardings(params))
   cache_shardings = plan.cache_shardings(one_user)
   kv = per_device_bytes((one_user.k, one_user.v), (cache_shardings.k, cache_shardings.v))
-  free = hw.hbm_bytes - weights
-  users = max(math.floor(free / kv), 0)
-  prefill = _program_costs(config, g, T, 1, "prefill")
-  decode = _program_costs(config, g, T, B, "decode")
+  users, shortfall = _fit(hw.hbm_bytes, weights, kv, decode.temp_bytes / (B // d),
+                          prefill.temp_bytes)
+  step_s = roofline_seconds(decode, hw, dtype)
+  # Another user in the batch reads its cache once more (the measured step is at B).
+  step = lambda b: step_s + (b - B) / d * kv / hw.hbm_bandwidth
+  prefill_s = roofline_seconds(prefill, hw, dtype)
+  tokens_s, sessions_h = _sessions(users * d, d, prefill_s, generated_tokens, step)
   return Metrics(
-      config.name, hw.name, g, T, B, "hlo", kv_bytes_per_user=kv,
-      weight_bytes_per_device=weights, concurrency=users,
-      shortfall_bytes=float(kv - free) if users == 0 else 0.0,
-      prefill_flops_per_device=prefill.flops, prefill_s=roofline_seconds(prefill, hw, dtype),
-      decode_bytes_per_device=decode.bytes_ideal,
-      decode_step_s=roofline_seconds(decode, hw, dtype),
+      config.name, hw.name, label, num_devices(mesh), T, B, "hlo",
+      kv_bytes_per_user=kv, weight_bytes_per_device=weights,
+      temp_bytes_per_device=decode.temp_bytes,
+      prefill_temp_bytes_per_device=prefill.temp_bytes,
+      concurrency=users * d, shortfall_bytes=shortfall,
+      prefill_flops_per_device=prefill.flops, prefill_s=prefill_s,
+      decode_bytes_per_device=decode.bytes_ideal, decode_step_s=step_s,
       # The whole cache crosses the host link: each device moves its own share.
-      context_switch_s=2 * kv / hw.host_bandwidth)
+      context_switch_s=2 * kv / hw.host_bandwidth,
+      generated_tokens=generated_tokens, decode_tokens_per_s=tokens_s,
+      sessions_per_hour=sessions_h)
+
+
+RATIO_FIELDS = ("kv_bytes_per_user", "weight_bytes_per_device", "concurrency", "prefill_s",
+                "decode_step_s", "context_switch_s", "decode_tokens_per_s", "sessions_per_hour")
+
+
+def ratios(analytic_row: Metrics, hlo_row: Metrics) -> dict[str, float | None]:
+  """hlo / analytic for each headline field (None where the closed form is 0)."""
+  return {f: (getattr(hlo_row, f) / getattr(analytic_row, f) if getattr(analytic_row, f)
+              else None) for f in RATIO_FIELDS}
