@@ -14,6 +14,7 @@ exact or paper), with their ratio.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -40,6 +41,8 @@ _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16", "float32
                            "Weights and KV cache dtype.")
 _CONVENTION = flags.DEFINE_enum("convention", "exact", ["exact", "paper"],
                                 "Closed-form convention (see lctx.cost.analytic).")
+_WORKERS = flags.DEFINE_integer("workers", 0, "Programs compiled at once (0: one per CPU core).",
+                                lower_bound=0)
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write every row here as JSON.")
 _PLOT_OUT = flags.DEFINE_string("plot_out", None, "Draw the four metrics vs context (PNG).")
 _OP_TABLE_OUT = flags.DEFINE_string("op_table_out", None, "Write each compiled program's top "
@@ -173,17 +176,27 @@ def main(argv):
         f"hardware {hw.name}, meshes {meshes}, contexts {contexts}, batch {_BATCH.value}, "
         f"convention {_CONVENTION.value}", flush=True)
   rows, start = [], time.perf_counter()
-  for i, T in enumerate(contexts):
-    for mesh in meshes:
-      try:
-        rows.append(metrics.from_closed_form(config, hw, mesh, T, _BATCH.value, _DTYPE.value,
-                                             _CONVENTION.value, _GENERATED.value))
-        rows.append(metrics.from_hlo(config, hw, mesh, T, _BATCH.value, _DTYPE.value,
-                                     _GENERATED.value))
-      except ValueError as e:
-        raise app.UsageError(f"context {T} on mesh {mesh}: {e}") from e
-    print(f"[{i + 1}/{len(contexts)}] context {T}: {time.perf_counter() - start:.1f} s",
-          flush=True)
+  # XLA compiles outside the GIL: compile the sweep's programs on every core,
+  # in context order, while the rows are assembled as they arrive.
+  import jax
+  workers = 1 if jax.process_count() > 1 else (_WORKERS.value or os.cpu_count())  # same order
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    compiled = {(T, mesh): pool.submit(metrics.programs, config, mesh, T, _BATCH.value,
+                                       _DTYPE.value) for T in contexts for mesh in meshes}
+    for i, T in enumerate(contexts):
+      for mesh in meshes:
+        try:
+          compiled[(T, mesh)].result()
+          rows.append(metrics.from_closed_form(config, hw, mesh, T, _BATCH.value, _DTYPE.value,
+                                               _CONVENTION.value, _GENERATED.value))
+          rows.append(metrics.from_hlo(config, hw, mesh, T, _BATCH.value, _DTYPE.value,
+                                       _GENERATED.value))
+        except ValueError as e:
+          for f in compiled.values():
+            f.cancel()
+          raise app.UsageError(f"context {T} on mesh {mesh}: {e}") from e
+      print(f"[{i + 1}/{len(contexts)}] context {T}: {time.perf_counter() - start:.1f} s",
+            flush=True)
   print(format_table(rows))
   print()
   print(format_throughput(rows, metrics))

@@ -74,3 +74,15 @@ def test_peak_analysis_rejects_a_bad_mesh():
 def test_peak_analysis_errors_list_choices():
   proc = _run("--hardware=a99", timeout=300)
   assert proc.returncode != 0 and "a100-80g-sxm" in proc.stderr
+
+
+def test_bench_analysis_times_the_1m_run(tmp_path):
+  out = tmp_path / "bench.json"
+  proc = subprocess.run([sys.executable, "-m", "experiments.bench_analysis", "--only=1m_tp8",
+                         "--repeats=1", f"--json_out={out}"], cwd=ROOT,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  run = json.loads(out.read_text())["runs"]["1m_tp8"]
+  assert run["target_s"] == 15 and len(run["seconds"]) == 1 and run["median_s"] > 0
+  assert run["met"] == (run["median_s"] <= 15)
