@@ -94,6 +94,17 @@ def _ratio(x: float | None) -> str:
   return "-" if x is None else f"{x:.3f}"
 
 
+def format_shortfalls(rows) -> str:
+  """Where not even one user fits: the HBM missing per device, per source."""
+  lines = []
+  for (T, _, mesh), by in _pairs(rows).items():
+    short = {src: r.shortfall_bytes for src, r in by.items() if r.concurrency == 0}
+    if short:
+      lines.append(f"  context {T} on {mesh}: " + ", ".join(
+          f"{src} {_gb(b)} GB short per device" for src, b in short.items()))
+  return "\n".join(["No user fits (concurrency 0):"] + lines) if lines else ""
+
+
 def format_throughput(rows, metrics) -> str:
   """Throughput at a full HBM, the HLO's temporaries, and hlo/analytic ratios."""
   G = rows[0].generated_tokens
@@ -198,6 +209,9 @@ def main(argv):
       print(f"[{i + 1}/{len(contexts)}] context {T}: {time.perf_counter() - start:.1f} s",
             flush=True)
   print(format_table(rows))
+  shortfalls = format_shortfalls(rows)
+  if shortfalls:
+    print(shortfalls)
   print()
   print(format_throughput(rows, metrics))
   print(f"total {time.perf_counter() - start:.1f} s")

@@ -42,6 +42,8 @@ def test_peak_analysis_rows_and_plot(tmp_path):
       assert ratios["decode_step_s"] == pytest.approx(r["decode_step_s"] / other["decode_step_s"])
   assert png.stat().st_size > 10_000
   assert "decode ms/tok" in proc.stdout and "sessions/hour" in proc.stdout
+  # 50K on one A100: 80 GB - 68.78 GB of weights < 12.29 GB of cache.
+  assert "context 50000 on model:1: analytic 1.07 GB short per device" in proc.stdout
 
 
 def test_peak_analysis_meshes_and_op_table(tmp_path):
