@@ -183,3 +183,29 @@ def test_host_transfer_bytes_of_an_offloading_scan(n):
   assert costs.host_transfer_bytes == 6 * 1024 * 256 * 4 / n
   plain = hlo.analyze(jax.jit(lambda xs: jnp.tanh(xs)).lower(xs))
   assert plain.host_transfer_bytes == 0
+
+
+@pytest.mark.parametrize("kind", ["prefill", "decode"])
+def test_scanned_model_costs_equal_its_unrolled_twin(kind):
+  """lctx's stacked layers (one scan) and the same layers unrolled compile to
+  the same per-device work on model:2."""
+  import lctx
+  from lctx import engine
+  from lctx.cache import abstract_cache
+  from lctx.cost import metrics
+  config = lctx.ModelConfig.from_preset("small")
+  plan = sharding.Plan(config, sharding.make_mesh("model:2"))
+  B, T = 2, 256
+  costs = {}
+  for stacked in (True, False):
+    params = lctx.abstract_params(config)
+    params = params if stacked else jax.eval_shape(lctx.unstack_layers, params)
+    cache = abstract_cache(config, B, T, stacked=stacked)
+    step = engine.sharded_step(kind, plan, params, cache)
+    costs[stacked] = hlo.analyze(step.lower(params, *metrics.step_args(kind, B, T), cache))
+  scanned, unrolled = costs[True], costs[False]
+  assert scanned.unknown_trip_counts == 0
+  assert scanned.flops == pytest.approx(unrolled.flops, rel=1e-3)
+  assert scanned.transcendentals == pytest.approx(unrolled.transcendentals, rel=1e-3)
+  assert scanned.bytes_ideal == pytest.approx(unrolled.bytes_ideal, rel=0.02)
+  assert dict(scanned.collectives) == pytest.approx(dict(unrolled.collectives), rel=1e-6)
