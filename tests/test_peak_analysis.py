@@ -76,6 +76,10 @@ def test_peak_analysis_rejects_a_bad_mesh():
 def test_peak_analysis_errors_list_choices():
   proc = _run("--hardware=a99", timeout=300)
   assert proc.returncode != 0 and "a100-80g-sxm" in proc.stderr
+  proc = _run("--model=yi-99b", timeout=300)
+  assert proc.returncode != 0 and "'yi-34b'" in proc.stderr
+  proc = _run("--contexts=4000", "--mesh=data:2,model:4", timeout=300)
+  assert proc.returncode != 0 and "batch 1 must be a multiple of the mesh's data size 2" in proc.stderr
 
 
 def test_bench_analysis_times_the_1m_run(tmp_path):
