@@ -58,7 +58,8 @@ class Metrics:
 
 
 def mesh_label(mesh: str | int) -> str:
-  """'model:8' for 8 or 'model:8'; 'data:2,model:4' keeps only axes above 1."""
+  """A mesh's canonical spec: 8 -> 'model:8'; 'data:2,seq:1,model:4' ->
+  'data:2,model:4' (axes of size 1 dropped; one device is 'model:1')."""
   sizes = sharding.parse_mesh_spec(f"model:{mesh}" if isinstance(mesh, int) else mesh)
   return ",".join(f"{a}:{n}" for a, n in sizes.items() if n > 1) or "model:1"
 
