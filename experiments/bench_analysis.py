@@ -4,7 +4,7 @@
 
 Times, as fresh processes (imports, tracing, every HLO compile included):
   default   `python -m experiments.peak_analysis` on its built-in default
-            (yi-34b, 5 contexts x 4 device counts: 40 compiled programs);
+            (yi-34b, 5 contexts x 4 device counts: 60 compiled programs);
             target <= 60 s on a 2-core machine
   1m_tp8    one yi-34b analysis at 1M context on 8 devices
             (`--contexts=1000000 --num_devices=8`); target <= 15 s

@@ -131,7 +131,8 @@ def op_table(config, meshes, contexts, batch, hw, dtype, n) -> list[dict]:
   return [{"context": T, "mesh": spec, "kind": kind, "batch": B,
            "ops": costs.top_ops(hw.flops(dtype), hw.hbm_bandwidth, n)}
           for T in contexts for mesh in meshes
-          for kind, (spec, B, costs) in metrics.programs(config, mesh, T, batch, dtype).items()]
+          for kind, (spec, B, costs) in metrics.programs(config, mesh, T, batch, dtype).items()
+          if kind != "swap"]  # host copies only: nothing for an HBM roofline to rank
 
 
 def plot(rows, path: str) -> None:

@@ -23,6 +23,10 @@ def test_hlo_metrics_agree_with_closed_form(g, T):
   assert h.decode_bytes_per_device == pytest.approx(a.decode_bytes_per_device, rel=0.02)
   assert h.decode_step_s == pytest.approx(a.decode_step_s, rel=0.02)
   assert h.prefill_flops_per_device == pytest.approx(a.prefill_flops_per_device, rel=0.05)
+  # The compiled swap moves each device's share of two users' caches over its
+  # own host link; the closed form pushes both whole caches through one.
+  assert h.context_switch_s == pytest.approx(2 * h.kv_bytes_per_user / HW.host_bandwidth)
+  assert h.context_switch_s == pytest.approx(a.context_switch_s / g)
   if g == 1:
     assert h.prefill_s == pytest.approx(a.prefill_s, rel=0.05)
   else:  # the closed form treats tensor parallelism as free; the HLO pays its all-reduces

@@ -152,10 +152,29 @@ def program_costs(config: ModelConfig, mesh: str, T: int, B: int, kind: str) -> 
   return hlo.analyze(step.lower(params, *step_args(kind, B, T), cache))
 
 
+@functools.lru_cache(maxsize=None)
+def swap_costs(config: ModelConfig, mesh: str, T: int) -> hlo.Costs:
+  """Per-device costs of a context switch on `mesh` (no data axis): one user's
+  cache of capacity T copied from device to pinned host memory while another's
+  comes back, as a jitted program over JAX memory kinds."""
+  plan = sharding.Plan(config, sharding.make_mesh(mesh))
+  cache = abstract_cache(config, 1, T)
+  kv = (cache.k, cache.v)
+  on_device = (plan.cache_shardings(cache).k, plan.cache_shardings(cache).v)
+  on_host = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), on_device)
+
+  def swap(leaving, returning):
+    return jax.device_put(leaving, on_host), jax.device_put(returning, on_device)
+
+  step = jax.jit(swap, in_shardings=(on_device, on_host), out_shardings=(on_host, on_device))
+  return hlo.analyze(step.lower(kv, kv))
+
+
 def programs(config: ModelConfig, mesh: str | int, T: int, B: int,
              dtype: str) -> dict[str, tuple[str, int, hlo.Costs]]:
-  """kind -> (mesh, batch, costs) of the two programs behind a row: one user's
-  prefill on its replica, a decode step of B users on the whole mesh."""
+  """kind -> (mesh, batch, costs) of the programs behind a row: one user's
+  prefill on its replica, a decode step of B users on the whole mesh, and a
+  context switch (one user's cache out to host memory, another's in)."""
   config = config.replace(param_dtype=dtype, dtype=dtype)
   label, replica = mesh_label(mesh), replica_mesh(mesh)
   d = sharding.parse_mesh_spec(label)["data"]
@@ -163,7 +182,8 @@ def programs(config: ModelConfig, mesh: str | int, T: int, B: int,
     raise ValueError(f"batch {B} must be a multiple of the mesh's data size {d} "
                      f"(mesh {label})")
   return {"prefill": (replica, 1, program_costs(config, replica, T, 1, "prefill")),
-          "decode": (label, B, program_costs(config, label, T, B, "decode"))}
+          "decode": (label, B, program_costs(config, label, T, B, "decode")),
+          "swap": (replica, 1, swap_costs(config, replica, T))}
 
 
 def per_device_bytes(tree, shardings) -> float:
@@ -177,7 +197,7 @@ def from_hlo(config: ModelConfig, hw, mesh: str | int, T: int, B: int = 1,
   """Metrics of the programs lctx compiles for `mesh` (abstract shapes only).
   B must be a multiple of the mesh's data size."""
   runs = programs(config, mesh, T, B, dtype)
-  prefill, decode = runs["prefill"][2], runs["decode"][2]
+  prefill, decode, swap = (runs[kind][2] for kind in ("prefill", "decode", "swap"))
   config = config.replace(param_dtype=dtype, dtype=dtype)
   label = mesh_label(mesh)
   d = sharding.parse_mesh_spec(label)["data"]
@@ -201,8 +221,8 @@ def from_hlo(config: ModelConfig, hw, mesh: str | int, T: int, B: int = 1,
       concurrency=users * d, shortfall_bytes=shortfall,
       prefill_flops_per_device=prefill.flops, prefill_s=prefill_s,
       decode_bytes_per_device=decode.bytes_ideal, decode_step_s=step_s,
-      # The whole cache crosses the host link: each device moves its own share.
-      context_switch_s=2 * kv / hw.host_bandwidth,
+      # Each device moves its own share of the two caches over its own link.
+      context_switch_s=swap.host_transfer_bytes / hw.host_bandwidth,
       generated_tokens=generated_tokens, decode_tokens_per_s=tokens_s,
       sessions_per_hour=sessions_h)
 
