@@ -21,16 +21,14 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_generate_the_single_process_tokens(tmp_path):
+def _run_two_processes(command) -> None:
+  """Runs command(port, process_id) as processes 0 and 1 of one job (4 CPU
+  devices each) and asserts both succeed."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
   port = _free_port()
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "experiments.generate", "--distributed",
-       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
-       "--mesh=data:2,seq:2,model:2", "--batch=2", f"--json_out={tmp_path / f'{i}.json'}"],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
+  procs = [subprocess.Popen(command(port, i), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
   try:
     results = [p.communicate(timeout=300) for p in procs]
   finally:
@@ -39,6 +37,13 @@ def test_two_processes_generate_the_single_process_tokens(tmp_path):
         p.kill()
   for p, (_, err) in zip(procs, results):
     assert p.returncode == 0, err[-3000:]
+
+
+def test_two_processes_generate_the_single_process_tokens(tmp_path):
+  _run_two_processes(lambda port, i: [
+      sys.executable, "-m", "experiments.generate", "--distributed",
+      f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
+      "--mesh=data:2,seq:2,model:2", "--batch=2", f"--json_out={tmp_path / f'{i}.json'}"])
   assert not (tmp_path / "1.json").exists()  # only process 0 writes
 
   config = lctx.ModelConfig.from_preset("tiny")
@@ -52,21 +57,9 @@ def test_two_processes_drive_prefill_and_decode_step(tmp_path):
   """engine.prefill / decode_step with a plan over both processes' devices, fed
   host arrays: the single-process greedy tokens, and the host-side errors
   (token outside the vocabulary, full cache) raised on every process."""
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-  port = _free_port()
-  procs = [subprocess.Popen(
-      [sys.executable, str(ROOT / "tests" / "multihost_steps.py"), str(port), "2", str(i),
-       str(tmp_path / f"{i}.json")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True) for i in range(2)]
-  try:
-    results = [p.communicate(timeout=300) for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for p, (_, err) in zip(procs, results):
-    assert p.returncode == 0, err[-3000:]
+  _run_two_processes(lambda port, i: [
+      sys.executable, str(ROOT / "tests" / "multihost_steps.py"), str(port), "2", str(i),
+      str(tmp_path / f"{i}.json")])
 
   config = lctx.ModelConfig.from_preset("tiny")
   params = lctx.init_params(config, 0)
