@@ -105,6 +105,15 @@ class Instr:
 class Module:
   computations: dict[str, list[Instr]]
   entry: str
+  _fusion: dict = dataclasses.field(default_factory=dict, repr=False)
+
+  def fusion(self, name: str) -> tuple[dict[str, bool], dict[str, bool], dict[str, str]]:
+    """(from_dot, to_dot, widened) of a computation (see _matmul_chains and
+    _widened_for_dots), shared by the cost and the liveness walks."""
+    if name not in self._fusion:
+      instrs = self.computations[name]
+      self._fusion[name] = (*_matmul_chains(instrs), _widened_for_dots(instrs))
+    return self._fusion[name]
 
 
 def parse(text: str) -> Module:
@@ -217,8 +226,7 @@ def computation_costs(module: Module, name: str, _memo: dict | None = None) -> C
     return memo[name]
   instrs = module.computations[name]
   shapes = {i.name: i.shape for i in instrs}
-  from_dot, to_dot = _matmul_chains(instrs)
-  native = _widened_for_dots(instrs)
+  from_dot, to_dot, native = module.fusion(name)
   total = Costs()
   for instr in instrs:
     op = instr.opcode
@@ -362,8 +370,7 @@ def peak_bytes(module: Module, name: str, _memo: dict | None = None) -> float:
   if name in memo:
     return memo[name]
   instrs = module.computations[name]
-  from_dot, to_dot = _matmul_chains(instrs)
-  native = _widened_for_dots(instrs)
+  from_dot, to_dot, native = module.fusion(name)
   users: dict[str, list[Instr]] = defaultdict(list)
   for i in instrs:
     for o in i.operands:
