@@ -7,6 +7,9 @@ Auto mode: shardings of parameters, cache and inputs are given, and XLA's
 SPMD partitioner (GSPMD) propagates them through the model and inserts the
 collectives (Megatron-style tensor parallelism falls out of the weight
 shardings: an all-reduce after the attention output and after the MLP).
+Internally the `model` axis is split in two so that a model axis larger than
+the number of KV heads replicates each KV head only over the devices that
+need it (see Plan).
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from lctx.cache.dense import K_CACHE_AXES, V_CACHE_AXES, KVCache
 from lctx.config import ModelConfig
 from lctx.model.params import param_logical_axes
 
-MESH_AXES = ("data", "seq", "model")
+MESH_AXES = ("data", "seq", "model")  # what users name in a mesh spec
+MODEL_REP = "model_rep"  # internal: the part of `model` beyond the KV heads (see Plan)
+INTERNAL_AXES = MESH_AXES + (MODEL_REP,)
 MODES = ("prefill", "decode")
 
 # Logical axes (shared with lctx.model.params and lctx.cache.dense).
@@ -66,27 +71,66 @@ def make_mesh(spec: str | dict[str, int], devices: Sequence[jax.Device] | None =
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """How one model is laid out on one mesh; hashable, so jitted steps are cached by it."""
+  """How one model is laid out on one mesh; hashable, so jitted steps are cached by it.
+
+  The user's `model` axis of size m is split internally into two mesh axes,
+  `model` (size min(m, K)) and `model_rep` (m / K when m > K, else 1), so that
+  KV heads are never replicated beyond what the query heads need:
+    - query heads, MLP units and the vocabulary split over (model, model_rep), m ways;
+    - KV heads (their projections and the cache) split over `model` only.
+  With m = r K, KV head j lives on the r devices whose query heads read it
+  (replicated r times, as vLLM does), so a device holds 1/K of the cache and of
+  the K/V projections rather than all of them. m must divide K or be a
+  multiple of it (else ValueError). `plan.mesh` is this 4-axis mesh;
+  `plan.size("model")` is m.
+  """
 
   config: ModelConfig
   mesh: Mesh
 
+  def __post_init__(self):
+    names = tuple(self.mesh.axis_names)
+    if names == INTERNAL_AXES:
+      return
+    if names != MESH_AXES:
+      raise ValueError(f"mesh axes {names} not allowed; allowed: {MESH_AXES} (use make_mesh)")
+    c, shape = self.config, dict(self.mesh.shape)
+    m, K = shape["model"], c.num_kv_heads
+    for what, n in (("num_heads (query heads)", c.num_heads),
+                    ("intermediate_size (MLP)", c.intermediate_size)):
+      if n % m:
+        raise ValueError(f"mesh axis 'model' of size {m} does not divide {what} = {n}")
+    if K % m and m % K:
+      allowed = sorted({d for d in range(1, c.num_heads + 1) if c.num_heads % d == 0
+                        and (K % d == 0 or d % K == 0)})
+      raise ValueError(f"mesh axis 'model' of size {m} must divide num_kv_heads = {K} or be a "
+                       f"multiple of it (KV heads are split, or each replicated m/K times); "
+                       f"allowed model sizes: {allowed}")
+    kv, rep = min(m, K), max(m // K, 1)
+    devices = self.mesh.devices.reshape(shape["data"], shape["seq"], kv, rep)
+    object.__setattr__(self, "mesh", Mesh(devices, INTERNAL_AXES,
+                                          axis_types=(AxisType.Auto,) * len(INTERNAL_AXES)))
+
   def size(self, axis: str) -> int:
+    """Devices along a user-level axis (data, seq, model); 'model' counts both
+    of its internal parts."""
+    if axis == "model":
+      return self.mesh.shape["model"] * self.mesh.shape[MODEL_REP]
     return self.mesh.shape[axis]
 
   @property
-  def kv_heads_sharded(self) -> bool:
-    """KV heads split over `model` only when it divides them; beyond K they are
-    replicated (each model shard computes all K/V heads, and the cache holds
-    them in full)."""
-    return self.config.num_kv_heads % self.size("model") == 0
+  def kv_replicas(self) -> int:
+    """Devices holding each KV head: m / K when the model axis m exceeds K, else 1."""
+    return self.mesh.shape[MODEL_REP]
 
-  def rules(self, mode: str) -> dict[str, str | None]:
+  def rules(self, mode: str) -> dict[str, Any]:
     if mode not in MODES:
       raise ValueError(f"mode {mode!r} not allowed; allowed: {MODES}")
-    model = "model" if self.size("model") > 1 else None
+    model = tuple(a for a in ("model", MODEL_REP) if self.mesh.shape[a] > 1) or None
+    if model and len(model) == 1:
+      model = model[0]
     vocab = model if self.config.vocab_size % self.size("model") == 0 else None
-    kv = model if self.kv_heads_sharded else None
+    kv = "model" if self.mesh.shape["model"] > 1 else None
     return {
         BATCH: "data", CACHE_BATCH: "data",
         SEQ: "seq" if mode == "prefill" else None, CACHE_SEQ: "seq",
@@ -97,7 +141,8 @@ class Plan:
   def spec(self, logical: Sequence[str], mode: str) -> PartitionSpec:
     rules = self.rules(mode)  # None entries and mesh axes of size 1 are not split
     axes = (rules[a] if a is not None else None for a in logical)
-    return PartitionSpec(*(a if a and self.size(a) > 1 else None for a in axes))
+    return PartitionSpec(*(a if a and (isinstance(a, tuple) or self.mesh.shape[a] > 1)
+                           else None for a in axes))
 
   def sharding(self, logical: Sequence[str], mode: str) -> NamedSharding:
     return NamedSharding(self.mesh, self.spec(logical, mode))
@@ -145,11 +190,6 @@ class Plan:
   def seq_parallel(self) -> bool:
     return self.size("seq") > 1
 
-  def attention_heads(self) -> str | None:
-    """Logical axis of the query heads inside a manual attention region: split
-    over `model` only together with their KV heads (then every model shard
-    holds whole GQA groups); beyond K, every model shard attends all heads."""
-    return HEADS if self.kv_heads_sharded else None
 
   def manual(self, fn, in_logical: Sequence[Sequence[str | None]],
              out_logical: Sequence[str | None] | Sequence[Sequence[str | None]], mode: str):

@@ -158,8 +158,8 @@ def _prefill_attention(q, k, v, block: int, plan):
     offset = jax.lax.axis_index("seq") * q.shape[1]
     return attention.causal_attention(q, k_all, v_all, block, q_offset=offset)
 
-  heads, kv = plan.attention_heads(), plan.attention_heads() and "kv_heads"
-  q_axes, kv_axes = ("batch", "seq", heads, None), ("batch", "seq", kv, None)
+  # Every device holds whole GQA groups: its query heads and the KV head they read.
+  q_axes, kv_axes = ("batch", "seq", "heads", None), ("batch", "seq", "kv_heads", None)
   return plan.manual(local, (q_axes, kv_axes, kv_axes), q_axes, "prefill")(q, k, v)
 
 
@@ -229,11 +229,9 @@ def decode(config: ModelConfig, params: Params, tokens: jax.Array, cache: KVCach
     if plan is None or not plan.seq_parallel:
       return _decode_attention(config, k_cache, v_cache, l, lengths, q, k, v)
     # Manual over the whole mesh: each device its batch rows, heads and sequence slice.
-    heads = plan.attention_heads()
-    kv = heads and "cache_kv_heads"
-    k_axes = ("cache_batch", kv, None, "cache_seq")
-    v_axes = ("cache_batch", kv, "cache_seq", None)
-    q_axes, new_axes = ("batch", None, heads, None), ("batch", None, kv, None)
+    k_axes = ("cache_batch", "cache_kv_heads", None, "cache_seq")
+    v_axes = ("cache_batch", "cache_kv_heads", "cache_seq", None)
+    q_axes, new_axes = ("batch", None, "heads", None), ("batch", None, "cache_kv_heads", None)
     if isinstance(k_cache, tuple):  # unrolled: map over this layer's arrays only
       def fn(kc, vc, lens, q, k, v):
         attn, (kc,), (vc,) = _decode_attention(config, (kc,), (vc,), 0, lens, q, k, v, "seq")
