@@ -8,7 +8,9 @@ LlamaForCausalLM). Rounds alternate between the two so machine noise hits both;
 medians are reported. Achieved bandwidth = bytes a decode step must read
 (weights, except the embedding rows not looked up, plus the KV cache) / step
 time, next to the machine's read bandwidth (a >= 1 GB buffer summed by torch
-and by XLA, all threads).
+and by XLA, all threads). The reference's speed depends on its versions: the
+test extra pins torch and transformers, and the JSON records the installed
+jax, jaxlib, torch, transformers and numpy under "versions".
 """
 
 from __future__ import annotations
@@ -48,9 +50,11 @@ def main(argv):
   setup = bench.Setup.create(FLAGS.model, FLAGS.context, FLAGS.batch, FLAGS.seed,
                              scan_layers=FLAGS.scan_layers, threads=FLAGS.threads,
                              reference=FLAGS.reference)
+  versions = bench.versions()
   print(f"model {setup.config.name}: {setup.config.num_params / 1e6:.1f}M params fp32, "
         f"context {FLAGS.context}, batch {FLAGS.batch}, backend {jax.default_backend()}, "
         f"{os.cpu_count()} cores, torch threads {FLAGS.threads}")
+  print(f"versions: {bench.format_versions(versions)}")
   results = bench.run(setup, rounds=FLAGS.rounds, decode_steps=FLAGS.decode_steps)
   results["machine_read_gb_s"], results["machine_read_gb_s_xla"] = bench.machine_read_gb_s(
       FLAGS.threads, FLAGS.read_buffer_mb << 20)
@@ -58,7 +62,7 @@ def main(argv):
   results.update(model=setup.config.name, context=FLAGS.context, batch=FLAGS.batch,
                  scan_layers=FLAGS.scan_layers, backend=jax.default_backend(),
                  cpu_count=os.cpu_count(), torch_threads=FLAGS.threads,
-                 jax_version=jax.__version__)
+                 jax_version=jax.__version__, versions=versions)
   print(bench.format_results(results))
   if FLAGS.json_out:
     with open(FLAGS.json_out, "w") as f:

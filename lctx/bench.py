@@ -7,6 +7,7 @@ when the reference is requested (they are test extras, not runtime deps).
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import time
 from typing import Any
 
@@ -54,6 +55,26 @@ def _reference_model(config: ModelConfig, params: Params, threads: int):
     raise RuntimeError(f"reference weights do not line up: missing {missing}, "
                        f"unexpected {unexpected}")
   return model
+
+
+VERSIONED = ("jax", "jaxlib", "torch", "transformers", "numpy")
+
+
+def versions(packages: tuple[str, ...] = VERSIONED) -> dict[str, str | None]:
+  """Installed versions (package metadata, nothing imported) of the packages a
+  comparison depends on; None for one not installed. The reference's speed moves
+  with them: the test extra pins torch and transformers (pyproject.toml)."""
+  out: dict[str, str | None] = {}
+  for name in packages:
+    try:
+      out[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      out[name] = None
+  return out
+
+
+def format_versions(v: dict[str, str | None]) -> str:
+  return ", ".join(f"{k} {v[k] or 'not installed'}" for k in v)
 
 
 def _time(fn):

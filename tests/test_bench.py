@@ -23,6 +23,11 @@ def test_bench_decode_runs_and_agrees_with_transformers(tmp_path):
   for key in ("lctx_prefill_tok_s", "lctx_decode_tok_s", "ref_prefill_tok_s", "ref_decode_tok_s",
               "achieved_gb_s", "machine_read_gb_s"):
     assert r[key] > 0, key
+  # The versions the comparison ran against, recorded and printed.
+  assert set(r["versions"]) == {"jax", "jaxlib", "torch", "transformers", "numpy"}
+  assert r["versions"]["jax"] == r["jax_version"]
+  assert all(r["versions"].values())  # the reference needs torch and transformers
+  assert f"transformers {r['versions']['transformers']}" in proc.stdout
   # Same weights in both implementations: the prefill logits agree.
   assert r["max_abs_logit_diff"] < 1e-4
   # Bytes per step: tiny is untied, so the embedding contributes one row.

@@ -13,6 +13,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import safetensors.numpy
+from conftest import importorskip
 
 import lctx
 from lctx.checkpoint import load_hf_checkpoint, restore_params, save_params
@@ -20,8 +21,9 @@ from lctx.config import ModelConfig, RopeScaling
 from lctx.model.params import abstract_params, unstack_layers
 from lctx.model.transformer import forward
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+# Skipped when missing, except in CI (CI set), where the test extras are required.
+torch = importorskip("torch")
+transformers = importorskip("transformers")
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}

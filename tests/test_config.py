@@ -7,7 +7,7 @@ from lctx import ModelConfig
 from lctx.config import RopeScaling, list_presets
 
 PRESETS = ["tiny", "small", "llama-2-7b", "llama-3.1-8b", "mistral-7b", "yi-6b", "yi-34b",
-           "llama-3.1-70b"]
+           "llama-3.1-70b", "llama-3.2-1b"]
 
 
 def test_all_presets_present_and_valid():
@@ -26,6 +26,7 @@ def test_presets_resolve_from_any_directory(tmp_path, monkeypatch):
     ("llama-2-7b", 6_738_415_616),
     ("llama-3.1-8b", 8_030_261_248),
     ("llama-3.1-70b", 70_553_706_496),
+    ("llama-3.2-1b", 1_235_814_400),  # tied embeddings: one 128256 x 2048 table
     # FRAMEWORK.md: 60 layers x 557,856,768 + 2 x 64000 x 7168 + final norm.
     ("yi-34b", 60 * 557_856_768 + 2 * 64000 * 7168 + 7168),
 ])
@@ -53,6 +54,9 @@ def test_tiny_shape():
 def test_llama3_rope_parsed_from_preset():
   rs = ModelConfig.from_preset("llama-3.1-8b").rope_scaling
   assert rs == RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)
+  small = ModelConfig.from_preset("llama-3.2-1b")
+  assert small.rope_scaling == RopeScaling("llama3", 32.0, 1.0, 4.0, 8192)
+  assert (small.head_dim, small.rope_theta, small.max_position_embeddings) == (64, 500000.0, 131072)
 
 
 def _write(tmp_path, cfg):

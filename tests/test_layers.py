@@ -54,6 +54,20 @@ def test_rms_norm_matches_numpy():
   np.testing.assert_allclose(got, np_rms_norm(x, w, 1e-5), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("scale,eps", [(1e-4, 1e-5), (1e-4, 1e-6), (3e-3, 1e-5)])
+def test_rms_norm_small_inputs_use_epsilon(scale, eps):
+  """Mean squares of 1e-8 to 1e-5, at or below eps: the output depends on eps
+  (dropping it rescales the output by sqrt(1 + eps / ms), 1.4x to 32x)."""
+  rng = np.random.default_rng(2)
+  x = (rng.normal(size=(4, 64)) * scale).astype(np.float32)
+  w = rng.normal(size=(64,)).astype(np.float32)
+  want = np_rms_norm(x, w, eps)
+  # The case is sensitive: without eps the reference is off by far more than rtol.
+  assert np.abs(np_rms_norm(x, w, 0.0) - want).max() > 0.2 * np.abs(want).max()
+  got = rms_norm(jnp.asarray(x), jnp.asarray(w), eps)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7 * np.abs(want).max())
+
+
 @pytest.mark.parametrize("scaling", [RopeScaling(), RopeScaling("linear", 4.0),
                                      RopeScaling("llama3", 8.0, 1.0, 4.0, 32)])
 def test_rope_matches_numpy(scaling):
