@@ -12,7 +12,8 @@ PRESETS = ("a100-40g-sxm", "a100-80g-sxm", "a100-80g-pcie", "h100-sxm", "h100-pc
            "b200", "mi300x", "tpu-v4", "tpu-v5e", "tpu-v5p", "tpu-v6e")
 
 A100 = dict(name="x", kind="gpu", peak_flops={"bfloat16": 312e12}, hbm_bytes=80e9,
-            hbm_bandwidth=2.039e12, interconnect_bandwidth=600e9, host_bandwidth=32e9)
+            hbm_bandwidth=2.039e12, interconnect_bandwidth=300e9, host_bandwidth=32e9,
+            collective_latency=1.5e-5)
 
 
 def test_list_hardware():
@@ -29,12 +30,27 @@ def test_preset_loads_and_cites(name):
   assert hash(hw) == hash(load_hardware(name))
   # B_crit = FLOP/s / bandwidth lies in a sane range for every accelerator.
   assert 50 < hw.flops("bfloat16") / hw.hbm_bandwidth < 700
+  # Links are one direction of one device's links, and each file says so; a
+  # collective's fixed latency is microseconds (NCCL/RCCL/ICI small messages).
+  assert "per direction" in hw.sources_dict["interconnect_bandwidth"]
+  assert 1e11 <= hw.interconnect_bandwidth <= 1e12
+  assert 1e-6 <= hw.collective_latency <= 1e-4
+
+
+@pytest.mark.parametrize("name, per_direction", [
+    ("a100-40g-sxm", 300e9), ("a100-80g-sxm", 300e9), ("h100-sxm", 450e9), ("h200", 450e9),
+    ("b200", 900e9), ("mi300x", 448e9)])
+def test_interconnect_is_half_the_bidirectional_datasheet_figure(name, per_direction):
+  """NVLink 600 / 900 / 1800 GB/s and Infinity Fabric 896 GB/s are both
+  directions together; a ring sends at the per-direction rate."""
+  assert load_hardware(name).interconnect_bandwidth == per_direction
 
 
 def test_a100_matches_framework():
   hw = load_hardware("a100-80g-sxm")
   assert (hw.flops("bfloat16"), hw.hbm_bandwidth, hw.hbm_bytes) == (312e12, 2.039e12, 80e9)
-  assert hw.interconnect_bandwidth == 600e9 and hw.host_bandwidth == 32e9
+  assert hw.interconnect_bandwidth == 300e9 and hw.host_bandwidth == 32e9  # per direction
+  assert hw.collective_latency == 1.5e-5
   assert round(hw.flops("bfloat16") / hw.hbm_bandwidth) == 153  # FRAMEWORK.md: about 150
 
 
@@ -63,6 +79,9 @@ def test_flops_unknown_dtype():
     (dict(hbm_bandwidth=-1.0), "hbm_bandwidth"),
     (dict(host_bandwidth=float("nan")), "host_bandwidth"),
     (dict(interconnect_bandwidth="600e9"), "interconnect_bandwidth"),
+    (dict(collective_latency=-1e-5), "collective_latency"),
+    (dict(collective_latency=float("inf")), "collective_latency"),
+    (dict(collective_latency="15us"), "collective_latency"),
     (dict(hbm_bytes=True), "hbm_bytes"),
     (dict(kind="fpga"), r"kind.*allowed: \('gpu', 'tpu', 'cpu'\)"),
     (dict(name=""), "name"),
@@ -79,6 +98,8 @@ def test_bad_field(change, match):
 def test_from_dict_missing_and_unknown_fields():
   with pytest.raises(ValueError, match=r"missing required field\(s\) \['hbm_bandwidth'\]"):
     HardwareSpec.from_dict({k: v for k, v in A100.items() if k != "hbm_bandwidth"})
+  with pytest.raises(ValueError, match=r"missing required field\(s\) \['collective_latency'\]"):
+    HardwareSpec.from_dict({k: v for k, v in A100.items() if k != "collective_latency"})
   with pytest.raises(ValueError, match=r"unknown field\(s\) \['tdp'\]"):
     HardwareSpec.from_dict({**A100, "tdp": 400})
 
@@ -90,5 +111,7 @@ def test_calibrate_cpu_small():
   assert all(math.isfinite(v) and v > 0 for v in values)
   assert hw.hbm_bytes > 16 << 20
   assert "measured by calibrate_cpu on" in hw.sources_dict["peak_flops"]
+  # Eight fake CPU devices (conftest): the latency of one psum across them, measured.
+  assert "psum" in hw.sources_dict["collective_latency"] and hw.collective_latency < 0.1
   with pytest.raises(ValueError, match="matmul_size"):
     calibrate_cpu(matmul_size=0)

@@ -209,3 +209,163 @@ def test_scanned_model_costs_equal_its_unrolled_twin(kind):
   assert scanned.transcendentals == pytest.approx(unrolled.transcendentals, rel=1e-3)
   assert scanned.bytes_ideal == pytest.approx(unrolled.bytes_ideal, rel=0.02)
   assert dict(scanned.collectives) == pytest.approx(dict(unrolled.collectives), rel=1e-6)
+
+
+# ---- collectives: what they move and over how many devices -----------------------------
+
+def test_all_gather_counts_its_gathered_output():
+  """Gathering a [64, 512] fp32 array sharded 8 ways moves the whole output
+  buffer, 64 x 512 x 4 = 131,072 bytes per device, over 8 participants."""
+  mesh = sharding.make_mesh("model:8")
+  gather = jax.jit(lambda x: x * 2, in_shardings=NamedSharding(mesh, P("model")),
+                   out_shardings=NamedSharding(mesh, P()))
+  costs = hlo.analyze(gather.lower(jax.ShapeDtypeStruct((64, 512), jnp.float32)))
+  assert dict(costs.collectives) == {"all-gather": 131_072}
+  assert costs.collective_ops == [("all-gather", 131_072, 8, 1)]
+
+
+def _yi34b_seq8_prefill():
+  import lctx
+  from lctx.cost import metrics
+  config = lctx.ModelConfig.from_preset("yi-34b", param_dtype="bfloat16", dtype="bfloat16")
+  return config, metrics.program_costs(config, "seq:8", 4096, 1, "prefill")  # lru-cached
+
+
+def test_yi34b_seq_parallel_prefill_gathers_k_and_v():
+  """seq:8 prefill at T=4096: each of 60 layers all-gathers K and V, each the
+  full [T, K=8, H=128] bf16 array, over the 8 seq shards."""
+  _, costs = _yi34b_seq8_prefill()
+  assert costs.collectives["all-gather"] == 2 * 60 * 4096 * 8 * 128 * 2
+  assert {p for kind, _, p, _ in costs.collective_ops if kind == "all-gather"} == {8}
+
+
+def test_conditional_counts_the_branch_that_computes():
+  """lax.cond(p, tanh(x @ w), x): the dear branch's matmul is counted, not the
+  identity (an upper bound: the predicate is unknown at compile time)."""
+  f = jax.jit(lambda p, x, w: jax.lax.cond(p, lambda: jnp.tanh(x @ w), lambda: x))
+  costs = hlo.analyze(f.lower(jax.ShapeDtypeStruct((), jnp.bool_),
+                              jax.ShapeDtypeStruct((256, 512), jnp.float32),
+                              jax.ShapeDtypeStruct((512, 512), jnp.float32)))
+  assert costs.flops == 2 * 256 * 512 ** 2
+  assert costs.transcendentals == 256 * 512
+
+
+def test_yi34b_seq_parallel_prefill_flops_count_every_attention_block():
+  """seq:8 prefill at T=4096, per device: the T/8 = 512 local tokens through
+  every weight matmul, plus attention of those queries against all T keys.
+  The local queries form one 512-row block and the keys 8 blocks; each
+  (query block, key block) pair sits in a cond that skips hidden pairs at run
+  time, and the count takes every pair as computed (the dear branch), so
+  attention is the full rectangle: QK^T and AV, 2 x 2 x (T/8) x T x N x H per
+  layer, not the causal triangle. Plus the output head on the last token.
+  About 3.79e13; the rest (0.1%) is elementwise work: softmax, norms, SwiGLU."""
+  c, costs = _yi34b_seq8_prefill()
+  T, L, D, N, K, H, F, V = (4096, c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads,
+                            c.head_dim, c.intermediate_size, c.vocab_size)
+  per_layer_weights = D * N * H + 2 * D * K * H + N * H * D + 3 * D * F
+  matmuls = 2 * (T // 8) * L * per_layer_weights
+  attention = 2 * 2 * (T // 8) * T * N * H * L
+  head = 2 * D * V
+  want = matmuls + attention + head
+  assert want == pytest.approx(3.788e13, rel=1e-3)
+  assert costs.unknown_trip_counts == 0
+  assert costs.flops == pytest.approx(want, rel=2e-3)
+  # A causal count would be well under: half the rectangle's attention on average.
+  assert costs.flops > want - attention / 4
+
+
+# ---- replica groups in every form XLA prints -----------------------------------------
+
+@pytest.mark.parametrize("attrs, kind, counts, want", [
+    # explicit groups of flattened device ids
+    ("channel_id=1, replica_groups={{0,1},{2,3},{4,5},{6,7}}, use_global_device_ids=true",
+     "all-reduce", (1, 8), 2),
+    ("channel_id=1, replica_groups={{0,4},{1,5},{2,6},{3,7}}, use_global_device_ids=true, "
+     "to_apply=%region_6.6", "all-reduce", (1, 8), 2),
+    # empty: one group of every device (ids meaning replicas, partitions or both)
+    ("channel_id=1, replica_groups={}, use_global_device_ids=true", "all-reduce", (1, 8), 8),
+    ("channel_id=1, replica_groups={}, dimensions={0}", "all-to-all", (1, 8), 8),
+    ("replica_groups={}, to_apply=%add", "all-reduce", (4, 8), 4),
+    # cross-replica-and-partition: each replica group spans every partition
+    ("channel_id=1, replica_groups={{0}}, to_apply=%add", "all-reduce", (1, 8), 8),
+    # no channel: replica ids
+    ("replica_groups={{0,1,2,3}}, to_apply=%add", "all-reduce", (4, 1), 4),
+    # iota [groups, size]<=[dims], optionally transposed
+    ("channel_id=1, replica_groups=[2,4]<=[8], use_global_device_ids=true", "all-reduce",
+     (1, 8), 4),
+    ("channel_id=1, replica_groups=[4,2]<=[2,4]T(1,0), dimensions={0}, "
+     "use_global_device_ids=true", "all-gather", (1, 8), 2),
+    # mesh axes (quoted or not, with or without device_ids, sub-axes, none)
+    ("channel_id=2, replica_groups=mesh['axis_0'=1,'axis_1'=1,'axis_2'=4,'axis_3'=2], "
+     "device_ids=([2,4]T(1,0)) {'axis_2'}, use_global_device_ids=true", "all-reduce", (1, 8), 4),
+    ("channel_id=1, replica_groups=mesh['axis_0'=8,'axis_1'=1] {'axis_0'}, dimensions={0}",
+     "all-gather", (1, 8), 8),
+    ("replica_groups=mesh[data=2,model=4] {data,model}", "all-reduce", (1, 8), 8),
+    ("replica_groups=mesh[x=8], device_ids=(0,2,4,6,1,3,5,7) {x:(2)4}", "reduce-scatter",
+     (1, 8), 4),
+    ("replica_groups=mesh[x=8] {}", "all-reduce", (1, 8), 1),
+    ("replica_groups=maximal_mesh[device_id=3] {}", "all-reduce", (1, 8), 1),
+    # collective-permute: the devices that send or receive
+    ("channel_id=1, source_target_pairs={{0,1},{1,2},{2,3},{3,0}}", "collective-permute",
+     (1, 8), 4),
+    ("channel_id=1, source_target_pairs={{0,1},{1,0}}", "collective-permute", (1, 8), 2),
+    ("channel_id=1, source_target_pairs={{5,5}}", "collective-permute", (1, 8), 1),
+])
+def test_participants_of_every_replica_group_form(attrs, kind, counts, want):
+  assert hlo._participants(attrs, kind, *counts) == want
+
+
+@pytest.mark.parametrize("attrs, kind", [
+    ("channel_id=1, replica_groups=groups(0,1)", "all-reduce"),
+    ("channel_id=1, replica_groups={{0,1},{x}}", "all-reduce"),
+    ("channel_id=1, replica_groups=[2,2,2]<=[8]", "all-reduce"),
+    ("channel_id=1, replica_groups=mesh['a'=2,'b'=4] {'c'}", "all-reduce"),
+    ("channel_id=1, replica_groups=mesh['a'=2,'b'=4]", "all-gather"),
+    ("channel_id=1, use_global_device_ids=true", "all-reduce"),
+    ("channel_id=1, slice_sizes={1}", "collective-permute"),
+])
+def test_unreadable_replica_groups_raise(attrs, kind):
+  with pytest.raises(ValueError):
+    hlo._participants(attrs, kind, 1, 8)
+
+
+def test_an_unreadable_collective_is_never_free():
+  """A module whose all-reduce names groups in an unknown form fails to cost."""
+  text = """HloModule m, num_partitions=8
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+ENTRY %main (x: f32[1024]) -> f32[1024] {
+  %x = f32[1024]{0} parameter(0)
+  ROOT %r = f32[1024]{0} all-reduce(%x), channel_id=1, replica_groups=ring<8>, to_apply=%add
+}
+"""
+  with pytest.raises(ValueError, match="ring<8>"):
+    hlo.module_costs(text)
+  costs = hlo.module_costs(text.replace("ring<8>", "{}"))  # {}: all 8 partitions
+  assert costs.collective_ops == [("all-reduce", 4096, 8, 1)]
+
+
+def test_tiny_with_8_kv_heads_on_seq2_model4_all_reduces_over_4_devices():
+  """tiny with K=8 on seq:2,model:4, decode of 2 users: XLA prints the two
+  per-layer all-reduces (attention output, MLP output) with mesh-axes groups
+  and device_ids; each spans the 4 model devices, not 1."""
+  import lctx
+  from lctx import engine
+  from lctx.cache import abstract_cache
+  from lctx.cost import metrics
+  config = lctx.ModelConfig.from_preset("tiny").replace(num_kv_heads=8)
+  plan = sharding.Plan(config, sharding.make_mesh("seq:2,model:4"))
+  B, T = 2, 64
+  params, cache = lctx.abstract_params(config), abstract_cache(config, B, T)
+  step = engine.sharded_step("decode", plan, params, cache)
+  costs = hlo.analyze(step.lower(params, *metrics.step_args("decode", B, T), cache))
+  activations = B * config.hidden_size * 4  # [B, 1, D] f32
+  per_layer = [p for kind, nbytes, p, count in costs.collective_ops
+               if kind == "all-reduce" and nbytes == activations and count == config.num_layers]
+  assert per_layer == [4, 4]
+  assert all(p > 1 for _, _, p, _ in costs.collective_ops)

@@ -1,15 +1,33 @@
-"""The four metrics from the compiled HLO against the closed form (yi-34b, A100 80GB)."""
+"""The four metrics from the compiled HLO against the closed form (yi-34b, A100 80GB),
+and the collective time of the roofline."""
 
+import dataclasses
 import math
 
 import pytest
 
 import lctx
-from lctx.cost import analytic, metrics
+from lctx.cost import analytic, hlo, metrics
 from lctx.cost.hardware import load_hardware
 
 CFG = lctx.ModelConfig.from_preset("yi-34b", param_dtype="bfloat16", dtype="bfloat16")
 HW = load_hardware("a100-80g-sxm")
+NVLINK = 300e9  # A100 NVLink, bytes/s in one direction (600 GB/s both ways)
+
+
+def comm_seconds(costs: hlo.Costs) -> float:
+  """The collectives' share of a program's roofline seconds."""
+  bare = dataclasses.replace(costs, collective_ops=[])
+  return (metrics.roofline_seconds(costs, HW, "bfloat16")
+          - metrics.roofline_seconds(bare, HW, "bfloat16"))
+
+
+def tp_all_reduce_seconds(rows: int) -> float:
+  """A tensor-parallel yi-34b step on model:8: two all-reduces of the [rows, D]
+  bf16 activations per layer and one after the vocabulary-split embedding
+  lookup, each latency + 2 (8-1)/8 x bytes over one direction of NVLink."""
+  each = HW.collective_latency + 2 * 7 / 8 * rows * CFG.hidden_size * 2 / NVLINK
+  return (2 * CFG.num_layers + 1) * each
 
 
 @pytest.mark.parametrize("g", [1, 8])
@@ -21,7 +39,16 @@ def test_hlo_metrics_agree_with_closed_form(g, T):
   assert h.weight_bytes_per_device == pytest.approx(a.weight_bytes_per_device, rel=0.01)
   assert h.kv_bytes_per_user == pytest.approx(a.kv_bytes_per_user, rel=1e-9)
   assert h.decode_bytes_per_device == pytest.approx(a.decode_bytes_per_device, rel=0.02)
-  assert h.decode_step_s == pytest.approx(a.decode_step_s, rel=0.02)
+  # The closed form treats tensor parallelism as free; the compiled steps pay
+  # their all-reduces (121 of them on model:8, latency-bound in decode).
+  runs = metrics.programs(CFG, g, T, 1, "bfloat16")
+  decode_comm, prefill_comm = comm_seconds(runs["decode"][2]), comm_seconds(runs["prefill"][2])
+  if g == 1:
+    assert decode_comm == prefill_comm == 0
+  else:
+    assert decode_comm == pytest.approx(tp_all_reduce_seconds(1), rel=1e-9)
+    assert prefill_comm == pytest.approx(tp_all_reduce_seconds(T), rel=1e-9)
+  assert h.decode_step_s - decode_comm == pytest.approx(a.decode_step_s, rel=0.02)
   assert h.prefill_flops_per_device == pytest.approx(a.prefill_flops_per_device, rel=0.05)
   # The compiled swap moves each device's share of two users' caches over its
   # own host link; the closed form pushes both whole caches through one.
@@ -29,16 +56,24 @@ def test_hlo_metrics_agree_with_closed_form(g, T):
   assert h.context_switch_s == pytest.approx(a.context_switch_s / g)
   if g == 1:
     assert h.prefill_s == pytest.approx(a.prefill_s, rel=0.05)
-  else:  # the closed form treats tensor parallelism as free; the HLO pays its all-reduces
-    assert a.prefill_s < h.prefill_s < 1.5 * a.prefill_s
-  # Concurrency: the closed form with the compiled programs' temporaries reserved
-  # (a decode step of one user holds next to nothing; a one-pass prefill holds
-  # its activations).
-  assert h.temp_bytes_per_device < 1e-3 * h.kv_bytes_per_user
-  assert 0 < h.prefill_temp_bytes_per_device < 5e9
-  reserved = analytic.concurrency(CFG, T, HW, g, "bfloat16",
-                                  reserve_bytes=g * h.prefill_temp_bytes_per_device)
-  assert h.concurrency == reserved.users <= a.concurrency
+  else:  # beside the all-reduces, memory-bound elementwise ops on [T, D] activations
+    assert a.prefill_s < h.prefill_s - prefill_comm < 1.1 * a.prefill_s
+  # Concurrency: HBM per device must hold the weights, n caches and the larger
+  # of a decode step's and a prefill's temporaries. A scanned decode step copies
+  # one layer's weight slices and its cache slices out before their matmuls
+  # (as XLA:CPU does for the same fp32 program): more than the largest weight
+  # matrix of a layer, less than a whole layer's weights and cache.
+  layer_weights = (CFG.param_bytes() - 2 * CFG.vocab_size * CFG.hidden_size * 2) / CFG.num_layers / g
+  layer_cache = h.kv_bytes_per_user / CFG.num_layers
+  biggest_matrix = CFG.hidden_size * CFG.intermediate_size * 2 / g
+  assert biggest_matrix < h.temp_bytes_per_device < 1.01 * (layer_weights + layer_cache)
+  # A prefill materializes the MLP's gate and up projections, [T, F] each.
+  assert 2 * T * CFG.intermediate_size * 2 / g < h.prefill_temp_bytes_per_device < 10e9
+  fixed = h.temp_bytes_per_device - layer_cache
+  fits = lambda n: (h.weight_bytes_per_device + n * h.kv_bytes_per_user + max(
+      fixed + n * layer_cache, h.prefill_temp_bytes_per_device) <= HW.hbm_bytes)
+  expected = next(n for n in range(10_000) if not fits(n + 1))
+  assert h.concurrency == expected <= a.concurrency
 
 
 def test_concurrency_reference_points():
@@ -88,3 +123,57 @@ def test_mesh_with_data_and_seq_axes():
   with pytest.raises(ValueError, match="batch 1 must be a multiple of the mesh's data size 2"):
     metrics.from_hlo(CFG, HW, "data:2,model:4", T, B=1)
   assert math.isclose(metrics.ratios(metrics.from_closed_form(CFG, HW, 4, T), tp4)["kv_bytes_per_user"], 1.0)
+
+
+# ---- collective time: latency + ring bytes over one direction of the links ----------
+
+def _one(kind: str, nbytes: float, p: int, count: float = 1) -> hlo.Costs:
+  return hlo.Costs(collective_ops=[(kind, nbytes, p, count)])
+
+
+@pytest.mark.parametrize("kind, factor", [
+    ("all-reduce", 2 * 7 / 8),  # reduce-scatter then all-gather: 2(p-1)/p of the buffer
+    ("all-gather", 7 / 8),  # (p-1)/p of the gathered output
+    ("reduce-scatter", 7 / 8),  # (p-1)/p of the input
+    ("all-to-all", 7 / 8),
+    ("collective-permute", 1.0),  # the whole buffer to one peer
+    ("collective-broadcast", 1.0),
+])
+def test_one_collective_of_a_gigabyte_over_8_a100s(kind, factor):
+  want = HW.collective_latency + factor * 1e9 / NVLINK
+  assert metrics.roofline_seconds(_one(kind, 1e9, 8), HW, "bfloat16") == pytest.approx(want)
+  # Every count multiplies (a loop's trips), latency included.
+  assert metrics.roofline_seconds(_one(kind, 1e9, 8, 3), HW, "bfloat16") == pytest.approx(3 * want)
+  # A collective over one device moves nothing and waits for no one.
+  assert metrics.roofline_seconds(_one(kind, 1e9, 1, 5), HW, "bfloat16") == 0
+
+
+def test_all_reduce_seconds_literal():
+  """Independently of the code's tables: 15 us + 1.75 GB / 300 GB/s."""
+  t = metrics.roofline_seconds(_one("all-reduce", 1e9, 8), HW, "bfloat16")
+  assert t == pytest.approx(1.5e-5 + 1.75e9 / 3e11)
+
+
+def test_small_collectives_cost_their_latency():
+  """yi-34b decode on model:8 at 4K: 121 all-reduces of a 14 KB activation
+  are latency-bound, ~1.8 ms per step (not the 5 us of bandwidth alone)."""
+  t = metrics.roofline_seconds(_one("all-reduce", 7168 * 2, 8, 121), HW, "bfloat16")
+  assert t == pytest.approx(121 * (1.5e-5 + 1.75 * 14336 / 3e11))
+  assert 1.7e-3 < t < 1.9e-3
+
+
+def test_unknown_collective_kind_raises():
+  with pytest.raises(ValueError, match="all-shuffle"):
+    metrics.roofline_seconds(_one("all-shuffle", 1e9, 8), HW, "bfloat16")
+
+
+def test_yi34b_prefill_all_reduces_its_activations():
+  """Prefill at T=50000 on model:8 (bf16): per device, 121 all-reduces of the
+  [T, D] activations over 8 devices (2 per layer + 1 after the embedding
+  lookup), 121 x 50000 x 7168 x 2 bytes; the roofline charges each one
+  latency + 2 (7/8) x bytes / 300 GB/s."""
+  costs = metrics.program_costs(CFG, "model:8", 50000, 1, "prefill")
+  assert dict(costs.collectives) == {"all-reduce": 121 * 50000 * 7168 * 2}
+  assert {p for _, _, p, _ in costs.collective_ops} == {8}
+  assert comm_seconds(costs) == pytest.approx(
+      121 * (1.5e-5 + 2 * 7 / 8 * 50000 * 7168 * 2 / 3e11), rel=1e-9)

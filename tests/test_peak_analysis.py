@@ -35,11 +35,16 @@ def test_peak_analysis_rows_and_plot(tmp_path):
   assert by[(50000, 4, "analytic")]["concurrency"] == 20
   assert by[(50000, 4, "hlo")]["concurrency"] == 19
   for (T, g, source), r in by.items():
-    other = by[(T, g, "hlo" if source == "analytic" else "analytic")]
-    assert r["decode_step_s"] == pytest.approx(other["decode_step_s"], rel=0.05)
-    if source == "hlo":
-      ratios = r["hlo_over_analytic"]
-      assert ratios["decode_step_s"] == pytest.approx(r["decode_step_s"] / other["decode_step_s"])
+    if source == "analytic":
+      continue
+    other = by[(T, g, "analytic")]
+    # The compiled step on g > 1 GPUs also pays 121 latency-bound all-reduces
+    # (2 per layer + the embedding's) of a [1, 7168] bf16 row, each 15 us +
+    # 2(g-1)/g x bytes over 300 GB/s (A100 NVLink, one direction).
+    comm = 0 if g == 1 else 121 * (1.5e-5 + 2 * (g - 1) / g * 7168 * 2 / 300e9)
+    assert r["decode_step_s"] - comm == pytest.approx(other["decode_step_s"], rel=0.01)
+    ratios = r["hlo_over_analytic"]
+    assert ratios["decode_step_s"] == pytest.approx(r["decode_step_s"] / other["decode_step_s"])
   assert png.stat().st_size > 10_000
   assert "decode ms/tok" in proc.stdout and "sessions/hour" in proc.stdout
   # 50K on one A100: 80 GB - 68.78 GB of weights < 12.29 GB of cache.

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lctx
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -26,12 +28,15 @@ def test_shard_sweep_covers_every_factorization(tmp_path):
       r.get("best_decode", False) for r in ran) == 1
   by = {r["mesh"]: r for r in ran}
   full_weights = by["data:2,seq:4,model:1"]["weight_bytes_per_device"]  # replicated
-  # model:8 holds about 1/8 of the weights (K=2 < 8: the K/V projections stay whole) and,
-  # beyond K, the whole cache; seq:8 holds 1/8 of the cache and all the weights.
+  # model:8 holds about 1/8 of the weights and, with K=2 < 8, each KV head on
+  # the 4 devices whose query heads read it: 1/K = 1/2 of the cache; seq:8
+  # holds 1/8 of the cache and all the weights.
   assert by["data:1,seq:1,model:8"]["weight_bytes_per_device"] < full_weights / 4
   assert by["data:1,seq:8,model:1"]["weight_bytes_per_device"] == full_weights
-  assert by["data:1,seq:8,model:1"]["cache_bytes_per_device"] == \
-      by["data:1,seq:1,model:8"]["cache_bytes_per_device"] / 8
+  tiny = lctx.ModelConfig.from_preset("tiny")
+  whole_cache = 4 * 64 * tiny.kv_bytes_per_token("bfloat16")  # batch 4, context 64, bf16
+  assert by["data:1,seq:1,model:8"]["cache_bytes_per_device"] == whole_cache / 2
+  assert by["data:1,seq:8,model:1"]["cache_bytes_per_device"] == whole_cache / 8
   assert by["data:1,seq:1,model:8"]["decode_collective_bytes"].get("all-reduce", 0) > 0
   # A prefill's activations are split by data and seq, not by model (tensor
   # parallelism keeps the [T, D] residual whole on every device).

@@ -1,10 +1,15 @@
 """Accelerator specs for the cost model: peak FLOP/s, HBM size and bandwidth, links.
 
 Presets live in configs/hardware/<name>.json (datasheet figures, each with a
-citation in `sources`). Units: FLOP/s, bytes (decimal), bytes/s. Link
-bandwidths are per device: `interconnect_bandwidth` is the vendor's aggregate
-device-to-device figure (NVLink / Infinity Fabric / ICI, both directions),
-`host_bandwidth` is one direction of the host link (PCIe).
+citation in `sources`). Units: FLOP/s, bytes (decimal), bytes/s, seconds. Link
+bandwidths are per device and per direction: `interconnect_bandwidth` is what
+one device can send (and, at the same time, receive) over its device-to-device
+links (NVLink / Infinity Fabric / ICI; half the vendors' "bidirectional"
+aggregate, e.g. 300e9 for an A100's 600 GB/s NVLink), `host_bandwidth` is one
+direction of the host link (PCIe). `collective_latency` is the fixed cost of
+one collective on that system (the small-message latency of an all-reduce over
+its devices, NCCL / RCCL / ICI), paid once per collective whatever its size
+(see lctx.cost.metrics.roofline_seconds).
 """
 
 from __future__ import annotations
@@ -22,9 +27,11 @@ PRESET_DIR = Path(__file__).resolve().parent.parent.parent / "configs" / "hardwa
 
 KINDS = ("gpu", "tpu", "cpu")
 FLOPS_DTYPES = ("float32", "float16", "bfloat16", "float8", "int8")
-NUMERIC_FIELDS = ("hbm_bytes", "hbm_bandwidth", "interconnect_bandwidth", "host_bandwidth")
+NUMERIC_FIELDS = ("hbm_bytes", "hbm_bandwidth", "interconnect_bandwidth", "host_bandwidth",
+                  "collective_latency")
 REQUIRED_FIELDS = ("name", "kind", "peak_flops") + NUMERIC_FIELDS
 CPU_LOCAL = "cpu-local"  # measured at load time, see calibrate_cpu
+CPU_COLLECTIVE_LATENCY = 1e-5  # s; cpu-local's stand-in when it has one CPU device only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +44,9 @@ class HardwareSpec:
   peak_flops: tuple[tuple[str, float], ...]  # dtype -> dense FLOP/s
   hbm_bytes: float
   hbm_bandwidth: float
-  interconnect_bandwidth: float
-  host_bandwidth: float
+  interconnect_bandwidth: float  # bytes/s per device, one direction
+  host_bandwidth: float  # bytes/s per device, one direction
+  collective_latency: float  # seconds per collective
   sources: tuple[tuple[str, str], ...] = ()  # field -> citation
 
   def __post_init__(self):
@@ -129,9 +137,14 @@ def load_hardware(name_or_path: str | os.PathLike) -> HardwareSpec:
 
 def calibrate_cpu(matmul_size: int = 2048, read_bytes: int = 1 << 30,
                   repeats: int = 5) -> HardwareSpec:
-  """Measures this machine: fp32 matmul FLOP/s and memory read bandwidth (medians
-  of `repeats` timed runs after a warm-up). RAM stands in for HBM, and the same
-  memory serves as interconnect and host link, so both take the read bandwidth."""
+  """Measures this machine: fp32 matmul FLOP/s, memory read bandwidth and the
+  latency of one all-reduce across its CPU devices (medians of `repeats` timed
+  runs after a warm-up). RAM stands in for HBM, and the same memory serves as
+  interconnect and host link, so both take the read bandwidth. The collective
+  latency is the time one more psum of a tiny array over all local CPU devices
+  adds inside a compiled loop (XLA's in-process CPU collectives: a rendezvous of
+  the device threads); with a single CPU device nothing is exchanged and
+  CPU_COLLECTIVE_LATENCY stands in."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -163,15 +176,42 @@ def calibrate_cpu(matmul_size: int = 2048, read_bytes: int = 1 << 30,
 
   ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
   stamp = f"measured by calibrate_cpu on {datetime.date.today().isoformat()}"
+  try:
+    devices = jax.devices("cpu")
+  except RuntimeError:  # no CPU backend initialized (JAX_PLATFORMS names another)
+    devices = []
+  if len(devices) > 1:
+    # The extra time of `extra` more dependent psums inside one compiled loop,
+    # per psum: the program's dispatch cancels out.
+    from jax.sharding import Mesh, PartitionSpec
+    mesh, extra = Mesh(np.array(devices), ("d",)), 32
+
+    def chain(trips):
+      body = lambda x: jax.lax.fori_loop(
+          0, trips, lambda _, v: jax.lax.psum(v, "d") / len(devices), x)
+      return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=PartitionSpec("d"),
+                                   out_specs=PartitionSpec("d"), check_vma=False))
+
+    x = jnp.ones((len(devices),), jnp.float32)
+    latency = max((median_time(chain(1 + extra), x) - median_time(chain(1), x)) / extra, 1e-9)
+    latency_source = (f"{stamp}: one more psum of {len(devices)} floats over {len(devices)} "
+                      f"CPU devices inside a compiled loop, median of {repeats}")
+  else:
+    latency = CPU_COLLECTIVE_LATENCY
+    latency_source = ("assumed: at most one CPU device, nothing to measure (a collective "
+                      "over one device costs nothing in roofline_seconds)")
   return HardwareSpec(
       name=CPU_LOCAL, kind="cpu", peak_flops={"float32": matmul_flops}, hbm_bytes=ram,
       hbm_bandwidth=read_bw, interconnect_bandwidth=read_bw, host_bandwidth=read_bw,
+      collective_latency=latency,
       sources={
           "peak_flops": f"{stamp}: jit fp32 matmul {n}x{n}, median of {repeats}",
           "hbm_bytes": "physical RAM from os.sysconf",
           "hbm_bandwidth": f"{stamp}: jit sum over {nbytes} B, median of {repeats}",
-          "interconnect_bandwidth": "same as hbm_bandwidth (one memory on a CPU host)",
+          "interconnect_bandwidth": "same as hbm_bandwidth (one memory on a CPU host, "
+                                    "per direction)",
           "host_bandwidth": "same as hbm_bandwidth (one memory on a CPU host)",
+          "collective_latency": latency_source,
       })
 
 

@@ -106,13 +106,15 @@ class Module:
   computations: dict[str, list[Instr]]
   entry: str
   _fusion: dict = dataclasses.field(default_factory=dict, repr=False)
+  replica_count: int = 1  # from the HloModule header (collectives' group modes)
+  num_partitions: int = 1
 
-  def fusion(self, name: str) -> tuple[dict[str, bool], dict[str, bool], dict[str, str]]:
-    """(from_dot, to_dot, widened) of a computation (see _matmul_chains and
+  def fusion(self, name: str) -> tuple[dict[str, bool], dict[str, str]]:
+    """(on_chip, widened) of a computation (see _flash_chains and
     _widened_for_dots), shared by the cost and the liveness walks."""
     if name not in self._fusion:
       instrs = self.computations[name]
-      self._fusion[name] = (*_matmul_chains(instrs), _widened_for_dots(instrs))
+      self._fusion[name] = (_flash_chains(instrs), _widened_for_dots(instrs))
     return self._fusion[name]
 
 
@@ -148,7 +150,11 @@ def parse(text: str) -> Module:
                                 op_name.group(1) if op_name else ""))
   if entry is None:
     raise ValueError("no ENTRY computation in the HLO text")
-  return Module(comps, entry)
+  header = re.search(r"^\s*HloModule\b.*$", text, re.MULTILINE)
+  counts = {k: int(v) for k, v in re.findall(r"\b(replica_count|num_partitions)=(\d+)",
+                                              header.group(0) if header else "")}
+  return Module(comps, entry, replica_count=counts.get("replica_count", 1),
+                num_partitions=counts.get("num_partitions", 1))
 
 
 @dataclasses.dataclass
@@ -187,19 +193,114 @@ class Costs:
     return sorted(rows, key=lambda r: r["seconds"], reverse=True)[:n]
 
 
-def _participants(attrs: str) -> int:
-  m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attrs)
-  if m:  # mesh['axis_0'=2,'axis_1'=4] {'axis_1'}: the named axes form a group
-    sizes = dict((k.strip("' "), int(v)) for k, v in (p.split("=") for p in m.group(1).split(",")))
-    return math.prod(sizes[a.strip("' ")] for a in m.group(2).split(",") if a.strip())
-  m = re.search(r"replica_groups=\[([\d,]+)\]<=", attrs)
-  if m:  # iota form [groups, size]<=[n]
-    return int(m.group(1).split(",")[-1])
-  m = re.search(r"replica_groups=\{\{([\d,]*)\}", attrs)
-  if m:
-    return len([x for x in m.group(1).split(",") if x])
-  m = re.search(r"source_target_pairs=\{(.*?)\}\s*(,|$)", attrs)
-  return 2 if m else 1
+# Collectives whose HLO carries use_global_device_ids (XLA passes it to
+# GetCollectiveOpGroupMode as an engaged optional); the others read a channel
+# id as cross-partition.
+_GLOBAL_IDS_OPS = {"all-reduce", "all-gather", "reduce-scatter"}
+_AXIS_REF = re.compile(r"^'?([^':]+?)'?(?::\((\d+)\)(\d+))?$")  # 'x' or x:(1)2 (a sub-axis)
+
+
+def _balanced(text: str, start: int) -> int:
+  """Index just past the bracket group that opens at text[start]."""
+  pairs, depth = {"{": "}", "[": "]", "(": ")"}, []
+  for k in range(start, len(text)):
+    if text[k] in pairs:
+      depth.append(pairs[text[k]])
+    elif depth and text[k] == depth[-1]:
+      depth.pop()
+      if not depth:
+        return k + 1
+  raise ValueError(f"unbalanced brackets in {text[start:start + 80]!r}")
+
+
+def _mesh_group_size(text: str, attrs: str) -> int:
+  """Devices per group of `mesh[a=2,b=4](, device_ids=(...)) {b}` (the named
+  axes, or sub-axes `a:(pre)size`, form a group; `{}`: groups of one device).
+  Group sizes do not depend on device_ids, which only orders the devices."""
+  end = _balanced(text, len("mesh"))
+  sizes = {}
+  for item in filter(None, (x.strip() for x in text[len("mesh") + 1:end - 1].split(","))):
+    name, eq, size = item.rpartition("=")
+    if not eq or not size.strip().isdigit():
+      raise ValueError(f"cannot read mesh axis {item!r} in replica groups: {attrs[:200]!r}")
+    sizes[name.strip().strip("'\"")] = int(size)
+  rest = text[end:].lstrip()
+  if rest.startswith(","):  # , device_ids=(...)
+    rest = rest[1:].lstrip()
+    if not rest.startswith("device_ids="):
+      raise ValueError(f"cannot read replica groups {text[:200]!r}")
+    rest = rest[_balanced(rest, len("device_ids=")):].lstrip()
+  if not rest.startswith("{"):
+    raise ValueError(f"replica groups {text[:200]!r} name no axes {{...}}")
+  group = 1
+  for ref in filter(None, (x.strip() for x in rest[1:_balanced(rest, 0) - 1].split(","))):
+    m = _AXIS_REF.match(ref)
+    if not m or m.group(1) not in sizes:
+      raise ValueError(f"replica groups name axis {ref!r}, not one of the mesh's {sorted(sizes)}")
+    group *= int(m.group(3)) if m.group(3) else sizes[m.group(1)]
+  return group
+
+
+def _participants(attrs: str, kind: str = "all-reduce", replica_count: int = 1,
+                  num_partitions: int = 1) -> int:
+  """Devices taking part in each group of a collective, from its HLO
+  attributes (the largest group where they differ). `kind`: the collective
+  without -start; replica_count, num_partitions: the module's (HloModule
+  header), needed where the groups are empty or hold replica ids.
+
+  Forms XLA prints: explicit `replica_groups={{0,1},{2,3}}`; empty `{}` (one
+  group of all devices); iota `[G,S]<=[dims]` and `[G,S]<=[dims]T(perm)` (G
+  groups of S); mesh axes `mesh[a=2,b=4] {b}` / `mesh['a'=2,'b'=4],
+  device_ids=(...) {'b'}` (the product of the named axes' sizes, sub-axes
+  `a:(1)2` their own size); `maximal_mesh[device_id=n] {}` (one device);
+  `source_target_pairs={{0,1},{1,2}}` for a collective-permute (the devices
+  that send or receive; 1 when every pair is a device to itself). What ids
+  mean follows XLA's group mode: without a channel_id they are replicas; with
+  one, partitions (all-to-all, permute, broadcast), flattened device ids
+  (use_global_device_ids=true), or replicas each spanning all partitions.
+
+  A collective whose groups cannot be read raises ValueError: it is never
+  counted as free."""
+  if kind == "collective-permute":
+    m = re.search(r"source_target_pairs=\{", attrs)
+    if not m:
+      raise ValueError(f"collective-permute without source_target_pairs: {attrs[:200]!r}")
+    body = attrs[m.end() - 1:_balanced(attrs, m.end() - 1)]
+    pairs = re.findall(r"\{\s*(\d+)\s*,\s*(\d+)\s*\}", body)
+    if re.sub(r"[\s{},\d]", "", body) or len(pairs) != body.count("{") - 1:
+      raise ValueError(f"cannot read source_target_pairs {body[:200]!r}")
+    moving = [(a, b) for a, b in pairs if a != b]
+    return len({x for pair in moving for x in pair}) if moving else 1
+  m = re.search(r"replica_groups=", attrs)
+  if not m:
+    raise ValueError(f"{kind} without replica_groups: {attrs[:200]!r}")
+  text = attrs[m.end():]
+  if text.startswith("mesh["):  # device ids of the whole mesh: the mode does not matter
+    return _mesh_group_size(text, attrs)
+  if text.startswith("maximal_mesh["):
+    return 1
+  if text.startswith("["):  # iota: G groups of S devices
+    iota = re.match(r"\[(\d+),(\d+)\]<=\[[\d,]+\](T\([\d,]+\))?", text)
+    if not iota:
+      raise ValueError(f"cannot read iota replica groups {text[:200]!r}")
+    group = int(iota.group(2))
+  elif text.startswith("{"):
+    body = text[:_balanced(text, 0)]
+    groups = re.findall(r"\{([\d,\s]*)\}", body[1:-1])
+    if re.sub(r"[\s{},\d]", "", body) or len(groups) != body.count("{") - 1:
+      raise ValueError(f"cannot read replica groups {body[:200]!r}")
+    group = max((len([x for x in g.split(",") if x.strip()]) for g in groups), default=0)
+  else:
+    raise ValueError(f"cannot read replica groups {text[:200]!r}")
+  channel = re.search(r"\bchannel_id=", attrs) is not None
+  global_ids = re.search(r"\buse_global_device_ids=true", attrs) is not None
+  if not channel:  # cross-replica: ids are replicas, each partition on its own
+    return group or replica_count
+  if kind not in _GLOBAL_IDS_OPS:  # cross-partition
+    return group or num_partitions
+  if global_ids:  # flattened ids over replicas x partitions
+    return group or replica_count * num_partitions
+  return (group or replica_count) * num_partitions  # cross-replica-and-partition
 
 
 def _trip_count(module: Module, instr: Instr) -> int | None:
@@ -226,7 +327,7 @@ def computation_costs(module: Module, name: str, _memo: dict | None = None) -> C
     return memo[name]
   instrs = module.computations[name]
   shapes = {i.name: i.shape for i in instrs}
-  from_dot, to_dot, native = module.fusion(name)
+  on_chip, native = module.fusion(name)
   total = Costs()
   for instr in instrs:
     op = instr.opcode
@@ -267,20 +368,24 @@ def computation_costs(module: Module, name: str, _memo: dict | None = None) -> C
           if lhs and dims else 1
       c.flops = 2 * shape_elements(instr.shape) * contracted
       c.bytes_ideal = (sum(shape_bytes(shapes.get(native.get(o, o), "")) for o in instr.operands
-                           if not from_dot.get(o)) + (0 if to_dot[instr.name] else out_b))
+                           if not on_chip.get(o)) + (0 if on_chip.get(instr.name) else out_b))
     elif base in COLLECTIVES:
-      moved = out_b if base in ("all-gather",) else in_b
+      # An all-gather moves its gathered output (an -start's shape pairs it
+      # with the operand); the others their input.
+      moved = (out_b - (in_b if op.endswith("-start") and instr.shape.startswith("(") else 0)
+               if base == "all-gather" else in_b)
       c.collectives[base] += moved
-      c.collective_ops.append((base, moved, _participants(instr.attrs), 1))
+      c.collective_ops.append((base, moved, _participants(
+          instr.attrs, base, module.replica_count, module.num_partitions), 1))
       c.bytes_ideal = in_b + out_b
     elif op in ("reduce", "reduce-window"):
       c.flops = sum(shape_elements(shapes.get(o, "")) for o in instr.operands[:len(
           instr.operands) // 2 or 1])
-      # Reducing an on-chip intermediate (scores on their way into the next
-      # matmul: the softmax max and sum) touches no memory.
+      # Reducing an on-chip intermediate (attention scores on their way into
+      # the next matmul: the softmax max and sum) touches no memory.
       source = instr.operands[0] if instr.operands else ""
-      on_chip = from_dot.get(source, False) and to_dot.get(source, False)
-      c.bytes_ideal = 0 if on_chip else in_b + out_b
+      on_chip_source = on_chip.get(source, False)
+      c.bytes_ideal = 0 if on_chip_source else in_b + out_b
     elif op in ("dynamic-slice", "gather"):
       pass  # a read fused into its consumer, which counts it
     elif op in ("dynamic-update-slice", "scatter"):
@@ -329,101 +434,272 @@ def _widened_for_dots(instrs: list[Instr]) -> dict[str, str]:
           if i.opcode == "convert" and i.operands and users[i.name] == {"dot"}}
 
 
-def _matmul_chains(instrs: list[Instr]) -> tuple[dict[str, bool], dict[str, bool]]:
-  """from_dot[v]: v is a matmul output or computed from one by fusible ops only;
-  to_dot[v]: v feeds a matmul through fusible ops only. HLO text lists every
-  instruction after its operands, so one pass each way suffices."""
-  from_dot: dict[str, bool] = {}
+def _flash_chains(instrs: list[Instr]) -> dict[str, bool]:
+  """on_chip[v]: v lives on chip inside an attention kernel, as a
+  flash-attention-style kernel on a GPU/TPU keeps it: a matmul's output that
+  reaches the next matmul through fusible ops including a softmax (an
+  exponential and a reduction), and those ops. Any other matmul output is
+  written to memory: an MLP's gate and up projections are materialized, and
+  the elementwise op joining them is fused into one of them (its epilogue).
+  HLO text lists every instruction after its operands."""
+  users: dict[str, list[Instr]] = defaultdict(list)
   for i in instrs:
-    from_dot[i.name] = i.opcode == "dot" or (_fusible(i) and any(
-        from_dot.get(o, False) for o in i.operands))
-  to_dot = dict.fromkeys(from_dot, False)
+    for o in i.operands:
+      users[o].append(i)
+  to_dot: dict[str, bool] = {}  # v feeds a matmul through fusible ops only
   for i in reversed(instrs):
-    if i.opcode == "dot" or (_fusible(i) and to_dot[i.name]):
-      for o in i.operands:
-        if o in to_dot and (i.opcode == "dot" or _fusible(i)):
-          to_dot[o] = True
-  return from_dot, to_dot
+    to_dot[i.name] = any(u.opcode == "dot" or (_fusible(u) and to_dot.get(u.name, False))
+                         for u in users[i.name])
+  on_chip: dict[str, bool] = {}
+  for d in instrs:
+    if d.opcode != "dot" or not to_dot[d.name]:
+      continue
+    region, stack = set(), [d.name]
+    while stack:  # forward from the matmul through fusible ops that still feed a matmul
+      for u in users[stack.pop()]:
+        if _fusible(u) and to_dot[u.name] and u.name not in region:
+          region.add(u.name)
+          stack.append(u.name)
+    kinds = {i.opcode for i in instrs if i.name in region}
+    if "exponential" in kinds and kinds & {"reduce", "reduce-window"}:
+      on_chip[d.name] = True
+      on_chip.update(dict.fromkeys(region, True))
+  return on_chip
 
 
-# Ops whose output is (part of) an operand's buffer: no new memory. Slices are
-# read in place by their users; updates are written in place; a loop or a
-# conditional hands its operands' buffers on; the partitioner's copies of the
-# arguments are layout no-ops that XLA elides, and transposes fold into the
-# dots or layouts that use them (bytes_ideal counts both free too).
+# Ops whose output is (part of) an operand's buffer: no new memory. Updates are
+# written in place; a loop or a conditional hands its operands' buffers on;
+# the partitioner's copies of the arguments are layout no-ops that XLA elides,
+# and transposes fold into the dots or layouts that use them (bytes_ideal
+# counts both free too). Slices alias their operand when their users fuse them
+# and are copied out when a matmul or another unfusible op reads them (see
+# peak_bytes).
 _ALIASING = {"bitcast", "reshape", "get-tuple-element", "tuple", "opt-barrier", "while",
              "conditional", "copy", "transpose", "dynamic-update-slice", "scatter", "slice",
-             "dynamic-slice", "add-dependency", "domain"}
-_ALIAS_FIRST = {"dynamic-update-slice", "scatter", "slice", "dynamic-slice", "get-tuple-element",
-                "bitcast", "reshape", "add-dependency", "copy", "transpose"}
+             "dynamic-slice", "gather", "add-dependency", "domain"}
+_ALIAS_FIRST = {"dynamic-update-slice", "scatter", "slice", "dynamic-slice", "gather",
+                "get-tuple-element", "bitcast", "reshape", "add-dependency", "copy", "transpose"}
+_SLICES = {"slice", "dynamic-slice", "gather"}
+_VIEWS = {"bitcast", "reshape", "transpose", "copy"}
+_IN_PLACE = {"dynamic-update-slice", "scatter"}
 _CALLERS = {"while", "conditional", "call", "fusion", "async-start"}  # not a reducer's scalars
 _CALLS = ("body", "condition", "to_apply", "calls", "branch_computations", "true_computation",
           "false_computation")
 
 
-def peak_bytes(module: Module, name: str, _memo: dict | None = None) -> float:
-  """Peak bytes of the buffers computation `name` creates (its parameters are
-  its caller's) while it runs in listed order. A buffer lives from its
-  definition to the last use of any value aliasing it, the root's to the end;
-  while an instruction calls other computations, their own peaks add."""
-  memo = {} if _memo is None else _memo
-  if name in memo:
-    return memo[name]
+def donated_parameters(text: str) -> set[int]:
+  """Entry parameters aliased to an output (donated: updated in place), from
+  the module header's `input_output_alias={ {0}: (3, {}, may-alias), ... }`."""
+  header = re.search(r"input_output_alias=\{(.*?)\}\s*(?:,\s*\w+=|$)", text.split("\n", 1)[0])
+  if not header:
+    return set()
+  return {int(p) for p in re.findall(r":\s*\((\d+),", header.group(1))}
+
+
+def _loop_updated(module: Module, body: str) -> set[int]:
+  """Tuple indices a while body does not hand back unchanged."""
+  instrs = module.computations.get(body, [])
+  if not instrs or instrs[-1].opcode != "tuple":
+    return set()
+  param = next((i.name for i in instrs if i.opcode == "parameter"), None)
+  by_name = {i.name: i for i in instrs}
+  same = lambda o, k: (o in by_name and by_name[o].opcode == "get-tuple-element" and
+                       by_name[o].operands == [param] and
+                       re.search(r"index=(\d+)", by_name[o].attrs).group(1) == str(k))
+  return {k for k, o in enumerate(instrs[-1].operands) if not same(o, k)}
+
+
+def _root_aliases(module: Module, name: str) -> tuple[set[int], float]:
+  """(parameter indices the root of computation `name` may alias, bytes of
+  the fresh buffers it returns)."""
   instrs = module.computations[name]
-  from_dot, to_dot, native = module.fusion(name)
+  walk = _liveness(module, name, None, {})
+  params = {i.name: int(i.args.strip() or 0) for i in instrs if i.opcode == "parameter"}
+  root = walk["refs"].get(instrs[-1].name, set()) if instrs else set()
+  aliased = {params[b[len("param:"):]] for b in root if b.startswith("param:")}
+  fresh = sum(walk["size"][b] for b in root if not b.startswith("param:"))
+  return aliased, fresh
+
+
+def _liveness(module: Module, name: str, donated: set[int] | None, memo: dict) -> dict:
+  """Buffers of computation `name` in listed order: refs (value -> the buffers
+  it is, or is part of; "param:<name>" for a parameter's), size (buffer ->
+  bytes), first and last (buffer -> instruction index), nested (index ->
+  the peak of computations that instruction runs). donated: for the entry,
+  the parameters that may be updated in place (others are copied first, as
+  XLA does); None elsewhere (a nested computation updates its caller's
+  buffers)."""
+  instrs = module.computations[name]
+  on_chip, native = module.fusion(name)
   users: dict[str, list[Instr]] = defaultdict(list)
+  last_use: dict[str, int] = {}
+  # HLO text lists a layer's cache write (an in-place update read only by the
+  # loop's root) and the ops that only feed it last, after the layer's MLP; a
+  # scheduler runs them as soon as their operands exist, which frees the
+  # written value there. Those ops get that earliest time (`when`).
   for i in instrs:
     for o in i.operands:
       users[o].append(i)
+  feeds_update: set[str] = set()
+  for i in reversed(instrs):
+    if i.opcode in _IN_PLACE or (users[i.name] and all(
+        u.name in feeds_update for u in users[i.name])):
+      feeds_update.add(i.name)
+  when: dict[str, int] = {}
+  for t, i in enumerate(instrs):
+    when[i.name] = max((when.get(o, 0) for o in i.operands), default=0) \
+        if i.name in feeds_update else t
+  for i in instrs:
+    for o in i.operands:
+      last_use[o] = max(last_use.get(o, 0), when[i.name])
   root = instrs[-1].name if instrs else ""
+  params = {i.name: int(i.args.strip() or 0) for i in instrs if i.opcode == "parameter"}
+  read_only = set() if donated is None else {f"param:{p}" for p, k in params.items()
+                                             if k not in donated}
+
+  def consumers(v: str) -> list[Instr]:
+    """v's users, looking through views (reshapes, bitcasts, transposes, copies
+    and widening converts) to the ops that read the data."""
+    out = []
+    for u in users[v]:
+      out += consumers(u.name) if u.opcode in _VIEWS or u.name in native else [u]
+    return out
 
   def materialized(i: Instr) -> bool:
-    if i.opcode == "dot":
-      return not to_dot[i.name]
-    if from_dot[i.name] and to_dot[i.name]:
-      return False  # inside a matmul chain: on chip
-    if not _fusible(i) or i.opcode in ("reduce", "reduce-window"):
-      return True  # a reduction ends its fusion
+    if on_chip.get(i.name):
+      return False
+    if i.opcode == "dot" or not _fusible(i) or i.opcode in ("reduce", "reduce-window"):
+      return True  # a matmul's output, an unfusible op's, a reduction's (it ends a fusion)
     return i.name == root or any(not _fusible(u) for u in users[i.name])
 
-  refs: dict[str, set[str]] = {}  # value -> the buffers it is (part of)
+  refs: dict[str, set[str]] = {}
   size: dict[str, float] = {}
+  first: dict[str, int] = {}
+  holders: dict[str, list[str]] = defaultdict(list)  # buffer -> values that are (in) it
+  elements: dict[str, list[set[str]]] = {}  # a tuple's refs, element by element
+  nested: dict[int, float] = {}
+
+  def new(i: Instr, t: int, nbytes: float) -> set[str]:
+    size[i.name], first[i.name] = nbytes, t
+    return {i.name}
+
   for i in instrs:
-    if i.opcode in _ALIASING or i.name in native:
-      src = i.operands[:1] if i.opcode in _ALIAS_FIRST or i.name in native else i.operands
-      refs[i.name] = set().union(*(refs.get(o, set()) for o in src))
-    elif i.opcode in FREE_OPS:
+    t, op = when[i.name], i.opcode
+    operand_refs = [refs.get(o, set()) for o in i.operands]
+    if op == "parameter":
+      refs[i.name] = {f"param:{i.name}"}
+    elif op in FREE_OPS and op not in _ALIASING:
       refs[i.name] = set()
+    elif op in _SLICES and any(not _fusible(u) for u in consumers(i.name)):
+      # Copied out for a matmul or another unfusible reader. A slice of an
+      # argument (a scanned layer's weights) depends on nothing computed
+      # here, and XLA schedules its copy at the start of the computation.
+      hoisted = bool(operand_refs) and all(b.startswith("param:") for b in operand_refs[0])
+      refs[i.name] = new(i, 0 if hoisted else t, shape_bytes(i.shape))
+    elif op in _IN_PLACE and operand_refs and operand_refs[0] & read_only:
+      refs[i.name] = new(i, t, shape_bytes(i.shape))  # a non-donated argument is copied
+    elif op == "tuple":
+      refs[i.name] = set().union(*operand_refs)
+      elements[i.name] = operand_refs
+    elif op == "get-tuple-element" and i.operands and i.operands[0] in elements:
+      k = int(re.search(r"index=(\d+)", i.attrs).group(1))
+      refs[i.name] = set(elements[i.operands[0]][k])
+    elif op == "while":
+      # The loop's state buffers are its initial values', updated in place,
+      # element by element; carried arguments that the body changes and that
+      # were not donated are copied in first.
+      init = elements.get(i.operands[0]) if i.operands else None
+      refs[i.name] = set().union(*operand_refs)
+      if init is not None:
+        updated = set().union(*(_loop_updated(module, b) for b in _called(i, "body")))
+        parts = _split_top(i.shape[1:-1]) if i.shape.startswith("(") else [i.shape]
+        copies = [set(init[k]) for k in range(len(init))]
+        for k in updated:
+          if k < len(parts) and k < len(init) and init[k] & read_only:
+            size[f"{i.name}#{k}"], first[f"{i.name}#{k}"] = shape_bytes(parts[k]), t
+            copies[k] = {f"{i.name}#{k}"}
+            holders[f"{i.name}#{k}"].append(i.name)
+        elements[i.name] = copies
+        refs[i.name] = set().union(*copies)
+    elif op == "call":
+      aliased, fresh = set(), 0.0
+      for c in _called(i, "to_apply") + _called(i, "calls"):
+        a, f = _root_aliases(module, c)
+        aliased, fresh = aliased | a, fresh + f
+      refs[i.name] = set().union(*(operand_refs[k] for k in aliased if k < len(operand_refs)))
+      if fresh:
+        refs[i.name] |= new(i, t, fresh)
+    elif op in _ALIASING or i.name in native:
+      src = operand_refs[:1] if op in _ALIAS_FIRST or i.name in native else operand_refs
+      refs[i.name] = set().union(*src)
     elif materialized(i):
-      refs[i.name], size[i.name] = {i.name}, shape_bytes(i.shape)
+      nbytes = shape_bytes(i.shape)
+      # An elementwise op may write over an operand buffer of its size that
+      # dies here (XLA's buffer sharing for elementwise fusions).
+      reuse = next((b for r in operand_refs if len(r) == 1 for b in r
+                    if size.get(b) == nbytes and not b.startswith("param:") and
+                    all(last_use.get(v, -1) <= t for v in holders[b])), None) \
+          if _fusible(i) and op not in ("reduce", "reduce-window") else None
+      refs[i.name] = {reuse} if reuse else new(i, t, nbytes)
     else:  # fused into its users: its inputs stay live until they run
-      refs[i.name] = set().union(*(refs.get(o, set()) for o in i.operands))
-  first = {i.name: t for t, i in enumerate(instrs) if i.name in size}
+      refs[i.name] = set().union(*operand_refs)
+    for b in refs[i.name]:
+      holders[b].append(i.name)
+    if op in _CALLERS:
+      nested[t] = max([nested.get(t, 0.0)] + [peak_bytes(module, c, memo) for key in _CALLS
+                                              for c in _called(i, key)])
   last = dict(first)
-  for t, i in enumerate(instrs):
-    for o in i.operands:
-      for buf in refs.get(o, ()):
-        last[buf] = max(last[buf], t)
-  for buf in refs.get(root, ()):
-    last[buf] = len(instrs)
-  delta = np.zeros(len(instrs) + 2)
-  for buf, n in size.items():
-    delta[first[buf]] += n
-    delta[last[buf] + 1] -= n
+  for b, values in holders.items():
+    if b in last:
+      last[b] = max([last[b]] + [last_use.get(v, -1) for v in values])
+  for b in refs.get(root, ()):
+    if b in last:
+      last[b] = len(instrs)
+  if donated is not None and instrs:
+    # A result that is only a view of a non-donated argument gets its own
+    # buffer: XLA copies it out.
+    outs = instrs[-1].operands if instrs[-1].opcode == "tuple" else [root]
+    by_name = {i.name: i for i in instrs}
+    copied = sum(shape_bytes(by_name[o].shape) for o in outs
+                 if refs.get(o) and refs[o] <= read_only)
+    if copied:
+      size["root-copy"], first["root-copy"], last["root-copy"] = copied, len(instrs) - 1, len(instrs)
+  return {"refs": refs, "size": size, "first": first, "last": last, "nested": nested}
+
+
+def peak_bytes(module: Module, name: str, _memo: dict | None = None,
+               donated: set[int] | None = None) -> float:
+  """Peak bytes of the buffers computation `name` creates (its parameters are
+  its caller's) while it runs in listed order, under the fusion model of
+  bytes_ideal with matmul outputs materialized (see _flash_chains).
+
+  A buffer lives from its definition to the last use of any value aliasing it,
+  the root's to the end; while an instruction calls other computations, their
+  own peaks add. A slice read by a matmul or another unfusible op is copied
+  out (XLA:CPU and XLA:GPU copy a scanned layer's weight and cache slices
+  before their matmuls); an update of an entry argument that is not donated
+  (`donated`: parameter indices from input_output_alias) copies it first.
+  """
+  memo = {} if _memo is None else _memo
+  key = (name, None if donated is None else tuple(sorted(donated)))
+  if key in memo:
+    return memo[key]
+  walk = _liveness(module, name, donated, memo)
+  n = len(module.computations[name])
+  delta = np.zeros(n + 2)
+  for b, nbytes in walk["size"].items():
+    delta[walk["first"][b]] += nbytes
+    delta[walk["last"][b] + 1] -= nbytes
   live = np.cumsum(delta)
-  peak = 0.0
-  for t, i in enumerate(instrs):
-    nested = max((peak_bytes(module, c, memo) for key in _CALLS for c in _called(i, key)),
-                 default=0.0) if i.opcode in _CALLERS else 0.0
-    peak = max(peak, live[t] + nested)
-  memo[name] = peak
-  return peak
+  peak = max([0.0] + [live[t] + walk["nested"].get(t, 0.0) for t in range(n)])
+  memo[key] = float(peak)
+  return float(peak)
 
 
 def module_costs(text: str) -> Costs:
   module = parse(text)
   costs = computation_costs(module, module.entry)
-  costs.temp_bytes = float(peak_bytes(module, module.entry))
+  costs.temp_bytes = peak_bytes(module, module.entry, donated=donated_parameters(text))
   return costs
 
 

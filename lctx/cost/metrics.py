@@ -74,14 +74,15 @@ def replica_mesh(mesh: str | int) -> str:
   return mesh_label(",".join(f"{a}:{n}" for a, n in sizes.items() if a != "data"))
 
 
-def _fit(hbm: float, weights: float, kv: float, decode_temp_per_user: float,
+def _fit(hbm: float, weights: float, kv: float, decode_fixed: float, decode_per_user: float,
          prefill_temp: float) -> tuple[int, float]:
-  """Most users n per replica with weights + n kv + max(n x decode temporaries,
-  one prefill's temporaries) <= HBM, and the shortfall when n is 0."""
+  """Most users n per replica with
+  weights + n kv + max(decode_fixed + n decode_per_user, one prefill's temporaries) <= HBM,
+  and the shortfall when n is 0."""
   free = hbm - weights
-  n = max(min(math.floor(free / (kv + decode_temp_per_user)),
+  n = max(min(math.floor((free - decode_fixed) / (kv + decode_per_user)),
               math.floor((free - prefill_temp) / kv)), 0)
-  shortfall = weights + kv + max(decode_temp_per_user, prefill_temp) - hbm
+  shortfall = weights + kv + max(decode_fixed + decode_per_user, prefill_temp) - hbm
   return n, (shortfall if n == 0 else 0.0)
 
 
@@ -121,16 +122,53 @@ def from_closed_form(config: ModelConfig, hw, mesh: str | int, T: int, B: int = 
       sessions_per_hour=sessions_h)
 
 
+# Bytes each device sends per byte of the buffer a collective is counted by
+# (lctx.cost.hlo: an all-gather by its output, every other kind by its input),
+# for p participants; see roofline_seconds.
+RING_FACTORS = {
+    "all-reduce": lambda p: 2 * (p - 1) / p,  # reduce-scatter, then all-gather
+    "all-gather": lambda p: (p - 1) / p,  # of the gathered (output) buffer
+    "reduce-scatter": lambda p: (p - 1) / p,  # of the input buffer
+    "all-to-all": lambda p: (p - 1) / p,  # keeps 1/p of its buffer, sends the rest
+    "collective-permute": lambda p: 1.0,  # its whole buffer to one peer
+    "collective-broadcast": lambda p: 1.0,  # pipelined along a chain: bytes once per link
+}
+
+
+def collective_seconds(kind: str, nbytes: float, participants: int, hw) -> float:
+  """One collective of `kind` over `participants` devices, counted by `nbytes`
+  (see RING_FACTORS): hw.collective_latency + factor(p) x nbytes /
+  hw.interconnect_bandwidth (per direction); nothing when p = 1."""
+  if kind not in RING_FACTORS:
+    raise ValueError(f"unknown collective kind {kind!r}; known: {sorted(RING_FACTORS)}")
+  if participants <= 1:
+    return 0.0
+  return (hw.collective_latency
+          + RING_FACTORS[kind](participants) * nbytes / hw.interconnect_bandwidth)
+
+
 def roofline_seconds(costs: hlo.Costs, hw, dtype: str) -> float:
-  """Sum over ops of max(FLOPs / peak, bytes / HBM bandwidth), plus collectives
-  over the interconnect with ring formulas (all-reduce 2(p-1)/p, gathers and
-  scatters (p-1)/p of the full buffer, a permute its bytes)."""
+  """Sum over ops of max(FLOPs / peak, bytes / HBM bandwidth), plus every
+  collective (x its count: loop trips multiply) at
+
+      t = collective_latency + f(p) x bytes / interconnect_bandwidth
+
+  with p its participants and interconnect_bandwidth one direction of one
+  device's links. f is the ring algorithm's traffic per device (RING_FACTORS):
+  all-reduce 2(p-1)/p x its buffer; all-gather (p-1)/p x its OUTPUT (the
+  gathered buffer); reduce-scatter (p-1)/p x its INPUT; all-to-all (p-1)/p x
+  its buffer; collective-permute and collective-broadcast 1 x their buffer. A
+  collective over one device (p = 1) costs nothing. These are NCCL's "bus
+  bandwidth" factors (nccl-tests doc/PERFORMANCE.md: busBw = algBw x 2(n-1)/n
+  for AllReduce, (n-1)/n for AllGather, ReduceScatter and AlltoAll, 1 for
+  Broadcast and Reduce) and the cost model of 'How to Scale Your Model'
+  (JAX scaling book, 2025; sharding and GPU chapters: AllGather / ReduceScatter
+  ~ bytes / W_unidirectional, AllReduce twice that, plus ~1 us per ICI hop when
+  latency-bound). Compute and communication add: no overlap is assumed."""
   peak, bw = hw.flops(dtype), hw.hbm_bandwidth
   compute = sum(max(flops / peak, nbytes / bw) for flops, nbytes, _ in costs.ops.values())
-  comm = 0.0
-  for kind, nbytes, p, count in costs.collective_ops:
-    factor = {"all-reduce": 2 * (p - 1) / p, "collective-permute": 1.0}.get(kind, (p - 1) / p)
-    comm += count * factor * nbytes / hw.interconnect_bandwidth
+  comm = sum(count * collective_seconds(kind, nbytes, p, hw)
+             for kind, nbytes, p, count in costs.collective_ops)
   return compute + comm
 
 
@@ -206,8 +244,12 @@ def from_hlo(config: ModelConfig, hw, mesh: str | int, T: int, B: int = 1,
   weights = per_device_bytes(params, plan.param_shardings(params))
   cache_shardings = plan.cache_shardings(one_user)
   kv = per_device_bytes((one_user.k, one_user.v), (cache_shardings.k, cache_shardings.v))
-  users, shortfall = _fit(hw.hbm_bytes, weights, kv, decode.temp_bytes / (B // d),
-                          prefill.temp_bytes)
+  # A decode step's temporaries: a layer's weight slices (fixed) and each
+  # user's slice of one layer's cache, which a scanned step copies out before
+  # its matmuls (see hlo.peak_bytes); measured at B users, split by that rule.
+  per_user = kv / config.num_layers
+  fixed = max(decode.temp_bytes - (B // d) * per_user, 0.0)
+  users, shortfall = _fit(hw.hbm_bytes, weights, kv, fixed, per_user, prefill.temp_bytes)
   step_s = roofline_seconds(decode, hw, dtype)
   # Another user in the batch reads its cache once more (the measured step is at B).
   step = lambda b: step_s + (b - B) / d * kv / hw.hbm_bandwidth
