@@ -10,9 +10,9 @@ Two conventions:
            FLOPs, every token goes through the L layers' matrices, the output
            head (D x V) runs on the last prompt token only (one per user), and
            causal attention counts its T(T+1)/2 visible (query, key) pairs,
-           the diagonal included (a token sees itself), at 4*H FLOPs per pair
-           and head (QK^T and AV): 2*L*N*H*T*(T+1) = 2*L*T^2*N*H (1 + 1/T).
-           Softmax and norm arithmetic (about 1% at 50K for H = 64) and a
+           the diagonal included (a token sees itself), at 4*H + 3 FLOPs per
+           pair and head (QK^T and AV, and the softmax's max, subtract and
+           sum): about 2*L*T^2*N*H. Norm and SwiGLU elementwise work and a
            blocked kernel's surplus (half of each diagonal block, padding to a
            block multiple) are left out: they belong to an implementation,
            and the compiled HLO (lctx.cost.hlo) shows them. A decode step
@@ -148,10 +148,12 @@ def prefill_flops(config, T: int, convention: str = "exact",
 
   exact: 2 * layer matrices * T (every token) + 2 * D * V (the head, on the
   last token only: a prefill returns one token's logits per user) + causal
-  attention 2 * L * N * H * T * (T + 1) (T(T+1)/2 visible pairs, diagonal
-  included). For llama-3.1-8b at T = 4096 that is 6.16e13, within 1.5% of the
+  attention L * N * T(T+1)/2 * (4 H + 3): T(T+1)/2 visible pairs (diagonal
+  included), 4 H FLOPs per pair and head for QK^T and AV, and 3 for the
+  softmax (running max, subtract, sum; the exponential is a transcendental,
+  not a FLOP). For llama-3.1-8b at T = 4096 that is 6.16e13, within 1% of the
   compiled one-device prefill (6.22e13; the rest is the blocked kernel's
-  surplus and softmax arithmetic).
+  surplus and the norms' and SwiGLU's elementwise work).
   paper: 2 * P * T (embedding table and all-T logits included) + L * D * T^2.
   """
   T = _check_pos_int("T", T)
@@ -159,7 +161,7 @@ def prefill_flops(config, T: int, convention: str = "exact",
   if _check_convention(convention) == "paper":
     return flops_per_token(config, convention, paper_params) * T + L * D * T * T
   return (2 * layer_matmul_params(config) * T + 2 * D * config.vocab_size
-          + 2 * L * N * H * T * (T + 1))
+          + L * N * (T * (T + 1) // 2) * (4 * H + 3))
 
 
 def prefill_seconds(config, T: int, hw, g: int = 1, dtype: str | None = None,
