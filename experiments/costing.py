@@ -23,3 +23,16 @@ def model_and_hardware(model: str, hardware: str, dtype: str):
             load_hardware(hardware))
   except (ValueError, FileNotFoundError) as e:
     raise app.UsageError(str(e)) from e
+
+
+def kv_replication_note(config, mesh: str) -> str | None:
+  """A one-line note when a mesh's `model` axis exceeds the model's KV heads:
+  each KV head (its cache slice and K/V projections) then lives on model / K
+  devices (see lctx.sharding.Plan); None otherwise."""
+  from lctx import sharding
+  m, K = sharding.parse_mesh_spec(mesh)["model"], config.num_kv_heads
+  if m <= K:
+    return None
+  return (f"note: mesh {mesh}: the model axis ({m}) exceeds the {K} KV heads of "
+          f"{config.name}; each KV head and its cache are replicated on {m // K} devices "
+          f"(per-device cache = 1/{K} of a user's, not 1/{m})")

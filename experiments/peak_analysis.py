@@ -81,7 +81,7 @@ def format_table(rows) -> str:
   for (T, g, mesh), by in _pairs(rows).items():
     a, h = by["analytic"], by["hlo"]
     lines.append(
-        f"{T:>9} {mesh:>14} {_gb(a.kv_bytes_per_user * g):>10} "
+        f"{T:>9} {mesh:>14} {_gb(a.kv_bytes_per_user_total):>10} "
         f"{_gb(a.weight_bytes_per_device) + '|' + _gb(h.weight_bytes_per_device):>14} "
         f"{f'{a.concurrency}|{h.concurrency}':>12} "
         f"{f'{a.prefill_s:.2f}|{h.prefill_s:.2f}':>17} "
@@ -98,7 +98,7 @@ def format_shortfalls(rows) -> str:
   """Where not even one user fits: the HBM missing per device, per source."""
   lines = []
   for (T, _, mesh), by in _pairs(rows).items():
-    short = {src: r.shortfall_bytes for src, r in by.items() if r.concurrency == 0}
+    short = {src: r.shortfall_bytes_per_device for src, r in by.items() if r.concurrency == 0}
     if short:
       lines.append(f"  context {T} on {mesh}: " + ", ".join(
           f"{src} {_gb(b)} GB short per device" for src, b in short.items()))
@@ -119,7 +119,7 @@ def format_throughput(rows, metrics) -> str:
     lines.append(
         f"{T:>9} {mesh:>14} {f'{a.decode_tokens_per_s:.0f}|{h.decode_tokens_per_s:.0f}':>15} "
         f"{f'{a.sessions_per_hour:.0f}|{h.sessions_per_hour:.0f}':>15} "
-        f"{_gb(h.temp_bytes_per_device) + '|' + _gb(h.prefill_temp_bytes_per_device):>16}"
+        f"{_gb(h.decode_temp_bytes_per_device) + '|' + _gb(h.prefill_temp_bytes_per_device):>16}"
         f"   {'':>13} {_ratio(q['concurrency']):>6} {_ratio(q['prefill_s']):>7} "
         f"{_ratio(q['decode_step_s']):>7} {_ratio(q['context_switch_s']):>7}")
   return "\n".join(lines)
@@ -187,6 +187,10 @@ def main(argv):
   print(f"model {config.name} ({config.num_params / 1e9:.3f}B params, {_DTYPE.value}), "
         f"hardware {hw.name}, meshes {meshes}, contexts {contexts}, batch {_BATCH.value}, "
         f"convention {_CONVENTION.value}", flush=True)
+  for mesh in meshes:
+    note = costing.kv_replication_note(config, mesh)
+    if note:
+      print(note)
   rows, start = [], time.perf_counter()
   # XLA compiles outside the GIL: compile the sweep's programs on every core,
   # in context order, while the rows are assembled as they arrive.

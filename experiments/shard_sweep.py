@@ -48,14 +48,17 @@ def main(argv):
     for s in (s for s in range(1, n // d + 1) if (n // d) % s == 0):
       m = n // d // s
       spec = f"data:{d},seq:{s},model:{m}"
-      plan = sharding.Plan(config, sharding.make_mesh(spec))
       try:
+        plan = sharding.Plan(config, sharding.make_mesh(spec))
         plan.check(batch=B, capacity=T, prompt_len=T)
       except ValueError as e:
         rows.append({"mesh": spec, "skipped": str(e)})
         continue
+      note = costing.kv_replication_note(config, spec)
+      if note:
+        print(note)
       cache_shardings = plan.cache_shardings(cache)
-      row = {"mesh": spec, "data": d, "seq": s, "model": m,
+      row = {"mesh": spec, "data": d, "seq": s, "model": m, "kv_replicas": plan.kv_replicas,
              "weight_bytes_per_device": metrics.per_device_bytes(params,
                                                                  plan.param_shardings(params)),
              "cache_bytes_per_device": metrics.per_device_bytes(

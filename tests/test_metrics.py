@@ -37,7 +37,7 @@ def test_hlo_metrics_agree_with_closed_form(g, T):
   h = metrics.from_hlo(CFG, HW, g, T)
   assert (a.source, h.source, a.mesh, h.mesh) == ("analytic", "hlo", f"model:{g}", f"model:{g}")
   assert h.weight_bytes_per_device == pytest.approx(a.weight_bytes_per_device, rel=0.01)
-  assert h.kv_bytes_per_user == pytest.approx(a.kv_bytes_per_user, rel=1e-9)
+  assert h.kv_bytes_per_user_per_device == pytest.approx(a.kv_bytes_per_user_per_device, rel=1e-9)
   assert h.decode_bytes_per_device == pytest.approx(a.decode_bytes_per_device, rel=0.02)
   # The closed form treats tensor parallelism as free; the compiled steps pay
   # their all-reduces (121 of them on model:8, latency-bound in decode).
@@ -52,7 +52,7 @@ def test_hlo_metrics_agree_with_closed_form(g, T):
   assert h.prefill_flops_per_device == pytest.approx(a.prefill_flops_per_device, rel=0.05)
   # The compiled swap moves each device's share of two users' caches over its
   # own host link; the closed form pushes both whole caches through one.
-  assert h.context_switch_s == pytest.approx(2 * h.kv_bytes_per_user / HW.host_bandwidth)
+  assert h.context_switch_s == pytest.approx(2 * h.kv_bytes_per_user_per_device / HW.host_bandwidth)
   assert h.context_switch_s == pytest.approx(a.context_switch_s / g)
   if g == 1:
     assert h.prefill_s == pytest.approx(a.prefill_s, rel=0.05)
@@ -64,13 +64,13 @@ def test_hlo_metrics_agree_with_closed_form(g, T):
   # (as XLA:CPU does for the same fp32 program): more than the largest weight
   # matrix of a layer, less than a whole layer's weights and cache.
   layer_weights = (CFG.param_bytes() - 2 * CFG.vocab_size * CFG.hidden_size * 2) / CFG.num_layers / g
-  layer_cache = h.kv_bytes_per_user / CFG.num_layers
+  layer_cache = h.kv_bytes_per_user_per_device / CFG.num_layers
   biggest_matrix = CFG.hidden_size * CFG.intermediate_size * 2 / g
-  assert biggest_matrix < h.temp_bytes_per_device < 1.01 * (layer_weights + layer_cache)
+  assert biggest_matrix < h.decode_temp_bytes_per_device < 1.01 * (layer_weights + layer_cache)
   # A prefill materializes the MLP's gate and up projections, [T, F] each.
   assert 2 * T * CFG.intermediate_size * 2 / g < h.prefill_temp_bytes_per_device < 10e9
-  fixed = h.temp_bytes_per_device - layer_cache
-  fits = lambda n: (h.weight_bytes_per_device + n * h.kv_bytes_per_user + max(
+  fixed = h.decode_temp_bytes_per_device - layer_cache
+  fits = lambda n: (h.weight_bytes_per_device + n * h.kv_bytes_per_user_per_device + max(
       fixed + n * layer_cache, h.prefill_temp_bytes_per_device) <= HW.hbm_bytes)
   expected = next(n for n in range(10_000) if not fits(n + 1))
   assert h.concurrency == expected <= a.concurrency
@@ -87,9 +87,9 @@ def test_nothing_fits_reports_the_shortfall():
   assert a.concurrency == h.concurrency == 0
   # 80 GB minus 68.8 GB of weights leaves 11.2 GB; one user needs 12.29 GB,
   # and the HLO's prefill holds its activations beside it.
-  assert a.shortfall_bytes == pytest.approx(12.288e9 - (80e9 - CFG.param_bytes()), rel=1e-6)
-  assert h.shortfall_bytes == pytest.approx(
-      a.shortfall_bytes + h.prefill_temp_bytes_per_device, rel=1e-6)
+  assert a.shortfall_bytes_per_device == pytest.approx(12.288e9 - (80e9 - CFG.param_bytes()), rel=1e-6)
+  assert h.shortfall_bytes_per_device == pytest.approx(
+      a.shortfall_bytes_per_device + h.prefill_temp_bytes_per_device, rel=1e-6)
   assert (a.decode_tokens_per_s, h.sessions_per_hour) == (0, 0)
 
 
@@ -111,18 +111,18 @@ def test_mesh_with_data_and_seq_axes():
   tp4, dp = metrics.from_hlo(CFG, HW, 4, T, B=2), metrics.from_hlo(CFG, HW, "data:2,model:4", T, B=2)
   assert (dp.mesh, dp.num_devices) == ("data:2,model:4", 8)
   assert dp.weight_bytes_per_device == tp4.weight_bytes_per_device
-  assert dp.kv_bytes_per_user == tp4.kv_bytes_per_user
+  assert dp.kv_bytes_per_user_per_device == tp4.kv_bytes_per_user_per_device
   assert dp.prefill_s == tp4.prefill_s
   assert dp.concurrency == 2 * tp4.concurrency
   # Each device reads half the users' caches of the model:4 step, and all its weights.
   assert dp.decode_bytes_per_device == pytest.approx(
-      tp4.decode_bytes_per_device - tp4.kv_bytes_per_user, rel=0.01)
+      tp4.decode_bytes_per_device - tp4.kv_bytes_per_user_per_device, rel=0.01)
   sp = metrics.from_hlo(CFG, HW, "seq:2,model:4", T)
-  assert sp.kv_bytes_per_user == pytest.approx(tp4.kv_bytes_per_user / 2)
+  assert sp.kv_bytes_per_user_per_device == pytest.approx(tp4.kv_bytes_per_user_per_device / 2)
   assert sp.weight_bytes_per_device == tp4.weight_bytes_per_device
   with pytest.raises(ValueError, match="batch 1 must be a multiple of the mesh's data size 2"):
     metrics.from_hlo(CFG, HW, "data:2,model:4", T, B=1)
-  assert math.isclose(metrics.ratios(metrics.from_closed_form(CFG, HW, 4, T), tp4)["kv_bytes_per_user"], 1.0)
+  assert math.isclose(metrics.ratios(metrics.from_closed_form(CFG, HW, 4, T), tp4)["kv_bytes_per_user_per_device"], 1.0)
 
 
 # ---- collective time: latency + ring bytes over one direction of the links ----------

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-FIELDS = {"model", "hardware", "num_devices", "context", "batch", "source", "kv_bytes_per_user",
-          "weight_bytes_per_device", "concurrency", "prefill_flops_per_device", "prefill_s",
+FIELDS = {"model", "hardware", "num_devices", "context", "batch", "source",
+          "kv_bytes_per_user_per_device", "kv_bytes_per_user_total", "weight_bytes_per_device", "concurrency", "prefill_flops_per_device", "prefill_s",
           "decode_bytes_per_device", "decode_step_s", "context_switch_s", "mesh",
-          "temp_bytes_per_device", "prefill_temp_bytes_per_device", "decode_tokens_per_s",
-          "sessions_per_hour"}
+          "decode_temp_bytes_per_device", "prefill_temp_bytes_per_device", "decode_tokens_per_s",
+          "sessions_per_hour", "shortfall_bytes_per_device"}
 
 
 def _run(*flags, timeout=600):
@@ -61,8 +61,8 @@ def test_peak_analysis_meshes_and_op_table(tmp_path):
                        for s in ("analytic", "hlo")}
   assert all(r["num_devices"] == 4 for r in rows.values())
   # seq:2 halves each device's share of a cache; data:2 keeps whole model:2 replicas.
-  assert rows[("seq:2,model:2", "hlo")]["kv_bytes_per_user"] == pytest.approx(
-      rows[("data:2,model:2", "hlo")]["kv_bytes_per_user"] / 2)
+  assert rows[("seq:2,model:2", "hlo")]["kv_bytes_per_user_per_device"] == pytest.approx(
+      rows[("data:2,model:2", "hlo")]["kv_bytes_per_user_per_device"] / 2)
   table = json.loads(ops.read_text())
   assert {(t["mesh"], t["kind"]) for t in table} == {
       ("seq:2,model:2", "prefill"), ("seq:2,model:2", "decode"),
@@ -71,6 +71,29 @@ def test_peak_analysis_meshes_and_op_table(tmp_path):
     seconds = [op["seconds"] for op in t["ops"]]
     assert len(seconds) == 5 and seconds == sorted(seconds, reverse=True)
     assert all(op["op_name"] for op in t["ops"])
+
+
+def test_model_axis_beyond_the_kv_heads(tmp_path):
+  """llama-3.1-70b (N=64, K=8) bf16 at 32K on 16 H100s: each device holds the one
+  KV head its query heads read, 1/8 of a user's cache (1.34 GB, as on model:8),
+  not all 8 heads (10.74 GB, concurrency 3 before); a one-line note says so."""
+  out = tmp_path / "rows.json"
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=16"}
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.peak_analysis", "--model=llama-3.1-70b",
+       "--hardware=h100-sxm", "--contexts=32768", "--mesh=model:8", "--mesh=model:16",
+       f"--json_out={out}"], cwd=ROOT, env={**env, "JAX_PLATFORMS": "cpu"},
+      capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "note: mesh model:16: the model axis (16) exceeds the 8 KV heads" in proc.stdout
+  assert "replicated on 2 devices" in proc.stdout
+  rows = {(r["mesh"], r["source"]): r for r in json.loads(out.read_text())}
+  total = 32768 * 2 * 80 * 8 * 128 * 2  # T x 2 L K H x bf16
+  for mesh in ("model:8", "model:16"):
+    assert rows[(mesh, "hlo")]["kv_bytes_per_user_total"] == total
+    assert rows[(mesh, "analytic")]["kv_bytes_per_user_total"] == total
+    assert rows[(mesh, "hlo")]["kv_bytes_per_user_per_device"] == total / 8
+  assert rows[("model:16", "hlo")]["concurrency"] >= rows[("model:8", "hlo")]["concurrency"] >= 40
 
 
 def test_peak_analysis_rejects_a_bad_mesh():

@@ -41,12 +41,13 @@ class Metrics:
   context: int
   batch: int
   source: str
-  kv_bytes_per_user: float  # per device of the user's replica
+  kv_bytes_per_user_per_device: float  # one user's cache held by each device of its replica
+  kv_bytes_per_user_total: float  # one user's whole cache (every KV head once)
   weight_bytes_per_device: float
-  temp_bytes_per_device: float  # peak temporaries of a decode step of `batch` users
+  decode_temp_bytes_per_device: float  # peak temporaries of a decode step of `batch` users
   prefill_temp_bytes_per_device: float  # peak temporaries of one user's prefill
   concurrency: int  # users whose caches fit in HBM over the whole mesh
-  shortfall_bytes: float  # HBM missing per device for one user when concurrency is 0
+  shortfall_bytes_per_device: float  # HBM missing for one user when concurrency is 0
   prefill_flops_per_device: float
   prefill_s: float  # also the recompute alternative to a context switch
   decode_bytes_per_device: float
@@ -109,10 +110,11 @@ def from_closed_form(config: ModelConfig, hw, mesh: str | int, T: int, B: int = 
   tokens_s, sessions_h = _sessions(conc.users, 1, prefill_s, generated_tokens, step)
   return Metrics(
       config.name, hw.name, label, g, T, B, "analytic",
-      kv_bytes_per_user=analytic.kv_bytes_per_user(config, T, dtype) / g,
+      kv_bytes_per_user_per_device=analytic.kv_bytes_per_user(config, T, dtype) / g,
+      kv_bytes_per_user_total=analytic.kv_bytes_per_user(config, T, dtype),
       weight_bytes_per_device=analytic.weight_bytes(config, dtype, convention) / g,
-      temp_bytes_per_device=0.0, prefill_temp_bytes_per_device=0.0,
-      concurrency=conc.users, shortfall_bytes=conc.shortfall_bytes / g,
+      decode_temp_bytes_per_device=0.0, prefill_temp_bytes_per_device=0.0,
+      concurrency=conc.users, shortfall_bytes_per_device=conc.shortfall_bytes / g,
       prefill_flops_per_device=analytic.prefill_flops(config, T, convention) / g,
       prefill_s=prefill_s,
       decode_bytes_per_device=analytic.decode_step_bytes(config, B, T, dtype, convention) / g,
@@ -257,10 +259,12 @@ def from_hlo(config: ModelConfig, hw, mesh: str | int, T: int, B: int = 1,
   tokens_s, sessions_h = _sessions(users * d, d, prefill_s, generated_tokens, step)
   return Metrics(
       config.name, hw.name, label, num_devices(mesh), T, B, "hlo",
-      kv_bytes_per_user=kv, weight_bytes_per_device=weights,
-      temp_bytes_per_device=decode.temp_bytes,
+      kv_bytes_per_user_per_device=kv,
+      kv_bytes_per_user_total=sum(x.size * x.dtype.itemsize for x in (one_user.k, one_user.v)),
+      weight_bytes_per_device=weights,
+      decode_temp_bytes_per_device=decode.temp_bytes,
       prefill_temp_bytes_per_device=prefill.temp_bytes,
-      concurrency=users * d, shortfall_bytes=shortfall,
+      concurrency=users * d, shortfall_bytes_per_device=shortfall,
       prefill_flops_per_device=prefill.flops, prefill_s=prefill_s,
       decode_bytes_per_device=decode.bytes_ideal, decode_step_s=step_s,
       # Each device moves its own share of the two caches over its own link.
@@ -269,7 +273,7 @@ def from_hlo(config: ModelConfig, hw, mesh: str | int, T: int, B: int = 1,
       sessions_per_hour=sessions_h)
 
 
-RATIO_FIELDS = ("kv_bytes_per_user", "weight_bytes_per_device", "concurrency", "prefill_s",
+RATIO_FIELDS = ("kv_bytes_per_user_per_device", "weight_bytes_per_device", "concurrency", "prefill_s",
                 "decode_step_s", "context_switch_s", "decode_tokens_per_s", "sessions_per_hour")
 
 
