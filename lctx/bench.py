@@ -25,7 +25,7 @@ class Setup:
   config: ModelConfig
   params: Params
   tokens: np.ndarray  # [B, T] prompts
-  reference: Any  # a transformers LlamaForCausalLM with the same weights, or None
+  reference: Any  # a transformers model (Llama/Qwen2/Qwen3) with the same weights, or None
 
   @classmethod
   def create(cls, model: str, context: int, batch: int, seed: int, *, scan_layers: bool,
@@ -46,8 +46,9 @@ def _reference_model(config: ModelConfig, params: Params, threads: int):
   from lctx.checkpoint import hf_config_dict, to_hf_state_dict
 
   torch.set_num_threads(threads)
-  hf_config = transformers.LlamaConfig(**hf_config_dict(config))
-  model = transformers.LlamaForCausalLM(hf_config).to(torch.float32).eval()
+  fields = hf_config_dict(config)  # Llama, Qwen2 or Qwen3, whichever computes the same
+  hf_config = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
+  model = transformers.AutoModelForCausalLM.from_config(hf_config).to(torch.float32).eval()
   state = {k: torch.from_numpy(v) for k, v in to_hf_state_dict(config, params).items()}
   missing, unexpected = model.load_state_dict(state, strict=False)
   allowed_missing = {"lm_head.weight"} if config.tie_word_embeddings else set()

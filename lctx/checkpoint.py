@@ -21,7 +21,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from lctx.config import ModelConfig, _np_dtype
 from lctx.model.params import Params, abstract_params, layer_shapes, stack_layers, top_shapes
@@ -40,7 +40,7 @@ def _hf_layer_spec(config: ModelConfig) -> dict[str, tuple[str, tuple[int, ...],
   D, F, N, K, H = (config.hidden_size, config.intermediate_size, config.num_heads,
                    config.num_kv_heads, config.head_dim)
   same = lambda t: t
-  return {
+  spec = {
       "attn_norm": ("input_layernorm.weight", (D,), same),
       "w_q": ("self_attn.q_proj.weight", (N * H, D), lambda t: t.T.reshape(D, N, H)),
       "w_k": ("self_attn.k_proj.weight", (K * H, D), lambda t: t.T.reshape(D, K, H)),
@@ -51,6 +51,17 @@ def _hf_layer_spec(config: ModelConfig) -> dict[str, tuple[str, tuple[int, ...],
       "w_up": ("mlp.up_proj.weight", (F, D), lambda t: t.T),
       "w_down": ("mlp.down_proj.weight", (D, F), lambda t: t.T),
   }
+  # Optional leaves, named as transformers' Llama/Qwen2/Qwen3 models name them.
+  if config.qkv_bias:
+    spec["b_q"] = ("self_attn.q_proj.bias", (N * H,), lambda t: t.reshape(N, H))
+    spec["b_k"] = ("self_attn.k_proj.bias", (K * H,), lambda t: t.reshape(K, H))
+    spec["b_v"] = ("self_attn.v_proj.bias", (K * H,), lambda t: t.reshape(K, H))
+  if config.o_bias:
+    spec["b_o"] = ("self_attn.o_proj.bias", (D,), same)
+  if config.qk_norm:
+    spec["q_norm"] = ("self_attn.q_norm.weight", (H,), same)
+    spec["k_norm"] = ("self_attn.k_norm.weight", (H,), same)
+  return spec
 
 
 def _hf_top_spec(config: ModelConfig) -> dict[str, tuple[str, tuple[int, ...], Callable]]:
@@ -70,10 +81,15 @@ class _Tensors:
   """Name -> tensor over a checkpoint's safetensors files, each opened once."""
 
   def __init__(self, path: Path, stack: contextlib.ExitStack):
+    self.path = path
     index = path / INDEX_FILE
     if index.is_file():
-      with open(index) as f:
-        weight_map = json.load(f).get("weight_map")
+      try:
+        with open(index) as f:
+          weight_map = json.load(f).get("weight_map")
+      except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ValueError(f"{index}: not a readable safetensors index (JSON object with a "
+                         f"'weight_map'): {type(e).__name__}: {e}") from e
       if not isinstance(weight_map, dict) or not weight_map:
         raise ValueError(f"{index} has no 'weight_map'")
       self.expected_file: dict[str, str] = dict(weight_map)
@@ -89,7 +105,7 @@ class _Tensors:
     for name in files:
       if not (path / name).is_file():
         raise FileNotFoundError(f"shard {name} listed in {INDEX_FILE} is missing from {path}")
-      handle = stack.enter_context(safe_open(str(path / name), framework="numpy"))
+      handle = stack.enter_context(_open_safetensors(path / name))
       self.handles[name] = handle
       for key in handle.keys():
         if key in self.location:
@@ -112,8 +128,9 @@ class _Tensors:
   def check(self, name: str, shape: tuple[int, ...]) -> None:
     """Presence, shape and float dtype, without reading the data."""
     file = self._file(name)
-    tensor = self.handles[file].get_slice(name)
-    found = tuple(tensor.get_shape())
+    with self._reading(file):
+      tensor = self.handles[file].get_slice(name)
+      found = tuple(tensor.get_shape())
     if found != tuple(shape):
       raise ValueError(f"tensor {name} (in {file}) has shape {found}, expected {tuple(shape)} "
                        f"from the config")
@@ -122,14 +139,42 @@ class _Tensors:
                        f"allowed: {FLOAT_DTYPES} (quantized checkpoints are not supported)")
 
   def get(self, name: str) -> np.ndarray:
-    return self.handles[self._file(name)].get_tensor(name)
+    file = self._file(name)
+    with self._reading(file):
+      return self.handles[file].get_tensor(name)
+
+  def _reading(self, file: str):
+    return _safetensors_errors(self.path / file)
+
+
+@contextlib.contextmanager
+def _safetensors_errors(file: Path):
+  """Re-raises a safetensors read error (a truncated or corrupt file) as a
+  one-line ValueError naming the file."""
+  try:
+    yield
+  except (SafetensorError, OSError) as e:
+    size = file.stat().st_size if file.is_file() else None
+    detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise ValueError(f"{file}: not a readable safetensors file ({detail}; {size} bytes): "
+                     f"truncated or corrupt? re-download or re-export it") from e
+
+
+@contextlib.contextmanager
+def _open_safetensors(file: Path):
+  """safe_open(file), its errors re-raised as a ValueError naming the file."""
+  with _safetensors_errors(file):
+    handle = safe_open(str(file), framework="numpy")
+  with handle as opened:
+    yield opened
 
 
 # ---- import ------------------------------------------------------------------------------
 
 def load_hf_checkpoint(path, param_dtype: str | None = None,
                        dtype: str | None = None) -> tuple[ModelConfig, Params]:
-  """Reads an HF Llama-family checkpoint directory into (config, params).
+  """Reads an HF checkpoint directory (a model_type ModelConfig accepts: Llama,
+  Mistral, Qwen2, Qwen3, InternLM) into (config, params).
 
   The directory holds config.json and model.safetensors, or sharded
   *.safetensors with model.safetensors.index.json. Weights are cast to
@@ -192,39 +237,104 @@ def _to_device(x: np.ndarray, target) -> jax.Array:
 
 # ---- orbax save / restore -------------------------------------------------------------------
 
+ORBAX_METADATA = "_METADATA"  # the tree metadata every orbax StandardCheckpointer save writes
+
+
 def save_params(path, params: Params, overwrite: bool = False) -> Path:
-  """Saves params (stacked or unrolled layout) in the stacked layout; returns the path."""
+  """Saves params (stacked or unrolled layout, on any device or mesh) in the
+  stacked layout; returns the path. overwrite=True replaces an earlier orbax
+  checkpoint (or an empty directory), never any other directory."""
   import orbax.checkpoint as ocp
   path = Path(path).expanduser().resolve()
   if path.exists() and not overwrite:
     raise FileExistsError(f"checkpoint path {path} already exists; pass overwrite=True to "
                           f"replace it")
+  if path.exists() and not (path.is_dir() and (_is_orbax_dir(path) or not any(path.iterdir()))):
+    raise FileExistsError(f"{path} exists and is not an orbax checkpoint; overwrite=True only "
+                          f"replaces one written by save_params (remove it yourself)")
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(path, stack_layers(params), force=overwrite)
     ckptr.wait_until_finished()
   return path
 
 
-def restore_params(path, config: ModelConfig | None = None,
-                   abstract: Params | None = None) -> Params:
-  """Restores params saved by save_params (stacked layout).
+def _is_orbax_dir(path: Path) -> bool:
+  return (path / ORBAX_METADATA).is_file()
+
+
+def _check_orbax_dir(path: Path) -> None:
+  """A one-line error, before orbax runs, when `path` is not a checkpoint of save_params."""
+  if not path.exists():
+    raise FileNotFoundError(f"no checkpoint at {path}")
+  if not path.is_dir():
+    raise ValueError(f"{path} is a file, not an orbax lctx checkpoint directory (written by "
+                     f"lctx.save_params)")
+  if _is_orbax_dir(path):
+    return
+  found = sorted(p.name for p in path.iterdir())
+  if (path / "config.json").is_file() or any(path.glob("*.safetensors")):
+    raise ValueError(f"{path} is a Hugging Face checkpoint directory, not an orbax lctx "
+                     f"checkpoint (written by lctx.save_params); read it with "
+                     f"lctx.load_hf_checkpoint({str(path)!r})")
+  raise ValueError(f"{path} is not an orbax lctx checkpoint (written by lctx.save_params): "
+                   f"no {ORBAX_METADATA} file; found {found[:10]}"
+                   f"{' ...' if len(found) > 10 else ''}")
+
+
+def _default_device() -> jax.Device:
+  device = jax.config.jax_default_device
+  if isinstance(device, jax.Device):
+    return device
+  return jax.local_devices(backend=device if isinstance(device, str) else None)[0]
+
+
+def restore_params(path, config: ModelConfig | None = None, abstract: Params | None = None, *,
+                   plan=None) -> Params:
+  """Restores params saved by save_params (stacked layout), whatever mesh saved them.
 
   With `config` (or an explicit `abstract` tree of ShapeDtypeStructs), the
-  stored tree, shapes and dtypes must match it exactly (no silent casts).
+  stored tree, shapes and dtypes must match it exactly (no silent casts);
+  without either, the stored tree comes back as it is.
+  Placement: `plan` (an lctx.sharding.Plan; its config by default): the plan's
+  param shardings (`plan.param_shardings`), as lctx.engine.shard_params lays
+  them out; otherwise the shardings of `abstract`'s leaves where they carry
+  one, else the default device (one device, whatever the saver's topology).
   """
   import orbax.checkpoint as ocp
   if config is not None and abstract is not None:
     raise ValueError("pass either config or abstract, not both")
+  if plan is not None:
+    if config is None and abstract is None:
+      config = plan.config
+    elif config is not None and plan.config != config:
+      raise ValueError(f"the sharding plan was made for model {plan.config.name!r}, not "
+                       f"{config.name!r}")
   path = Path(path).expanduser().resolve()
-  if not path.exists():
-    raise FileNotFoundError(f"no checkpoint at {path}")
+  _check_orbax_dir(path)
   if config is not None:
     abstract = abstract_params(config)
   with ocp.StandardCheckpointer() as ckptr:
+    try:
+      stored = ckptr.metadata(path).item_metadata
+    except Exception as e:  # orbax raises many kinds; name the checkpoint and the cause
+      raise ValueError(f"{path}: unreadable orbax checkpoint metadata ({type(e).__name__}: "
+                       f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
+    stored = getattr(stored, "tree", stored)
+    if not stored:
+      raise ValueError(f"{path} is not an orbax lctx checkpoint (written by "
+                       f"lctx.save_params): orbax finds no saved tree in it")
     if abstract is None:
-      return ckptr.restore(path)
-    _check_stored(ckptr.metadata(path).item_metadata.tree, abstract, path)
-    return ckptr.restore(path, abstract)
+      abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), stored)
+    else:
+      _check_stored(stored, abstract, path)
+    if plan is not None:
+      shardings = plan.param_shardings(abstract)
+    else:
+      device = jax.sharding.SingleDeviceSharding(_default_device())
+      shardings = jax.tree.map(lambda a: getattr(a, "sharding", None) or device, abstract)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+    return ckptr.restore(path, target)
 
 
 def _check_stored(stored, abstract: Params, path: Path) -> None:
@@ -247,7 +357,11 @@ def _check_stored(stored, abstract: Params, path: Path) -> None:
 # ---- export (lctx -> Hugging Face) --------------------------------------------------------
 
 def hf_config_dict(config: ModelConfig) -> dict[str, Any]:
-  """The config.json fields of an equivalent transformers LlamaForCausalLM."""
+  """The config.json fields of an equivalent transformers model: Qwen3ForCausalLM
+  with q/k norm, Qwen2ForCausalLM with q/k/v biases only, else LlamaForCausalLM
+  (attention_bias: q/k/v/o biases). ValueError for a combination no
+  transformers model of these computes (q/k norm or o bias without the
+  matching q/k/v biases)."""
   rs = config.rope_scaling
   rope_scaling = None
   if rs.rope_type == "linear":
@@ -256,8 +370,24 @@ def hf_config_dict(config: ModelConfig) -> dict[str, Any]:
     rope_scaling = {"rope_type": "llama3", "factor": rs.factor,
                     "low_freq_factor": rs.low_freq_factor, "high_freq_factor": rs.high_freq_factor,
                     "original_max_position_embeddings": rs.original_max_position_embeddings}
+  if config.qk_norm:
+    if config.qkv_bias != config.o_bias:
+      raise ValueError(f"no transformers model has q/k norm with qkv_bias={config.qkv_bias} "
+                       f"and o_bias={config.o_bias}; allowed: both true or both false (qwen3)")
+    arch = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+            "attention_bias": config.qkv_bias, "use_sliding_window": False,
+            "sliding_window": None}
+  elif config.qkv_bias and not config.o_bias:
+    arch = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+            "use_sliding_window": False, "sliding_window": None}
+  elif config.qkv_bias == config.o_bias:
+    arch = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "attention_bias": config.qkv_bias}
+  else:
+    raise ValueError("no transformers model has an o_proj bias without q/k/v biases; allowed: "
+                     "o_bias only with qkv_bias")
   return {
-      "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+      **arch, "hidden_act": "silu",
       "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
       "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_layers,
       "num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
@@ -265,18 +395,24 @@ def hf_config_dict(config: ModelConfig) -> dict[str, Any]:
       "rope_theta": config.rope_theta, "rope_scaling": rope_scaling,
       "tie_word_embeddings": config.tie_word_embeddings,
       "max_position_embeddings": config.max_position_embeddings,
-      "attention_bias": False, "mlp_bias": False,
+      "mlp_bias": False,
   }
 
 
 def to_hf_state_dict(config: ModelConfig, params: Params) -> dict[str, np.ndarray]:
   """HF tensor name -> numpy array, the inverse of load_hf_checkpoint's mapping.
 
-  Every lctx leaf is either stored as is (embeddings, norms) or is the HF matrix
-  transposed with its output axis split into heads, so the inverse is a reshape
-  to the transposed HF shape followed by a transpose.
+  Every lctx leaf is either stored as is (embeddings, norms, the o bias), is an
+  HF bias with its axis split into heads, or is the HF matrix transposed with
+  its output axis split into heads, so the inverse is a reshape to the
+  transposed HF shape followed by a transpose. The params must hold exactly
+  the leaves the config has (ValueError otherwise: nothing is dropped).
   """
   params = stack_layers(params)
+  want = set(_hf_layer_spec(config))
+  if set(params["layers"]) != want:
+    raise ValueError(f"params layers hold {sorted(params['layers'])}, but the config has "
+                     f"{sorted(want)}")
 
   def to_hf(x, hf_shape):
     x = np.asarray(x)

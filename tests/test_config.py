@@ -7,7 +7,7 @@ from lctx import ModelConfig
 from lctx.config import RopeScaling, list_presets
 
 PRESETS = ["tiny", "small", "llama-2-7b", "llama-3.1-8b", "mistral-7b", "yi-6b", "yi-34b",
-           "llama-3.1-70b", "llama-3.2-1b"]
+           "llama-3.1-70b", "llama-3.2-1b", "qwen2.5-7b", "qwen3-4b", "mistral-small-24b"]
 
 
 def test_all_presets_present_and_valid():
@@ -84,12 +84,13 @@ def test_rope_parameters_layout_equals_classic_layout(tmp_path):
 
 @pytest.mark.parametrize("change,words", [
     (dict(num_attention_heads=4, num_key_value_heads=3), ["num_heads", "num_kv_heads", "[1, 2, 4]"]),
-    (dict(head_dim=16), ["head_dim", "hidden_size"]),
+    (dict(head_dim=7), ["head_dim", "even"]),  # head_dim != hidden / heads is fine (see
+    (dict(num_key_value_heads=0), ["num_key_value_heads", "positive"]),  # test_architectures)
     (dict(intermediate_size=0), ["intermediate_size", "positive"]),
     (dict(num_hidden_layers=-1), ["num_layers", "positive"]),
     (dict(rope_scaling=dict(rope_type="yarn", factor=4.0)), ["yarn", "llama3", "linear"]),
     (dict(rms_norm_eps=0.0), ["rms_norm_eps"]),
-    (dict(attention_bias=True), ["attention_bias"]),
+    (dict(mlp_bias=True), ["mlp_bias"]),  # attention_bias is modelled now
     (dict(hidden_act="gelu"), ["hidden_act", "silu"]),
     (dict(sliding_window=4096), ["sliding_window"]),
 ])

@@ -15,7 +15,10 @@ Two conventions:
            sum): about 2*L*T^2*N*H. Norm and SwiGLU elementwise work and a
            blocked kernel's surplus (half of each diagonal block, padding to a
            block multiple) are left out: they belong to an implementation,
-           and the compiled HLO (lctx.cost.hlo) shows them. A decode step
+           and the compiled HLO (lctx.cost.hlo) shows them. Attention biases
+           (Qwen2, Llama attention_bias) and q/k norm weights (Qwen3) are
+           parameters (in P, the weight bytes and a decode step's reads) but
+           elementwise work, so they add no FLOPs here either. A decode step
            reads only the B looked-up rows of an untied embedding table.
   "paper"  P rounded as the paper does (`paper_params`, default: config P to 2
            significant digits, 34e9 for Yi-34B); prefill 2*P*T (embedding table
@@ -124,7 +127,8 @@ def kv_bytes_per_user(config, T: int, dtype: str | None = None) -> int:
 
 def layer_matmul_params(config) -> int:
   """Weights of the L layers' matrices (Q, K, V, O and the SwiGLU gate, up and
-  down): the parameters every token multiplies, norms and embeddings excluded."""
+  down): the parameters every token multiplies; norms, attention biases, q/k
+  norm weights and embeddings excluded. N * H need not equal D."""
   D, F, N, K, H = (config.hidden_size, config.intermediate_size, config.num_heads,
                    config.num_kv_heads, config.head_dim)
   return config.num_layers * (2 * D * N * H + 2 * D * K * H + 3 * D * F)

@@ -10,6 +10,9 @@ Layout (shape letters as in lctx.config):
   embed [V, D]; final_norm [D]; lm_head [D, V] (absent when tied)
   layers: attn_norm [L, D], w_q [L, D, N, H], w_k/w_v [L, D, K, H], w_o [L, N, H, D],
           mlp_norm [L, D], w_gate/w_up [L, D, F], w_down [L, F, D]
+          and, only when the config has them: b_q [L, N, H], b_k/b_v [L, K, H]
+          (config.qkv_bias), b_o [L, D] (config.o_bias), q_norm/k_norm [L, H]
+          (config.qk_norm). N * H need not equal D.
 """
 
 from __future__ import annotations
@@ -35,6 +38,15 @@ LAYER_AXES = {
     "w_gate": ("layers", "embed", "mlp"),
     "w_up": ("layers", "embed", "mlp"),
     "w_down": ("layers", "mlp", "embed"),
+    # Optional leaves: biases follow their projection's output axes (b_o is added
+    # after the heads are summed, so it is replicated); q/k norm weights are
+    # shared by all heads and replicated.
+    "b_q": ("layers", "heads", "head_dim"),
+    "b_k": ("layers", "kv_heads", "head_dim"),
+    "b_v": ("layers", "kv_heads", "head_dim"),
+    "b_o": ("layers", "embed"),
+    "q_norm": ("layers", "head_dim"),
+    "k_norm": ("layers", "head_dim"),
 }
 TOP_AXES = {"embed": ("vocab", "embed"), "final_norm": ("embed",), "lm_head": ("embed", "vocab")}
 
@@ -43,8 +55,16 @@ def layer_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
   """Per-layer shapes (without the leading L axis)."""
   D, F, N, K, H = (config.hidden_size, config.intermediate_size, config.num_heads,
                    config.num_kv_heads, config.head_dim)
-  return {"attn_norm": (D,), "w_q": (D, N, H), "w_k": (D, K, H), "w_v": (D, K, H),
-          "w_o": (N, H, D), "mlp_norm": (D,), "w_gate": (D, F), "w_up": (D, F), "w_down": (F, D)}
+  shapes = {"attn_norm": (D,), "w_q": (D, N, H), "w_k": (D, K, H), "w_v": (D, K, H),
+            "w_o": (N, H, D), "mlp_norm": (D,), "w_gate": (D, F), "w_up": (D, F),
+            "w_down": (F, D)}
+  if config.qkv_bias:
+    shapes.update(b_q=(N, H), b_k=(K, H), b_v=(K, H))
+  if config.o_bias:
+    shapes["b_o"] = (D,)
+  if config.qk_norm:
+    shapes.update(q_norm=(H,), k_norm=(H,))
+  return shapes
 
 
 def top_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -58,7 +78,7 @@ def top_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 def param_logical_axes(config: ModelConfig) -> Params:
   """Same tree structure as the params, with a tuple of logical axis names per leaf."""
   axes: Params = {k: TOP_AXES[k] for k in top_shapes(config)}
-  axes["layers"] = dict(LAYER_AXES)
+  axes["layers"] = {k: LAYER_AXES[k] for k in layer_shapes(config)}
   return axes
 
 
@@ -88,7 +108,8 @@ class Decoder(nnx.Module):
 
 
 def init_params(config: ModelConfig, seed: int = 0, std: float = 0.02) -> Params:
-  """Random weights (normal(0, std), norms at 1) as a nested dict of arrays."""
+  """Random weights (normal(0, std), biases included; norms at 1) as a nested
+  dict of arrays."""
   _, state = nnx.split(Decoder(config, nnx.Rngs(seed), std))
   return nnx.to_pure_dict(state)
 

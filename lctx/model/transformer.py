@@ -32,7 +32,12 @@ PREFILL_BLOCK = 512
 
 def _qkv(config: ModelConfig, lp: Params, x_btd: jax.Array, rope: tuple[jax.Array, jax.Array]):
   """Q, K (rotated by the RoPE tables `rope` = (cos, sin), computed once for
-  all layers) and V of one layer."""
+  all layers) and V of one layer.
+
+  With config.qkv_bias the projections add their biases (Qwen2, Llama's
+  attention_bias); with config.qk_norm each head of q and k is RMS-normalised
+  over head_dim with weights shared by the heads, after the bias and before
+  RoPE (Qwen3)."""
   # Separate Q, K, V matmuls: a fused [D, N + 2K, H] projection measured 2x
   # slower in CPU prefill (slicing its output costs more than it saves).
   dtype = x_btd.dtype
@@ -40,16 +45,26 @@ def _qkv(config: ModelConfig, lp: Params, x_btd: jax.Array, rope: tuple[jax.Arra
   q = jnp.einsum("btd,dnh->btnh", h, lp["w_q"].astype(dtype))
   k = jnp.einsum("btd,dkh->btkh", h, lp["w_k"].astype(dtype))
   v = jnp.einsum("btd,dkh->btkh", h, lp["w_v"].astype(dtype))
+  if config.qkv_bias:
+    q = q + lp["b_q"].astype(dtype)
+    k = k + lp["b_k"].astype(dtype)
+    v = v + lp["b_v"].astype(dtype)
+  if config.qk_norm:
+    q = rms_norm(q, lp["q_norm"], config.rms_norm_eps)
+    k = rms_norm(k, lp["k_norm"], config.rms_norm_eps)
   cos, sin = rope
   return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
 def _out_and_mlp(config: ModelConfig, lp: Params, x_btd: jax.Array, attn_btnh: jax.Array):
   B, T, N, H = attn_btnh.shape
-  # One [N*H, D] matmul on flattened heads: with a (n, h) einsum the CPU backend
-  # picked a layout that transposes w_o every step.
+  # One [N*H, D] matmul on flattened heads (N*H need not equal D): with a (n, h)
+  # einsum the CPU backend picked a layout that transposes w_o every step.
   w_o = lp["w_o"].astype(x_btd.dtype).reshape(N * H, -1)
-  x = x_btd + attn_btnh.reshape(B, T, N * H) @ w_o
+  out = attn_btnh.reshape(B, T, N * H) @ w_o
+  if config.o_bias:
+    out = out + lp["b_o"].astype(x_btd.dtype)
+  x = x_btd + out
   h = rms_norm(x, lp["mlp_norm"], config.rms_norm_eps)
   return x + swiglu(h, lp["w_gate"], lp["w_up"], lp["w_down"])
 
