@@ -3,9 +3,8 @@
 from lctx import sharding
 from lctx.cache import KVCache, init_cache
 from lctx.config import ModelConfig
-from lctx.engine import decode_step, generate, prefill
+from lctx.engine import decode_step, forward, generate, prefill
 from lctx.model.params import abstract_params, init_params, stack_layers, unstack_layers
-from lctx.model.transformer import forward
 from lctx.sampling import SamplingConfig
 
 __all__ = [

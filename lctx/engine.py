@@ -9,6 +9,7 @@ place (tests check the compiled step's temporaries against the cache size).
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,7 @@ import numpy as np
 from lctx.cache.dense import KVCache, init_cache
 from lctx.config import ModelConfig
 from lctx.model import transformer
-from lctx.model.params import Params
+from lctx.model.params import Params, abstract_params
 from lctx.sampling import SamplingConfig, sample
 from lctx.sharding import Plan
 
@@ -84,30 +85,113 @@ def sharded_step(kind: str, plan: Plan, params: Params, cache: KVCache,
   return _SHARDED_STEPS[key]
 
 
-def _check_vocab(config: ModelConfig, tokens: jax.Array, name: str) -> None:
-  """Token ids outside [0, V) would be silently clamped by the embedding lookup."""
+def _check_vocab(config: ModelConfig, tokens, name: str) -> None:
+  """Token ids outside [0, V) would be silently clamped by the embedding lookup
+  (NaN logits past the end, another row's embedding below 0). Traced tokens
+  (under an outer jit) cannot be checked here."""
   if isinstance(tokens, jax.core.Tracer) or tokens.size == 0:
     return
-  low, high = int(jnp.min(tokens)), int(jnp.max(tokens))
+  xp = np if isinstance(tokens, np.ndarray) else jnp
+  low, high = int(xp.min(tokens)), int(xp.max(tokens))
   if low < 0 or high >= config.vocab_size:
     raise ValueError(f"{name} holds token ids in [{low}, {high}], outside the vocabulary "
                      f"[0, {config.vocab_size})")
 
 
-def _check_tokens(config: ModelConfig, tokens, lengths):
-  tokens = jnp.asarray(tokens)
-  if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-    raise ValueError(f"tokens must be an integer array [B, T], got {tokens.dtype}{tokens.shape}")
-  B, T = tokens.shape
-  if T == 0:
+def _as_token_array(tokens):
+  """A jax array (or tracer) as is; anything else as a host numpy array, so ids
+  are checked before a cast to int32 could wrap them (int64 on the host)."""
+  return tokens if isinstance(tokens, jax.Array) else np.asarray(tokens)
+
+
+def _check_token_ids(config: ModelConfig, tokens, ndim: int, what: str):
+  """Integer token ids of rank `ndim` inside the vocabulary -> int32 jax array."""
+  tokens = _as_token_array(tokens)
+  if tokens.ndim != ndim or not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f"tokens must be an integer array {what}, got "
+                     f"{np.dtype(tokens.dtype).name}{tuple(tokens.shape)}")
+  if ndim == 2 and tokens.shape[1] == 0:
     raise ValueError("tokens must hold at least one token per row (T >= 1)")
   _check_vocab(config, tokens, "tokens")
+  return jnp.asarray(tokens, jnp.int32)
+
+
+def _check_tokens(config: ModelConfig, tokens, lengths):
+  tokens = _check_token_ids(config, tokens, 2, "[B, T]")
+  B, T = tokens.shape
   if lengths is None:
-    return tokens.astype(jnp.int32), jnp.full((B,), T, jnp.int32)
+    return tokens, jnp.full((B,), T, jnp.int32)
   lengths_np = np.asarray(lengths)
-  if lengths_np.shape != (B,) or lengths_np.min() < 1 or lengths_np.max() > T:
-    raise ValueError(f"lengths must have shape ({B},) with values in [1, {T}], got {lengths_np}")
-  return tokens.astype(jnp.int32), jnp.asarray(lengths_np, jnp.int32)
+  if (lengths_np.shape != (B,) or not jnp.issubdtype(lengths_np.dtype, jnp.integer)
+      or lengths_np.min() < 1 or lengths_np.max() > T):
+    raise ValueError(f"lengths must be integers of shape ({B},) with values in [1, {T}], "
+                     f"got {lengths_np}")
+  return tokens, jnp.asarray(lengths_np, jnp.int32)
+
+
+# ---- params against the config ---------------------------------------------------------
+
+_PARAMS_OK: dict = {}  # (config, treedef) -> the leaf shapes that match it
+
+
+def _expected_params(config: ModelConfig, unrolled: bool) -> Params:
+  """abstract_params(config) (ShapeDtypeStructs), stacked or per-layer."""
+  abstract = abstract_params(config)
+  if unrolled:
+    one = {k: jax.ShapeDtypeStruct(x.shape[1:], x.dtype) for k, x in abstract["layers"].items()}
+    abstract["layers"] = tuple(dict(one) for _ in range(config.num_layers))
+  return abstract
+
+
+def check_params(config: ModelConfig, params: Params) -> None:
+  """Raises a one-line ValueError naming the first leaf of `params` whose
+  presence or shape differs from lctx.abstract_params(config), in either
+  layout (stacked, or the per-layer tuple of lctx.unstack_layers). Shapes only
+  (dtypes may differ: they are cast where used), host side, cached per config
+  and tree structure, so cheap enough for every step."""
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  shapes = tuple(tuple(np.shape(x)) for x in leaves)
+  key = (config, treedef)
+  if _PARAMS_OK.get(key) == shapes:
+    return
+  where = f"params do not match config {config.name!r}"
+  if not isinstance(params, Mapping) or "layers" not in params:
+    found = sorted(params) if isinstance(params, Mapping) else type(params).__name__
+    want = ["embed", "final_norm", "layers"] + ([] if config.tie_word_embeddings else ["lm_head"])
+    raise ValueError(f"{where}: expected a dict with keys {want}, got {found}")
+  unrolled = isinstance(params["layers"], (tuple, list))
+  if unrolled and len(params["layers"]) != config.num_layers:
+    raise ValueError(f"{where}: params['layers'] holds {len(params['layers'])} per-layer "
+                     f"dicts, expected num_layers = {config.num_layers}")
+  want = {jax.tree_util.keystr(p): tuple(x.shape)
+          for p, x in jax.tree_util.tree_flatten_with_path(_expected_params(config, unrolled))[0]}
+  got = {jax.tree_util.keystr(p): tuple(np.shape(x))
+         for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  for name, shape in want.items():
+    if name not in got:
+      raise ValueError(f"{where}: params{name} is missing (expected shape {shape})")
+    if got[name] != shape:
+      raise ValueError(f"{where}: params{name} has shape {got[name]}, expected {shape}")
+  for name, shape in got.items():
+    if name not in want:
+      tied = " (tie_word_embeddings=True)" if "lm_head" in name else ""
+      raise ValueError(f"{where}: params{name} (shape {shape}) is not a parameter of this "
+                       f"config{tied}")
+  if len(_PARAMS_OK) > 256:
+    _PARAMS_OK.clear()
+  _PARAMS_OK[key] = shapes
+
+
+def forward(config: ModelConfig, params: Params, tokens, block: int = PREFILL_BLOCK) -> jax.Array:
+  """Teacher-forced logits [B, T, V] (fp32) for integer tokens [B, T].
+
+  transformer.forward with its inputs checked first: token ids inside the
+  vocabulary (when concrete, i.e. not traced under an outer jit), tokens an
+  integer [B, T] array and params the shapes of the config (ValueError).
+  """
+  check_params(config, params)
+  tokens = _check_token_ids(config, tokens, 2, "[B, T]")
+  return transformer.forward(config, params, tokens, block)
 
 
 def prefill(config: ModelConfig, params: Params, tokens, cache: KVCache, lengths=None,
@@ -118,6 +202,7 @@ def prefill(config: ModelConfig, params: Params, tokens, cache: KVCache, lengths
   plan, runs sharded on its mesh (params from shard_params, cache from
   new_cache(..., plan=plan)).
   """
+  check_params(config, params)
   tokens, lengths = _check_tokens(config, tokens, lengths)
   if tokens.shape[0] != cache.batch:
     raise ValueError(f"batch of tokens ({tokens.shape[0]}) != cache batch ({cache.batch})")
@@ -134,11 +219,12 @@ def prefill(config: ModelConfig, params: Params, tokens, cache: KVCache, lengths
 def decode_step(config: ModelConfig, params: Params, tokens, cache: KVCache,
                 plan: Plan | None = None) -> tuple[jax.Array, KVCache]:
   """Appends one token per row (tokens [B]) and returns its logits [B, V]. Donates `cache`."""
-  tokens = jnp.asarray(tokens, jnp.int32)
+  check_params(config, params)
+  tokens = _as_token_array(tokens)
   if tokens.shape != (cache.batch,):
     raise ValueError(f"tokens must have shape ({cache.batch},) (one per cache row), "
-                     f"got {tokens.shape}")
-  _check_vocab(config, tokens, "tokens")
+                     f"got {tuple(tokens.shape)}")
+  tokens = _check_token_ids(config, tokens, 1, f"[{cache.batch}]")
   if not isinstance(cache.lengths, jax.core.Tracer):
     fullest = int(jnp.max(cache.lengths))
     if fullest >= cache.capacity:
@@ -162,6 +248,7 @@ def generate(config: ModelConfig, params: Params, tokens, *, max_new_tokens: int
   plan: run sharded on its mesh (params are placed with shard_params).
   Returns the new tokens [B, max_new_tokens] int32.
   """
+  check_params(config, params)
   tokens, lengths = _check_tokens(config, tokens, lengths)
   T = tokens.shape[1]
   if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:

@@ -1,4 +1,12 @@
-"""Next-token selection: greedy, or temperature / top-k / top-p sampling."""
+"""Next-token selection: greedy, or temperature / top-k / top-p sampling.
+
+Truncation is by rank, with ties broken by token index (lower index first, as
+greedy argmax does): top-k keeps exactly k tokens, top-p the smallest prefix
+of the sorted distribution whose mass reaches top_p. (transformers'
+TopKLogitsWarper keeps every token tied with the k-th, and TopPLogitsWarper
+breaks ties at the cutoff towards the higher index; without ties at the
+cutoff the kept sets are the same.)
+"""
 
 from __future__ import annotations
 
@@ -29,20 +37,46 @@ class SamplingConfig:
     return self.temperature == 0
 
 
+def _candidates(logits: jax.Array, config: SamplingConfig):
+  """(values [B, C], ids [B, C] or None): the tempered logits of the tokens that
+  may be drawn, best first (ties: lower id first), -inf where truncated away;
+  ids None when nothing is truncated (then values are all V logits in order)."""
+  logits = logits.astype(jnp.float32) / config.temperature
+  V = logits.shape[-1]
+  top_k = config.top_k if 0 < config.top_k < V else 0
+  if not top_k and config.top_p >= 1:
+    return logits, None
+  if top_k:  # lax.top_k: sorted descending, equal values in increasing index order
+    values, ids = jax.lax.top_k(logits, top_k)
+  else:  # a stable sort of the negated logits: descending, ties by increasing index
+    ids = jnp.argsort(-logits, axis=-1, stable=True)
+    values = jnp.take_along_axis(logits, ids, axis=-1)
+  if config.top_p < 1:
+    # The smallest prefix whose mass reaches top_p: a token stays while the
+    # mass strictly before it (an exclusive cumulative sum) is below top_p.
+    probs = jax.nn.softmax(values, axis=-1)
+    mass_before = jnp.concatenate(
+        [jnp.zeros_like(probs[:, :1]), jnp.cumsum(probs, axis=-1)[:, :-1]], axis=-1)
+    values = jnp.where(mass_before < config.top_p, values, -jnp.inf)
+  return values, ids.astype(jnp.int32)
+
+
+def truncate(logits_bv: jax.Array, config: SamplingConfig) -> jax.Array:
+  """The tempered logits [B, V] (fp32) that `sample` draws from: -inf outside
+  the top-k / top-p set."""
+  values, ids = _candidates(logits_bv, config)
+  if ids is None:
+    return values
+  rows = jnp.arange(values.shape[0])[:, None]
+  return jnp.full(logits_bv.shape, -jnp.inf, jnp.float32).at[rows, ids].set(values)
+
+
 def sample(logits_bv: jax.Array, key: jax.Array, config: SamplingConfig) -> jax.Array:
   """Tokens [B] int32 from logits [B, V]."""
   if config.greedy:
     return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
-  logits = logits_bv.astype(jnp.float32) / config.temperature
-  if config.top_k and config.top_k < logits.shape[-1]:
-    kth = jax.lax.top_k(logits, config.top_k)[0][:, -1:]
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
-  if config.top_p < 1:
-    # Keep the smallest prefix of the sorted distribution whose mass reaches
-    # top_p: a token stays if the mass strictly before it is below top_p.
-    desc = -jnp.sort(-logits, axis=-1)
-    probs = jax.nn.softmax(desc, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    cutoff = jnp.min(jnp.where(mass_before < config.top_p, desc, jnp.inf), axis=-1, keepdims=True)
-    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+  values, ids = _candidates(logits_bv, config)
+  drawn = jax.random.categorical(key, values, axis=-1).astype(jnp.int32)
+  if ids is None:
+    return drawn
+  return jnp.take_along_axis(ids, drawn[:, None], axis=-1)[:, 0]

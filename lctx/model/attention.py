@@ -8,6 +8,7 @@ compression policies and context parallelism compose without special cases.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -16,6 +17,8 @@ import numpy as np
 
 # Finite stand-in for -inf: exp(MASKED - m) underflows to 0 without inf - inf NaNs.
 MASKED = -0.7 * float(np.finfo(np.float32).max)
+# A scan's trip count and loop counter are int32.
+_MAX_TRIP_COUNT = int(np.iinfo(np.int32).max)
 
 
 class Partial(NamedTuple):
@@ -83,6 +86,9 @@ def causal_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
   the scan walks the full rectangle and skips fully hidden pairs with a cond.
   The G query heads sharing a KV head are folded into the rows of one matmul
   per pair, and only pairs that straddle the diagonal pay for the mask.
+  The pair count must fit the scan's int32 trip count (with 512-token blocks,
+  up to 33.5M tokens of self-attention): beyond, a ValueError names the
+  smallest block that fits, while tracing (nothing is compiled).
   """
   B, Tq, N, H = q_btnh.shape
   Tk, K = k_btkh.shape[1], k_btkh.shape[2]
@@ -100,11 +106,17 @@ def causal_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
   v = v_btkh.reshape(B, nbk, block, K, H).transpose(0, 3, 1, 2, 4)
   triangle = q_offset is None
   if triangle:
-    rows, cols = np.tril_indices(nbq)  # (0,0), (1,0), (1,1), (2,0), ...: row by row
     q_offset = 0
-  else:
-    rows, cols = (a.ravel() for a in np.indices((nbq, nbk)))
-  last = np.append(rows[1:] != rows[:-1], True)  # the final pair of each row
+  # Block pairs walked row by row, (0,0), (1,0), (1,1), (2,0), ... for the
+  # triangle; (i, j) advance in the scan's carry, so nothing grows with T^2
+  # outside the device loop (an index table of nb^2 pairs was 3.5 TiB of host
+  # memory at 1e9 tokens).
+  steps = _block_pairs(Tq, Tk, block, triangle)
+  if steps > _MAX_TRIP_COUNT:
+    raise ValueError(
+        f"causal attention over {Tq:,} queries and {Tk:,} keys in blocks of {block} walks "
+        f"{steps:,} block pairs, more than a scan's int32 trip count allows "
+        f"({_MAX_TRIP_COUNT:,}); use a block of at least {_min_block(Tq, Tk, triangle)} tokens")
   row_pos = jnp.tile(jnp.arange(block), G)  # position within the block of each of the M rows
 
   def attend(acc, i, j):
@@ -126,9 +138,9 @@ def causal_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
         "bkms,bksh->bkmh", p.astype(v_j.dtype), v_j, preferred_element_type=jnp.float32)
     return Partial(o, m, acc.sum * correction + p.sum(axis=-1))
 
-  def step(carry, xs):
-    acc, out = carry
-    i, j, is_last = xs
+  def step(carry, _):
+    acc, out, i, j = carry
+    is_last = j == (i if triangle else nbk - 1)  # the final pair of row i
     if triangle:  # every pair has visible keys
       acc = attend(acc, i, j)
     else:
@@ -137,14 +149,31 @@ def causal_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
     done = finalize(acc, out.dtype)  # outside the cond: its branches differ only in bytes
     out = jax.lax.cond(is_last, lambda out: jax.lax.dynamic_update_index_in_dim(
         out, done, i, axis=2), lambda out: out, out)
-    return (acc, out), None
+    i, j = jnp.where(is_last, i + 1, i), jnp.where(is_last, 0, j + 1)
+    return (acc, out, i, j), None
 
   acc0 = Partial(jnp.zeros((B, K, M, H), jnp.float32), jnp.full((B, K, M), MASKED, jnp.float32),
                  jnp.zeros((B, K, M), jnp.float32))
-  xs = (jnp.asarray(rows, jnp.int32), jnp.asarray(cols, jnp.int32), jnp.asarray(last))
-  (_, out), _ = jax.lax.scan(step, (acc0, jnp.zeros_like(q)), xs)
+  zero = jnp.zeros((), jnp.int32)
+  (_, out, _, _), _ = jax.lax.scan(step, (acc0, jnp.zeros_like(q), zero, zero), None,
+                                   length=steps)
   out = out.reshape(B, K, nbq, G, block, H).transpose(0, 2, 4, 1, 3, 5)
   return out.reshape(B, Tq_pad, N, H)[:, :Tq]
+
+
+def _block_pairs(Tq: int, Tk: int, block: int, triangle: bool) -> int:
+  """Steps of causal_attention's scan: the lower triangle of nb x nb block
+  pairs, or the whole nbq x nbk rectangle (Python ints: nothing allocated)."""
+  nbq, nbk = -(-Tq // block), -(-Tk // block)
+  return nbq * (nbq + 1) // 2 if triangle else nbq * nbk
+
+
+def _min_block(Tq: int, Tk: int, triangle: bool) -> int:
+  """The smallest block (a multiple of 8) whose scan fits an int32 trip count."""
+  block = _round_up(max(math.isqrt(Tq * Tk // (2 if triangle else 1) // _MAX_TRIP_COUNT), 1), 8)
+  while _block_pairs(Tq, Tk, block, triangle) > _MAX_TRIP_COUNT:
+    block += 8
+  return block
 
 
 def _round_up(x: int, m: int) -> int:
