@@ -20,7 +20,9 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
+
+from experiments import cli
 
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Runs of each command.", lower_bound=1)
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write the timings here as JSON.")
@@ -44,8 +46,8 @@ def time_run(flags_: list[str]) -> float:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # cli.run refuses positional arguments
+  cli.check_output_paths(json_out=_JSON_OUT.value)
   runs = {name: RUNS[name] for name in _ONLY.value}
   times = {name: [] for name in runs}
   for r in range(_REPEATS.value):
@@ -66,4 +68,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -11,6 +11,10 @@ time, next to the machine's read bandwidth (a >= 1 GB buffer summed by torch
 and by XLA, all threads). The reference's speed depends on its versions: the
 test extra pins torch and transformers, and the JSON records the installed
 jax, jaxlib, torch, transformers and numpy under "versions".
+
+The weights are always random (from --seed; speed does not depend on their
+values), also when --model names a checkpoint directory: the output and the
+JSON say so ("weights": "random (seed N)").
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import os
 
 from absl import app, flags
 
-from experiments import distributed
+from experiments import cli, distributed
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "small", "Preset name or config.json path.")
@@ -38,15 +42,28 @@ flags.DEFINE_string("json_out", None, "Write the results here as JSON.")
 
 
 def main(argv):
-  del argv
-  distributed.maybe_initialize()
-  import jax
-
-  from lctx import bench
-
+  del argv  # cli.run refuses positional arguments
   for name in ("context", "batch", "decode_steps", "rounds", "threads", "read_buffer_mb"):
     if getattr(FLAGS, name) < 1:
       raise app.UsageError(f"--{name} must be >= 1, got {getattr(FLAGS, name)}")
+  cli.check_output_paths(json_out=FLAGS.json_out)
+  if FLAGS.context + FLAGS.decode_steps > cli.MAX_TOKENS:
+    raise app.UsageError(f"--context={FLAGS.context}: with --decode_steps={FLAGS.decode_steps} "
+                         f"it exceeds the {cli.MAX_TOKENS} positions lctx's int32 positions "
+                         f"can index")
+  distributed.maybe_initialize()
+  import jax
+
+  from lctx import ModelConfig, bench
+
+  try:
+    config = ModelConfig.resolve(FLAGS.model)  # what bench.Setup.create runs (fp32)
+  except (ValueError, FileNotFoundError) as e:
+    raise app.UsageError(f"--model={FLAGS.model}: {e}") from e
+  cli.warn_beyond_positions(config, [FLAGS.context + FLAGS.decode_steps],
+                            what=f"--context={FLAGS.context} + {FLAGS.decode_steps} decode "
+                                 f"steps: context")
+  weights = f"random (seed {FLAGS.seed})"
   setup = bench.Setup.create(FLAGS.model, FLAGS.context, FLAGS.batch, FLAGS.seed,
                              scan_layers=FLAGS.scan_layers, threads=FLAGS.threads,
                              reference=FLAGS.reference)
@@ -54,6 +71,11 @@ def main(argv):
   print(f"model {setup.config.name}: {setup.config.num_params / 1e6:.1f}M params fp32, "
         f"context {FLAGS.context}, batch {FLAGS.batch}, backend {jax.default_backend()}, "
         f"{os.cpu_count()} cores, torch threads {FLAGS.threads}")
+  checkpoint = os.path.isdir(FLAGS.model) and any(
+      f.endswith(".safetensors") for f in os.listdir(FLAGS.model))
+  print(f"weights: {weights}" + (
+      f" (the weights in --model={FLAGS.model} are not loaded: speed does not depend on them)"
+      if checkpoint else " (speed does not depend on their values)"))
   print(f"versions: {bench.format_versions(versions)}")
   results = bench.run(setup, rounds=FLAGS.rounds, decode_steps=FLAGS.decode_steps)
   results["machine_read_gb_s"], results["machine_read_gb_s_xla"] = bench.machine_read_gb_s(
@@ -62,7 +84,7 @@ def main(argv):
   results.update(model=setup.config.name, context=FLAGS.context, batch=FLAGS.batch,
                  scan_layers=FLAGS.scan_layers, backend=jax.default_backend(),
                  cpu_count=os.cpu_count(), torch_threads=FLAGS.threads,
-                 jax_version=jax.__version__, versions=versions)
+                 jax_version=jax.__version__, versions=versions, weights=weights)
   print(bench.format_results(results))
   if FLAGS.json_out:
     with open(FLAGS.json_out, "w") as f:
@@ -71,4 +93,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -4,25 +4,53 @@ from __future__ import annotations
 
 from absl import app
 
+from experiments import cli
 
-def require_devices(n: int) -> None:
-  """UsageError unless this process sees at least n devices."""
+
+def require_devices(n: int, flag: str) -> None:
+  """UsageError unless this process sees at least n devices; `flag` names the
+  flag that asked for them (e.g. '--mesh=model:16')."""
   import jax
   if n > jax.device_count():
-    raise app.UsageError(f"--num_devices up to {n} needs that many devices; this process has "
-                         f"{jax.device_count()} (on CPU set XLA_FLAGS="
-                         f"--xla_force_host_platform_device_count={n})")
+    raise app.UsageError(f"{flag} needs {n} devices; this process has {jax.device_count()} "
+                         f"({cli.devices_hint(n)})")
 
 
-def model_and_hardware(model: str, hardware: str, dtype: str):
-  """(ModelConfig in `dtype`, HardwareSpec), bad names as UsageErrors listing the choices."""
+def model(model: str, dtype: str):
+  """The ModelConfig in `dtype`; a bad name is a UsageError listing the presets."""
   import lctx
-  from lctx.cost.hardware import load_hardware
   try:
-    return (lctx.ModelConfig.resolve(model, param_dtype=dtype, dtype=dtype),
-            load_hardware(hardware))
+    return lctx.ModelConfig.resolve(model, param_dtype=dtype, dtype=dtype)
   except (ValueError, FileNotFoundError) as e:
-    raise app.UsageError(str(e)) from e
+    raise app.UsageError(f"--model={model}: {e}") from e
+
+
+def hardware(hardware: str, dtype: str):
+  """The HardwareSpec; a bad name is a UsageError listing the choices, and a spec
+  without a peak for `dtype` is refused (cpu-local measures float32 and `dtype`)."""
+  from lctx.cost.hardware import CPU_LOCAL, load_hardware
+  try:  # cpu-local measures float32 and `dtype`
+    spec = load_hardware(hardware, dtypes=(dtype,) if hardware == CPU_LOCAL else ())
+  except (ValueError, FileNotFoundError) as e:
+    raise app.UsageError(f"--hardware={hardware}: {e}") from e
+  try:
+    spec.flops(dtype)
+  except ValueError as e:
+    raise app.UsageError(f"--dtype={dtype} on --hardware={hardware}: {e}") from e
+  return spec
+
+
+def model_and_hardware(model_name: str, hardware_name: str, dtype: str):
+  """(model(...), hardware(...))."""
+  return model(model_name, dtype), hardware(hardware_name, dtype)
+
+
+def check_contexts(contexts, flag: str) -> None:
+  """UsageError for a context lctx cannot index (int32 positions)."""
+  big = [T for T in contexts if T > cli.MAX_TOKENS]
+  if big:
+    raise app.UsageError(f"{flag}: {big} exceed{'s' if len(big) == 1 else ''} the "
+                         f"{cli.MAX_TOKENS} tokens lctx's int32 positions can index")
 
 
 def kv_replication_note(config, mesh: str) -> str | None:

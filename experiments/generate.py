@@ -3,13 +3,23 @@
   python -m experiments.generate                      # tiny preset, random weights
   python -m experiments.generate --model=small --batch=4 --temperature=0.8 --top_k=40
   python -m experiments.generate --checkpoint=/path/to/hf_dir --prompt_tokens=1,2,3
+  python -m experiments.generate --model=/path/to/hf_dir    # the same as --checkpoint
   python -m experiments.generate --model=tiny --checkpoint=/path/to/orbax_dir
 
 --seed seeds the random weights (when there is no checkpoint), the random
 prompts and the sampling key. A --checkpoint directory holding config.json or
 *.safetensors is read as a Hugging Face checkpoint (its config.json is the
 model); any other directory is an orbax checkpoint written by
-lctx.save_params, restored against the --model config.
+lctx.save_params, restored against the --model config. A --model directory
+holding *.safetensors is loaded as that HF checkpoint; a --model preset or
+config.json alone runs random weights, and the output says so ("weights:
+random (seed N)", also in the JSON).
+
+Everything that can be checked is checked before weights load or anything
+compiles: --json_out's directory, --mesh against the devices and the model,
+and the KV cache's and weights' bytes against available memory. On CPU,
+--mesh gets its devices by itself (XLA_FLAGS, unless that already sets a
+device count).
 """
 
 from __future__ import annotations
@@ -20,11 +30,12 @@ import time
 from pathlib import Path
 
 from absl import app, flags
-import jax
 import numpy as np
 
-import lctx
-from experiments import distributed
+from experiments import cli, distributed
+
+# jax and lctx are imported in main, once --mesh has set the CPU device count
+# (cli.want_cpu_devices must run before jax starts its backends).
 
 _MODEL = flags.DEFINE_string(
     "model", "tiny", "Preset name, config.json path or checkpoint directory.")
@@ -83,6 +94,11 @@ def is_hf_checkpoint(path: Path) -> bool:
   return (path / "config.json").is_file() or any(path.glob("*.safetensors"))
 
 
+def has_weights(path: Path) -> bool:
+  """A directory holding *.safetensors: an HF checkpoint with weights, not a config."""
+  return path.is_dir() and any(path.glob("*.safetensors"))
+
+
 def _mismatched_fields(a, b) -> list[str]:
   """Architecture fields that differ (name and dtypes ignored)."""
   skip = ("name", "param_dtype", "dtype")
@@ -90,117 +106,235 @@ def _mismatched_fields(a, b) -> list[str]:
           if f.name not in skip and getattr(a, f.name) != getattr(b, f.name)]
 
 
-def load_model(seed: int):
-  """(config, stacked params) from --model / --checkpoint / --dtype."""
+@dataclasses.dataclass(frozen=True)
+class Weights:
+  """Where the weights come from: kind 'random' (from seed), 'hf' or 'orbax' (path)."""
+  kind: str
+  seed: int = 0
+  path: Path | None = None
+  flag: str = ""  # the flag that named the path
+
+  @property
+  def label(self) -> str:
+    """"random (seed N)" or the checkpoint's path (printed and in the JSON)."""
+    return f"random (seed {self.seed})" if self.kind == "random" else str(self.path)
+
+
+def resolve_model(seed: int):
+  """(config, Weights) from --model / --checkpoint / --dtype, without loading
+  any weight: everything here is cheap, so it is checked before loading."""
   overrides = {"dtype": _DTYPE.value} if _DTYPE.value else {}
   path = Path(_CHECKPOINT.value).expanduser() if _CHECKPOINT.value else None
   if path is None:
-    config = _resolve_config(_MODEL.value, overrides)
-    return config, lctx.init_params(config, seed)
+    model_path = Path(_MODEL.value).expanduser()
+    if has_weights(model_path):  # --model=<HF checkpoint dir>: its weights, not random ones
+      return _hf_config(model_path, "model", overrides), Weights("hf", path=model_path,
+                                                                 flag="model")
+    return _resolve_config(_MODEL.value, overrides), Weights("random", seed=seed)
   if not path.is_dir():
     raise app.UsageError(f"--checkpoint={_CHECKPOINT.value}: not a directory")
   if is_hf_checkpoint(path):
-    try:
-      config = lctx.ModelConfig.from_hf_config(path, **overrides)  # cheap: check before loading
-    except (ValueError, FileNotFoundError) as e:
-      raise app.UsageError(f"--checkpoint={path} (HF): {e}") from e
+    config = _hf_config(path, "checkpoint", overrides)
     if flags.FLAGS["model"].present:
       diff = _mismatched_fields(_resolve_config(_MODEL.value, overrides), config)
       if diff:
         raise app.UsageError(
             f"--model={_MODEL.value} contradicts the config.json of --checkpoint={path} in "
             f"{diff}; drop --model (the checkpoint's config is used)")
+    return config, Weights("hf", path=path, flag="checkpoint")
+  return _resolve_config(_MODEL.value, overrides), Weights("orbax", path=path, flag="checkpoint")
+
+
+def load_params(config, weights: Weights):
+  """The stacked params `weights` names (the slow part: reads or initializes them)."""
+  import lctx
+  if weights.kind == "random":
+    return lctx.init_params(config, weights.seed)
+  if weights.kind == "hf":
     try:
-      return lctx.load_hf_checkpoint(path, dtype=_DTYPE.value)
+      loaded, params = lctx.load_hf_checkpoint(weights.path, dtype=_DTYPE.value)
     except (ValueError, FileNotFoundError) as e:
-      raise app.UsageError(f"--checkpoint={path} (HF): {e}") from e
-  config = _resolve_config(_MODEL.value, overrides)  # orbax stores no config
+      raise app.UsageError(f"--{weights.flag}={weights.path} (HF): {e}") from e
+    assert loaded.replace(name=config.name) == config, (loaded, config)
+    return params
   try:
-    return config, lctx.restore_params(path, config)
+    return lctx.restore_params(weights.path, config)
   except ValueError as e:
-    raise app.UsageError(f"--checkpoint={path} (orbax) does not fit --model={_MODEL.value}: "
-                         f"{e}") from e
+    raise app.UsageError(f"--checkpoint={weights.path} (orbax) does not fit "
+                         f"--model={_MODEL.value}: {e}") from e
 
 
-def _resolve_config(name: str, overrides) -> lctx.ModelConfig:
+def load_model(seed: int):
+  """(config, stacked params) from --model / --checkpoint / --dtype."""
+  config, weights = resolve_model(seed)
+  return config, load_params(config, weights)
+
+
+def _hf_config(path: Path, flag: str, overrides):
+  import lctx
+  try:
+    return lctx.ModelConfig.from_hf_config(path, **overrides)
+  except (ValueError, FileNotFoundError) as e:
+    raise app.UsageError(f"--{flag}={path} (HF): {e}") from e
+
+
+def _resolve_config(name: str, overrides):
+  import lctx
   try:
     return lctx.ModelConfig.resolve(name, **overrides)
   except (ValueError, FileNotFoundError) as e:
     raise app.UsageError(f"--model={name}: {e}") from e
 
 
-def run_generate(config, params, prompt: np.ndarray, sampling, mesh_spec: str | None):
-  """lctx.generate, sharded when a mesh is given.
+def make_plan(config, mesh_spec: str, batch: int, prompt_len: int, new: int):
+  """(plan, rows, width, capacity) for a run on `mesh_spec`: the batch padded to
+  a multiple of `data`, the prompt and the capacity to multiples of `seq`;
+  UsageError naming --mesh when the mesh does not fit the devices or the model."""
+  import jax
+  import lctx
+  n = cli.mesh_size(mesh_spec)
+  try:
+    if n is not None and n > jax.device_count():
+      raise ValueError(f"needs {n} devices; this process has {jax.device_count()} "
+                       f"({cli.devices_hint(n)})")
+    plan = lctx.sharding.Plan(config, lctx.sharding.make_mesh(mesh_spec))
+    data, seq = plan.size("data"), plan.size("seq")
+    rows, width = -(-batch // data) * data, -(-prompt_len // seq) * seq
+    capacity = -(-(width + new) // seq) * seq
+    plan.check(batch=rows, capacity=capacity, prompt_len=width)
+  except ValueError as e:
+    raise app.UsageError(f"--mesh={mesh_spec}: {e}") from e
+  return plan, rows, width, capacity
+
+
+def check_memory(config, rows: int, capacity: int, weight_copies: int, prompt_len: int,
+                 new: int) -> None:
+  """UsageError when the KV cache (rows x capacity slots) and the weights
+  (`weight_copies` replicas) need more bytes than this process can get:
+  host memory on CPU, the devices' free memory elsewhere (when they report it)."""
+  import jax
+  cache = config.kv_bytes_per_token() * rows * capacity
+  weights = config.param_bytes() * weight_copies
+  needed = (cache + weights) / jax.process_count()
+  devices = jax.local_devices()
+  if all(d.platform == "cpu" for d in devices):
+    available, where = cli.available_memory_bytes(), "host memory available"
+  else:
+    stats = [d.memory_stats() for d in devices]
+    if any(not s or "bytes_limit" not in s for s in stats):
+      return
+    available = sum(s["bytes_limit"] - s.get("bytes_in_use", 0) for s in stats)
+    where = f"free on the {len(devices)} {devices[0].platform} devices"
+  if available is None or needed <= available:
+    return
+  flag = (f"--max_new_tokens={new}" if new >= prompt_len else
+          f"--prompt_len={prompt_len}" if _PROMPT_TOKENS.value is None else
+          f"--prompt_tokens ({prompt_len} tokens)")
+  raise app.UsageError(
+      f"{flag}: needs {needed:.4g} B ({cli.gb(needed)}): a KV cache of {rows} rows x "
+      f"{capacity} slots x {config.kv_bytes_per_token()} B/slot = {cli.gb(cache)} plus "
+      f"{cli.gb(weights)} of weights, but {cli.gb(available)} of {where}; lower "
+      f"--max_new_tokens, --batch or the prompt length")
+
+
+def run_generate(config, params, prompt: np.ndarray, sampling, plan=None, rows=None,
+                 width=None, capacity=None):
+  """lctx.generate, sharded when a plan (from make_plan) is given.
 
   On a mesh, the batch is padded with dummy rows to a multiple of `data`, and
   the prompt and the cache capacity are right-padded to multiples of `seq`
   (per-row lengths keep the padding invisible); only the real rows come back.
   """
+  import jax
+  import lctx
   new = _MAX_NEW_TOKENS.value
   key = jax.random.key(_SEED.value)
-  if not mesh_spec:
+  if plan is None:
     return lctx.generate(config, params, prompt, max_new_tokens=new, sampling=sampling, key=key)
-  try:
-    plan = lctx.sharding.Plan(config, lctx.sharding.make_mesh(mesh_spec))
-  except ValueError as e:
-    raise app.UsageError(f"--mesh={mesh_spec}: {e}") from e
   B, T = prompt.shape
-  data, seq = plan.size("data"), plan.size("seq")
-  rows, width = -(-B // data) * data, -(-T // seq) * seq
   padded = np.zeros((rows, width), np.int32)
   padded[:B, :T] = prompt
   padded[B:, :T] = prompt[:1]  # dummy rows: any valid prompt
-  capacity = -(-(width + new) // seq) * seq
   try:
     out = lctx.generate(config, params, padded, lengths=np.full((rows,), T), max_new_tokens=new,
                         sampling=sampling, key=key, capacity=capacity, plan=plan)
   except ValueError as e:
-    raise app.UsageError(f"--mesh={mesh_spec}: {e}") from e
+    raise app.UsageError(f"--mesh={_MESH.value}: {e}") from e
   return plan.to_host(out)[:B]
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  distributed.maybe_initialize()
+  del argv  # cli.run refuses positional arguments
+  cli.check_output_paths(json_out=_JSON_OUT.value)
   if _PROMPT_TOKENS.value is not None and flags.FLAGS["prompt_len"].present:
     raise app.UsageError("--prompt_len and --prompt_tokens are mutually exclusive; set one")
+  B, new = _BATCH.value, _MAX_NEW_TOKENS.value
+  T = len(_PROMPT_TOKENS.value) if _PROMPT_TOKENS.value is not None else _PROMPT_LEN.value
+  if T + new > cli.MAX_TOKENS:
+    raise app.UsageError(f"--max_new_tokens={new}: the prompt ({T}) plus the new tokens exceed "
+                         f"the {cli.MAX_TOKENS} positions lctx's int32 positions can index")
+  if _MESH.value:
+    if cli.mesh_size(_MESH.value) is None:
+      import lctx  # parse_mesh_spec says what is wrong
+      try:
+        lctx.sharding.parse_mesh_spec(_MESH.value)
+      except ValueError as e:
+        raise app.UsageError(f"--mesh={_MESH.value}: {e}") from e
+    if not flags.FLAGS["distributed"].value:  # multi-process: each sets its own devices
+      cli.want_cpu_devices(cli.mesh_size(_MESH.value) or 1)
+  distributed.maybe_initialize()
+  import jax
+  import lctx
 
-  config, params = load_model(_SEED.value)
+  config, weights = resolve_model(_SEED.value)
   if _PROMPT_TOKENS.value is not None:
     prompt = np.asarray([int(t) for t in _PROMPT_TOKENS.value], np.int32)
     bad = prompt[(prompt < 0) | (prompt >= config.vocab_size)]
     if bad.size:
       raise app.UsageError(f"--prompt_tokens: ids {bad.tolist()} outside the vocabulary "
                            f"[0, {config.vocab_size})")
-    prompt = np.tile(prompt, (_BATCH.value, 1))
-  else:
-    prompt = make_prompt(config.vocab_size, _BATCH.value, _PROMPT_LEN.value, _SEED.value)
-  if not _SCAN_LAYERS.value:
-    params = lctx.unstack_layers(params)
-  sampling = lctx.SamplingConfig(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
+  plan, rows, width, capacity = None, B, T, T + new
+  if _MESH.value:
+    plan, rows, width, capacity = make_plan(config, _MESH.value, B, T, new)
+  copies = plan.size("data") * plan.size("seq") if plan is not None else 1
+  check_memory(config, rows, capacity, copies, T, new)
 
   print(f"model {config.name}: {config.num_params:,} params, L={config.num_layers} "
         f"D={config.hidden_size} F={config.intermediate_size} N={config.num_heads} "
         f"K={config.num_kv_heads} H={config.head_dim} V={config.vocab_size}, "
         f"param_dtype={config.param_dtype} dtype={config.dtype}")
-  print("flags: " + " ".join(f"--{n}={flags.FLAGS[n].value}" for n in OWN_FLAGS))
+  if weights.kind == "random":
+    print(f"weights: {weights.label}: no checkpoint given, so the tokens mean nothing "
+          f"(--checkpoint=DIR or --model=<HF checkpoint dir> loads real weights)")
+  else:
+    print(f"weights: {weights.label} ({weights.kind} checkpoint)")
+  cli.warn_beyond_positions(config, [T + new], what=f"prompt {T} + {new} new tokens: context")
+  print("flags: " + " ".join(f"--{n}={flags.FLAGS[n].value}" for n in OWN_FLAGS), flush=True)
+
+  params = load_params(config, weights)
+  if _PROMPT_TOKENS.value is not None:
+    prompt = np.tile(prompt, (B, 1))
+  else:
+    prompt = make_prompt(config.vocab_size, B, T, _SEED.value)
+  if not _SCAN_LAYERS.value:
+    params = lctx.unstack_layers(params)
+  sampling = lctx.SamplingConfig(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
 
   start = time.perf_counter()
-  tokens = run_generate(config, params, prompt, sampling, _MESH.value)
+  tokens = run_generate(config, params, prompt, sampling, plan, rows, width, capacity)
   tokens = np.asarray(jax.block_until_ready(tokens)).tolist()
   seconds = time.perf_counter() - start
 
   for row, (p, t) in enumerate(zip(prompt.tolist(), tokens)):
     print(f"row {row}: prompt {p}\n       tokens {t}")
   print(f"generate: {seconds:.2f} s (compile included), B={len(tokens)} T={prompt.shape[1]} "
-        f"new={_MAX_NEW_TOKENS.value}")
+        f"new={new}, weights {weights.label}")
   if _JSON_OUT.value and distributed.is_main_process():
     out = {"tokens": tokens, "prompt": prompt.tolist(), "model": config.name,
-           "num_params": config.num_params, "seconds": seconds,
+           "num_params": config.num_params, "weights": weights.label, "seconds": seconds,
            "flags": {n: flags.FLAGS[n].value for n in OWN_FLAGS}}
     Path(_JSON_OUT.value).write_text(json.dumps(out) + "\n")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -22,7 +22,7 @@ import time
 
 from absl import app, flags
 
-from experiments import costing, distributed
+from experiments import cli, costing, distributed
 
 _MODEL = flags.DEFINE_string("model", "yi-34b", "Preset name or config.json path.")
 _HARDWARE = flags.DEFINE_string("hardware", "a100-80g-sxm", "Hardware preset (configs/hardware) "
@@ -169,24 +169,67 @@ def plot(rows, path: str) -> None:
   fig.savefig(path, dpi=110)
 
 
+def _mesh_flags() -> list[tuple[str, str]]:
+  """(mesh label, the flag that names it) for each mesh of the sweep."""
+  from lctx.cost import metrics
+  if _MESH.value:
+    out = []
+    for m in _MESH.value:
+      try:
+        out.append((metrics.mesh_label(m), f"--mesh={m}"))
+      except ValueError as e:
+        raise app.UsageError(f"--mesh={m}: {e}") from e
+    return out
+  return [(metrics.mesh_label(g), f"--num_devices={g}")
+          for g in _ints("num_devices", _NUM_DEVICES.value)]
+
+
+def _check_meshes(config, meshes, contexts, batch) -> None:
+  """Every mesh fits the model, the batch and each context, before anything
+  compiles: a UsageError naming the flag otherwise."""
+  from lctx import sharding
+  from lctx.cost import metrics
+  for mesh, flag in meshes:
+    try:
+      d = sharding.parse_mesh_spec(mesh)["data"]
+      if batch % d:
+        raise ValueError(f"batch {batch} must be a multiple of the mesh's data size {d} "
+                         f"(--batch)")
+      decode = sharding.Plan(config, sharding.make_mesh(mesh))
+      replica = sharding.Plan(config, sharding.make_mesh(metrics.replica_mesh(mesh)))
+      for T in contexts:
+        decode.check(batch=batch, capacity=T)
+        replica.check(batch=1, capacity=T, prompt_len=T)
+    except ValueError as e:
+      raise app.UsageError(f"{flag}: {e}") from e
+
+
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # cli.run refuses positional arguments
+  cli.check_output_paths(json_out=_JSON_OUT.value, plot_out=_PLOT_OUT.value,
+                         op_table_out=_OP_TABLE_OUT.value)
+  contexts = _ints("contexts", _CONTEXTS.value)
+  costing.check_contexts(contexts, "--contexts")
+  sizes = [cli.mesh_size(m) for m in _MESH.value] if _MESH.value else [
+      int(g) for g in _NUM_DEVICES.value if g.strip().isdigit()]
+  # Compile-only: CPU devices stand in for the accelerators being analysed.
+  cli.want_cpu_devices(max([8] + [n for n in sizes if n]))
   distributed.maybe_initialize()
 
   from lctx.cost import metrics
 
-  contexts = _ints("contexts", _CONTEXTS.value)
-  try:
-    meshes = ([metrics.mesh_label(m) for m in _MESH.value] if _MESH.value else
-              [metrics.mesh_label(g) for g in _ints("num_devices", _NUM_DEVICES.value)])
-  except ValueError as e:
-    raise app.UsageError(f"--mesh: {e}") from e
-  costing.require_devices(max(metrics.num_devices(m) for m in meshes))
-  config, hw = costing.model_and_hardware(_MODEL.value, _HARDWARE.value, _DTYPE.value)
+  meshes = _mesh_flags()
+  costing.require_devices(max(metrics.num_devices(m) for m, _ in meshes),
+                          max(meshes, key=lambda mf: metrics.num_devices(mf[0]))[1])
+  config = costing.model(_MODEL.value, _DTYPE.value)
+  _check_meshes(config, meshes, contexts, _BATCH.value)
+  hw = costing.hardware(_HARDWARE.value, _DTYPE.value)  # cpu-local measures: after the checks
+  flag_of = dict(meshes)
+  meshes = list(flag_of)
   print(f"model {config.name} ({config.num_params / 1e9:.3f}B params, {_DTYPE.value}), "
         f"hardware {hw.name}, meshes {meshes}, contexts {contexts}, batch {_BATCH.value}, "
         f"convention {_CONVENTION.value}", flush=True)
+  cli.warn_beyond_positions(config, contexts)
   for mesh in meshes:
     note = costing.kv_replication_note(config, mesh)
     if note:
@@ -210,7 +253,7 @@ def main(argv):
         except ValueError as e:
           for f in compiled.values():
             f.cancel()
-          raise app.UsageError(f"context {T} on mesh {mesh}: {e}") from e
+          raise app.UsageError(f"--contexts={T} on {flag_of[mesh]}: {e}") from e
       print(f"[{i + 1}/{len(contexts)}] context {T}: {time.perf_counter() - start:.1f} s",
             flush=True)
   print(format_table(rows))
@@ -251,6 +294,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  # Compile-only: 8 CPU devices stand in for the accelerators being analysed.
-  os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-  app.run(main)
+  cli.run(main)

@@ -12,12 +12,11 @@ do not divide the model, batch or context are listed with the reason.
 from __future__ import annotations
 
 import json
-import os
 import time
 
-from absl import app, flags
+from absl import flags
 
-from experiments import costing, distributed
+from experiments import cli, costing, distributed
 
 _MODEL = flags.DEFINE_string("model", "yi-34b", "Preset name or config.json path.")
 _HARDWARE = flags.DEFINE_string("hardware", "a100-80g-sxm", "Hardware preset or spec json.")
@@ -31,17 +30,21 @@ _JSON_OUT = flags.DEFINE_string("json_out", None, "Write the rows here as JSON."
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # cli.run refuses positional arguments
+  n, T, B = _DEVICES.value, _CONTEXT.value, _BATCH.value
+  cli.check_output_paths(json_out=_JSON_OUT.value)
+  costing.check_contexts([T], "--context")
+  # Compile-only: CPU devices stand in for the accelerators being analysed.
+  cli.want_cpu_devices(max(8, n))
   distributed.maybe_initialize()
   import lctx
   from lctx import sharding
   from lctx.cache import abstract_cache
   from lctx.cost import metrics
 
-  n, T, B = _DEVICES.value, _CONTEXT.value, _BATCH.value
-  costing.require_devices(n)
+  costing.require_devices(n, f"--num_devices={n}")
   config, hw = costing.model_and_hardware(_MODEL.value, _HARDWARE.value, _DTYPE.value)
+  cli.warn_beyond_positions(config, [T])
   params, cache = lctx.abstract_params(config), abstract_cache(config, B, T)
   rows, start = [], time.perf_counter()
   for d in (d for d in range(1, n + 1) if n % d == 0):
@@ -93,5 +96,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-  app.run(main)
+  cli.run(main)

@@ -28,6 +28,8 @@ def test_bench_decode_runs_and_agrees_with_transformers(tmp_path):
   assert r["versions"]["jax"] == r["jax_version"]
   assert all(r["versions"].values())  # the reference needs torch and transformers
   assert f"transformers {r['versions']['transformers']}" in proc.stdout
+  # Random weights, and said so (tests/test_cli.py: also for a checkpoint directory).
+  assert r["weights"] == "random (seed 0)" and "weights: random (seed 0)" in proc.stdout
   # Same weights in both implementations: the prefill logits agree.
   assert r["max_abs_logit_diff"] < 1e-4
   # Bytes per step: tiny is untied, so the embedding contributes one row.

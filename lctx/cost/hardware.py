@@ -31,6 +31,7 @@ NUMERIC_FIELDS = ("hbm_bytes", "hbm_bandwidth", "interconnect_bandwidth", "host_
                   "collective_latency")
 REQUIRED_FIELDS = ("name", "kind", "peak_flops") + NUMERIC_FIELDS
 CPU_LOCAL = "cpu-local"  # measured at load time, see calibrate_cpu
+CPU_DTYPES = ("float32", "bfloat16", "float16")  # what calibrate_cpu can measure
 CPU_COLLECTIVE_LATENCY = 1e-5  # s; cpu-local's stand-in when it has one CPU device only
 
 
@@ -116,11 +117,21 @@ def list_hardware() -> list[str]:
   return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
 
 
-def load_hardware(name_or_path: str | os.PathLike) -> HardwareSpec:
-  """A preset name, 'cpu-local' (measured now), or a path to a spec .json."""
+def load_hardware(name_or_path: str | os.PathLike,
+                  dtypes: tuple[str, ...] | list[str] = ()) -> HardwareSpec:
+  """A preset name, 'cpu-local' (measured now), or a path to a spec .json.
+
+  `dtypes`: the dtypes the caller will ask `flops` for, checked first: a preset
+  or file without a peak for one of them is a ValueError naming the ones it
+  has; 'cpu-local' measures float32 and each of them (ValueError, before any
+  measuring, for a dtype calibrate_cpu cannot measure)."""
   name = str(name_or_path)
+  dtypes = tuple(dtypes)
+  for dtype in dtypes:
+    if dtype not in FLOPS_DTYPES:
+      raise ValueError(f"dtype {dtype!r} not allowed; allowed: {FLOPS_DTYPES}")
   if name == CPU_LOCAL:
-    return calibrate_cpu()
+    return calibrate_cpu(dtypes=tuple(dict.fromkeys(("float32",) + dtypes)))
   if name in list_hardware():
     path = PRESET_DIR / f"{name}.json"
   elif os.path.isfile(name):
@@ -132,14 +143,18 @@ def load_hardware(name_or_path: str | os.PathLike) -> HardwareSpec:
     d = json.load(f)
   if not isinstance(d, dict):
     raise ValueError(f"hardware file {path} must hold a JSON object")
-  return HardwareSpec.from_dict(d)
+  spec = HardwareSpec.from_dict(d)
+  for dtype in dtypes:
+    spec.flops(dtype)  # ValueError listing the dtypes it has
+  return spec
 
 
 def calibrate_cpu(matmul_size: int = 2048, read_bytes: int = 1 << 30,
-                  repeats: int = 5) -> HardwareSpec:
-  """Measures this machine: fp32 matmul FLOP/s, memory read bandwidth and the
-  latency of one all-reduce across its CPU devices (medians of `repeats` timed
-  runs after a warm-up). RAM stands in for HBM, and the same memory serves as
+                  repeats: int = 5, dtypes: tuple[str, ...] = ("float32",)) -> HardwareSpec:
+  """Measures this machine: matmul FLOP/s in each of `dtypes` (any of
+  CPU_DTYPES, checked before measuring; the spec has a peak for these only),
+  memory read bandwidth and the latency of one all-reduce across its CPU
+  devices (medians of `repeats` timed runs after a warm-up). RAM stands in for HBM, and the same memory serves as
   interconnect and host link, so both take the read bandwidth. The collective
   latency is the time one more psum of a tiny array over all local CPU devices
   adds inside a compiled loop (XLA's in-process CPU collectives: a rendezvous of
@@ -153,6 +168,10 @@ def calibrate_cpu(matmul_size: int = 2048, read_bytes: int = 1 << 30,
                        ("repeats", repeats)):
     if not isinstance(value, int) or value <= 0:
       raise ValueError(f"calibrate_cpu {field} must be a positive integer, got {value!r}")
+  if isinstance(dtypes, str) or not dtypes or any(d not in CPU_DTYPES for d in dtypes):
+    raise ValueError(f"calibrate_cpu dtypes must be a non-empty sequence of {CPU_DTYPES} (the "
+                     f"dtypes it can measure a matmul in), got {dtypes!r}")
+  dtypes = tuple(dict.fromkeys(dtypes))
 
   def median_time(fn, *args):
     jax.block_until_ready(fn(*args))  # compile and warm up
@@ -165,9 +184,12 @@ def calibrate_cpu(matmul_size: int = 2048, read_bytes: int = 1 << 30,
 
   n = matmul_size
   key_a, key_b = jax.random.split(jax.random.PRNGKey(0))
-  a = jax.random.normal(key_a, (n, n), jnp.float32)
-  b = jax.random.normal(key_b, (n, n), jnp.float32)
-  matmul_flops = 2 * n**3 / median_time(jax.jit(jnp.matmul), a, b)
+  peak_flops = {}
+  for dtype in dtypes:
+    a = jax.random.normal(key_a, (n, n), dtype)
+    b = jax.random.normal(key_b, (n, n), dtype)
+    peak_flops[dtype] = 2 * n**3 / median_time(jax.jit(jnp.matmul), a, b)
+  del a, b
 
   buf = jnp.ones((max(read_bytes // 4, 1),), jnp.float32)
   nbytes = buf.nbytes
@@ -201,11 +223,11 @@ def calibrate_cpu(matmul_size: int = 2048, read_bytes: int = 1 << 30,
     latency_source = ("assumed: at most one CPU device, nothing to measure (a collective "
                       "over one device costs nothing in roofline_seconds)")
   return HardwareSpec(
-      name=CPU_LOCAL, kind="cpu", peak_flops={"float32": matmul_flops}, hbm_bytes=ram,
+      name=CPU_LOCAL, kind="cpu", peak_flops=peak_flops, hbm_bytes=ram,
       hbm_bandwidth=read_bw, interconnect_bandwidth=read_bw, host_bandwidth=read_bw,
       collective_latency=latency,
       sources={
-          "peak_flops": f"{stamp}: jit fp32 matmul {n}x{n}, median of {repeats}",
+          "peak_flops": f"{stamp}: jit {'/'.join(dtypes)} matmul {n}x{n}, median of {repeats}",
           "hbm_bytes": "physical RAM from os.sysconf",
           "hbm_bandwidth": f"{stamp}: jit sum over {nbytes} B, median of {repeats}",
           "interconnect_bandwidth": "same as hbm_bandwidth (one memory on a CPU host, "
