@@ -58,9 +58,10 @@ def kv_replication_note(config, mesh: str) -> str | None:
   each KV head (its cache slice and K/V projections) then lives on model / K
   devices (see lctx.sharding.Plan); None otherwise."""
   from lctx import sharding
-  m, K = sharding.parse_mesh_spec(mesh)["model"], config.num_kv_heads
+  sizes = sharding.parse_mesh_spec(mesh)
+  m, s, K = sizes["model"], sizes["seq"], config.num_kv_heads
   if m <= K:
     return None
   return (f"note: mesh {mesh}: the model axis ({m}) exceeds the {K} KV heads of "
           f"{config.name}; each KV head and its cache are replicated on {m // K} devices "
-          f"(per-device cache = 1/{K} of a user's, not 1/{m})")
+          f"(per-device cache = 1/{K * s} of a user's, not 1/{m * s})")

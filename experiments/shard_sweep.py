@@ -68,15 +68,16 @@ def main(argv):
                  (cache.k, cache.v), (cache_shardings.k, cache_shardings.v))}
       for kind in ("prefill", "decode"):
         costs = metrics.program_costs(config, spec, T, B, kind)
-        row.update({f"{kind}_flops": costs.flops, f"{kind}_bytes": costs.bytes_ideal,
-                    f"{kind}_temp_bytes": costs.temp_bytes,
-                    f"{kind}_collective_bytes": dict(costs.collectives),
+        row.update({f"{kind}_flops_per_device": costs.flops,
+                    f"{kind}_bytes_per_device": costs.bytes_ideal,
+                    f"{kind}_temp_bytes_per_device": costs.temp_bytes,
+                    f"{kind}_collective_bytes_per_device": dict(costs.collectives),
                     f"{kind}_s": metrics.roofline_seconds(costs, hw, _DTYPE.value)})
       rows.append(row)
       print(f"{spec:24s} weights {row['weight_bytes_per_device'] / 1e9:7.2f} GB  cache "
             f"{row['cache_bytes_per_device'] / 1e9:7.2f} GB  temps prefill "
-            f"{row['prefill_temp_bytes'] / 1e9:7.2f} GB  decode "
-            f"{row['decode_temp_bytes'] / 1e9:6.3f} GB  prefill {row['prefill_s']:8.3f} s  "
+            f"{row['prefill_temp_bytes_per_device'] / 1e9:7.2f} GB  decode "
+            f"{row['decode_temp_bytes_per_device'] / 1e9:6.3f} GB  prefill {row['prefill_s']:8.3f} s  "
             f"decode {1e3 * row['decode_s']:8.3f} ms  ({time.perf_counter() - start:.0f} s)",
             flush=True)
   ran = [r for r in rows if "skipped" not in r]

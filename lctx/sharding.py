@@ -90,23 +90,27 @@ class Plan:
 
   def __post_init__(self):
     names = tuple(self.mesh.axis_names)
-    if names == INTERNAL_AXES:
-      return
-    if names != MESH_AXES:
+    if names not in (MESH_AXES, INTERNAL_AXES):
       raise ValueError(f"mesh axes {names} not allowed; allowed: {MESH_AXES} (use make_mesh)")
-    c, shape = self.config, dict(self.mesh.shape)
-    m, K = shape["model"], c.num_kv_heads
+    shape = dict(self.mesh.shape)
+    m = shape["model"] * shape.get(MODEL_REP, 1)
+    c, K = self.config, self.config.num_kv_heads
     for what, n in (("num_heads (query heads)", c.num_heads),
                     ("intermediate_size (MLP)", c.intermediate_size)):
       if n % m:
         raise ValueError(f"mesh axis 'model' of size {m} does not divide {what} = {n}")
     if K % m and m % K:
-      allowed = sorted({d for d in range(1, c.num_heads + 1) if c.num_heads % d == 0
-                        and (K % d == 0 or d % K == 0)})
+      allowed = [d for d in range(1, c.num_heads + 1) if c.num_heads % d == 0 and
+                 c.intermediate_size % d == 0 and (K % d == 0 or d % K == 0)]
       raise ValueError(f"mesh axis 'model' of size {m} must divide num_kv_heads = {K} or be a "
                        f"multiple of it (KV heads are split, or each replicated m/K times); "
                        f"allowed model sizes: {allowed}")
     kv, rep = min(m, K), max(m // K, 1)
+    if names == INTERNAL_AXES:  # already split (e.g. Plan(config, plan.mesh)): must match
+      if (shape["model"], shape[MODEL_REP]) != (kv, rep):
+        raise ValueError(f"mesh axes model={shape['model']}, {MODEL_REP}={shape[MODEL_REP]} do "
+                         f"not fit num_kv_heads = {K}: expected model={kv}, {MODEL_REP}={rep}")
+      return
     devices = self.mesh.devices.reshape(shape["data"], shape["seq"], kv, rep)
     object.__setattr__(self, "mesh", Mesh(devices, INTERNAL_AXES,
                                           axis_types=(AxisType.Auto,) * len(INTERNAL_AXES)))

@@ -33,7 +33,7 @@ def test_preset_loads_and_cites(name):
   # Links are one direction of one device's links, and each file says so; a
   # collective's fixed latency is microseconds (NCCL/RCCL/ICI small messages).
   assert "per direction" in hw.sources_dict["interconnect_bandwidth"]
-  assert 1e11 <= hw.interconnect_bandwidth <= 1e12
+  assert 3e10 <= hw.interconnect_bandwidth <= 1e12
   assert 1e-6 <= hw.collective_latency <= 1e-4
 
 
@@ -43,6 +43,15 @@ def test_preset_loads_and_cites(name):
 def test_interconnect_is_half_the_bidirectional_datasheet_figure(name, per_direction):
   """NVLink 600 / 900 / 1800 GB/s and Infinity Fabric 896 GB/s are both
   directions together; a ring sends at the per-direction rate."""
+  assert load_hardware(name).interconnect_bandwidth == per_direction
+
+
+@pytest.mark.parametrize("name, per_direction", [
+    ("a100-80g-pcie", 32e9), ("h100-pcie", 64e9),  # PCIe: an NVLink bridge joins pairs only
+    ("tpu-v4", 2 * 45e9), ("tpu-v5e", 200e9 / 2), ("tpu-v5p", 600e9 / 3), ("tpu-v6e", 400e9 / 2)])
+def test_interconnect_is_what_a_one_axis_collective_gets(name, per_direction):
+  """Beyond 2 PCIe GPUs a ring crosses PCIe; on a TPU torus a collective along
+  one mesh axis uses 2 of the chip's links (4 on v5e/v6e, 6 on v4/v5p)."""
   assert load_hardware(name).interconnect_bandwidth == per_direction
 
 

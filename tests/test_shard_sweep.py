@@ -37,8 +37,8 @@ def test_shard_sweep_covers_every_factorization(tmp_path):
   whole_cache = 4 * 64 * tiny.kv_bytes_per_token("bfloat16")  # batch 4, context 64, bf16
   assert by["data:1,seq:1,model:8"]["cache_bytes_per_device"] == whole_cache / 2
   assert by["data:1,seq:8,model:1"]["cache_bytes_per_device"] == whole_cache / 8
-  assert by["data:1,seq:1,model:8"]["decode_collective_bytes"].get("all-reduce", 0) > 0
+  assert by["data:1,seq:1,model:8"]["decode_collective_bytes_per_device"].get("all-reduce", 0) > 0
   # A prefill's activations are split by data and seq, not by model (tensor
   # parallelism keeps the [T, D] residual whole on every device).
-  temps = {m: r["prefill_temp_bytes"] for m, r in by.items()}
+  temps = {m: r["prefill_temp_bytes_per_device"] for m, r in by.items()}
   assert temps["data:1,seq:8,model:1"] < temps["data:1,seq:1,model:8"]

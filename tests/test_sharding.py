@@ -177,6 +177,14 @@ def test_tensor_parallel_parameter_bytes_per_device():
   assert param_per_device == pytest.approx(cfg.param_bytes() / 8, rel=0.05)
 
 
+def test_a_plan_on_an_already_split_mesh_is_checked_too():
+  plan = plan_for("model:8")  # K = 2: model 2 x model_rep 4
+  assert sharding.Plan(CFG, plan.mesh).mesh == plan.mesh
+  wrong = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(1, 1, 1, 8), plan.mesh.axis_names)
+  with pytest.raises(ValueError, match="expected model=2, model_rep=4"):
+    sharding.Plan(CFG, wrong)
+
+
 def test_model_axis_not_dividing_the_heads_raises_when_the_plan_is_made():
   with pytest.raises(ValueError, match="'model' of size 3 does not divide num_heads .* = 8"):
     sharding.Plan(CFG, sharding.make_mesh("model:3", jax.devices()[:3]))
@@ -196,6 +204,43 @@ def test_indivisible_axes_raise_before_compiling(spec, kwargs, words):
     engine.new_cache(CFG, PARAMS, plan=plan, **kwargs)
   for word in words:
     assert word in str(err.value)
+
+
+@pytest.mark.parametrize("layout", ["stacked", "unrolled"])
+@pytest.mark.parametrize("spec", ["seq:8", "data:2,seq:2,model:2", "seq:2,model:4"])
+def test_prefill_never_gathers_the_cache(spec, layout):
+  """A prompt shorter than the cache (T/s prompt rows per seq shard against
+  S/s slots, generate's usual case): each shard writes its own cache slice
+  from the gathered prompt K/V; the only all-gathers are of the prompt's K/V
+  (the partitioner alone gathered the whole cache once per layer)."""
+  plan = plan_for(spec)
+  params = lctx.abstract_params(CFG)
+  if layout == "unrolled":
+    params = jax.eval_shape(lctx.unstack_layers, params)
+  capacity, T = 1024, 512
+  cache = abstract_cache(CFG, B, capacity, stacked=layout == "stacked")
+  step = engine.sharded_step("prefill", plan, params, cache)
+  text = hlo_cost.partitioned_hlo(step.lower(params, jax.ShapeDtypeStruct((B, T), jnp.int32),
+                                             jax.ShapeDtypeStruct((B,), jnp.int32), cache))
+  prompt_kv = B * T * CFG.num_kv_heads * CFG.head_dim * 4  # one layer's K (or V), all rows
+  for kind in ("all-gather", "all-to-all", "collective-permute"):
+    for shape in re.findall(rf"= (\S+) {kind}(?:-start)?\(", text):
+      assert hlo_cost.shape_bytes(shape) <= prompt_kv, (kind, shape)
+
+
+@pytest.mark.parametrize("spec", ["seq:8", "data:2,seq:2,model:2"])
+def test_seq_prefill_shorter_than_the_cache_equals_unsharded(spec):
+  """The cache a sharded prefill leaves (prompt 16 < capacity 24 on seq meshes)
+  equals the unsharded one slot for slot, the slots past the prompt included."""
+  plan = plan_for(spec)
+  tokens = np.random.default_rng(2).integers(0, CFG.vocab_size, (B, 16)).astype(np.int32)
+  want_logits, want = lctx.prefill(CFG, PARAMS, tokens, engine.new_cache(CFG, PARAMS, B, 24))
+  sharded = engine.shard_params(PARAMS, plan)
+  got_logits, got = lctx.prefill(CFG, sharded, tokens,
+                                 engine.new_cache(CFG, sharded, B, 24, plan=plan), plan=plan)
+  np.testing.assert_allclose(got_logits, want_logits, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(np.asarray(got.k), np.asarray(want.k), atol=1e-6, rtol=0)
+  np.testing.assert_allclose(np.asarray(got.v), np.asarray(want.v), atol=1e-6, rtol=0)
 
 
 def test_prompt_length_must_divide_seq():

@@ -514,16 +514,22 @@ def _loop_updated(module: Module, body: str) -> set[int]:
   return {k for k, o in enumerate(instrs[-1].operands) if not same(o, k)}
 
 
-def _root_aliases(module: Module, name: str) -> tuple[set[int], float]:
-  """(parameter indices the root of computation `name` may alias, bytes of
-  the fresh buffers it returns)."""
+def _root_aliases(module: Module, name: str) -> list[tuple[set[int], float]]:
+  """Per element of computation `name`'s result (one for a non-tuple): the
+  parameter indices it may alias and the bytes of fresh buffers it holds."""
   instrs = module.computations[name]
+  if not instrs:
+    return []
   walk = _liveness(module, name, None, {})
   params = {i.name: int(i.args.strip() or 0) for i in instrs if i.opcode == "parameter"}
-  root = walk["refs"].get(instrs[-1].name, set()) if instrs else set()
-  aliased = {params[b[len("param:"):]] for b in root if b.startswith("param:")}
-  fresh = sum(walk["size"][b] for b in root if not b.startswith("param:"))
-  return aliased, fresh
+  root = instrs[-1]
+  outs = root.operands if root.opcode == "tuple" else [root.name]
+  result = []
+  for o in outs:
+    bufs = walk["refs"].get(o, set())
+    result.append(({params[b[len("param:"):]] for b in bufs if b.startswith("param:")},
+                   sum(walk["size"][b] for b in bufs if not b.startswith("param:"))))
+  return result
 
 
 def _liveness(module: Module, name: str, donated: set[int] | None, memo: dict) -> dict:
@@ -554,9 +560,12 @@ def _liveness(module: Module, name: str, donated: set[int] | None, memo: dict) -
   for t, i in enumerate(instrs):
     when[i.name] = max((when.get(o, 0) for o in i.operands), default=0) \
         if i.name in feeds_update else t
+  whole_use: dict[str, int] = {}  # last use other than reading one tuple element
   for i in instrs:
     for o in i.operands:
       last_use[o] = max(last_use.get(o, 0), when[i.name])
+      if i.opcode != "get-tuple-element":
+        whole_use[o] = max(whole_use.get(o, 0), when[i.name])
   root = instrs[-1].name if instrs else ""
   params = {i.name: int(i.args.strip() or 0) for i in instrs if i.opcode == "parameter"}
   read_only = set() if donated is None else {f"param:{p}" for p, k in params.items()
@@ -627,13 +636,17 @@ def _liveness(module: Module, name: str, donated: set[int] | None, memo: dict) -
         elements[i.name] = copies
         refs[i.name] = set().union(*copies)
     elif op == "call":
-      aliased, fresh = set(), 0.0
+      # Element by element: a result that is an argument's buffer (updated in
+      # place) stays the caller's; a fresh one is a new buffer here.
+      parts = []
       for c in _called(i, "to_apply") + _called(i, "calls"):
-        a, f = _root_aliases(module, c)
-        aliased, fresh = aliased | a, fresh + f
-      refs[i.name] = set().union(*(operand_refs[k] for k in aliased if k < len(operand_refs)))
-      if fresh:
-        refs[i.name] |= new(i, t, fresh)
+        for k, (aliased, fresh) in enumerate(_root_aliases(module, c)):
+          part = set().union(*(operand_refs[a] for a in aliased if a < len(operand_refs)))
+          if fresh:
+            part |= new(Instr(f"{i.name}#{k}", "", "", [], "", "", ""), t, fresh)
+          parts.append(part)
+      elements[i.name] = parts
+      refs[i.name] = set().union(*parts)
     elif op in _ALIASING or i.name in native:
       src = operand_refs[:1] if op in _ALIAS_FIRST or i.name in native else operand_refs
       refs[i.name] = set().union(*src)
@@ -655,8 +668,9 @@ def _liveness(module: Module, name: str, donated: set[int] | None, memo: dict) -
                                               for c in _called(i, key)])
   last = dict(first)
   for b, values in holders.items():
-    if b in last:
-      last[b] = max([last[b]] + [last_use.get(v, -1) for v in values])
+    if b in last:  # a tuple's element buffers live as long as their own readers
+      last[b] = max([last[b]] + [(whole_use if v in elements else last_use).get(v, -1)
+                                 for v in values])
   for b in refs.get(root, ()):
     if b in last:
       last[b] = len(instrs)

@@ -155,27 +155,53 @@ def forward(config: ModelConfig, params: Params, tokens: jax.Array,
   return _logits(config, params, x)
 
 
-def _prefill_attention(q, k, v, block: int, plan):
-  """Causal attention of the prompt; with a `seq` mesh axis, sequence-parallel.
+def _prefill_attention(config: ModelConfig, k_cache, v_cache, l, q, k, v, block: int, plan):
+  """Writes the prompt's K/V into cache slots [0, T) of layer l and runs its
+  causal attention; with a `seq` mesh axis, sequence-parallel.
 
   Each seq shard all-gathers K and V and attends its own queries at their
   offset. All-gather rather than a ring: with GQA, K and V are N / K times
   smaller than Q, so one collective moves little, and per-device memory stays
   linear in T; the price is no compute/communication overlap and more work on
-  later shards (their queries see more keys).
+  later shards (their queries see more keys). Each shard then writes its own
+  slice of the cache, slots [r S/s, (r+1) S/s), from the gathered K/V: left
+  to the partitioner, a prompt shorter than the cache (T/s rows per shard
+  against S/s slots) made every device gather the whole cache.
   """
   if plan is None or not plan.seq_parallel:
-    return attention.causal_attention(q, k, v, block)
+    k_cache = _cache_write_prefix(k_cache, l, k.transpose(0, 2, 3, 1).astype(config.dtype))
+    v_cache = _cache_write_prefix(v_cache, l, v.transpose(0, 2, 1, 3).astype(config.dtype))
+    return attention.causal_attention(q, k, v, block), k_cache, v_cache
 
-  def local(q, k, v):
-    k_all = jax.lax.all_gather(k, "seq", axis=1, tiled=True)
+  def local(kc, vc, l, q, k, v):
+    k_all = jax.lax.all_gather(k, "seq", axis=1, tiled=True)  # [B, T, K, H]
     v_all = jax.lax.all_gather(v, "seq", axis=1, tiled=True)
-    offset = jax.lax.axis_index("seq") * q.shape[1]
-    return attention.causal_attention(q, k_all, v_all, block, q_offset=offset)
+    out = attention.causal_attention(q, k_all, v_all, block,
+                                     q_offset=jax.lax.axis_index("seq") * q.shape[1])
+    T, S = k_all.shape[1], _cache_layer(vc, l).shape[-2]  # S: this shard's slots
+    start = jax.lax.axis_index("seq") * S
+    slots = start + jnp.arange(S)
+    rows = jnp.minimum(slots, T - 1)  # the prompt rows of this shard's slots
+    k_new, v_new = k_all[:, rows].transpose(0, 2, 3, 1), v_all[:, rows].transpose(0, 2, 1, 3)
+    k_old, v_old = _cache_layer(kc, l), _cache_layer(vc, l)
+    k_new = jnp.where(slots < T, k_new.astype(k_old.dtype), k_old)  # slots past T keep theirs
+    v_new = jnp.where((slots < T)[:, None], v_new.astype(v_old.dtype), v_old)
+    return out, _cache_write_prefix(kc, l, k_new), _cache_write_prefix(vc, l, v_new)
 
   # Every device holds whole GQA groups: its query heads and the KV head they read.
   q_axes, kv_axes = ("batch", "seq", "heads", None), ("batch", "seq", "kv_heads", None)
-  return plan.manual(local, (q_axes, kv_axes, kv_axes), q_axes, "prefill")(q, k, v)
+  k_axes = ("cache_batch", "cache_kv_heads", None, "cache_seq")
+  v_axes = ("cache_batch", "cache_kv_heads", "cache_seq", None)
+  if isinstance(k_cache, tuple):  # unrolled: map over this layer's arrays only
+    def one(kc, vc, q, k, v):
+      out, (kc,), (vc,) = local((kc,), (vc,), 0, q, k, v)
+      return out, kc, vc
+    out, kc, vc = plan.manual(one, (k_axes, v_axes, q_axes, kv_axes, kv_axes),
+                              (q_axes, k_axes, v_axes), "prefill")(k_cache[l], v_cache[l], q, k, v)
+    return out, k_cache[:l] + (kc,) + k_cache[l + 1:], v_cache[:l] + (vc,) + v_cache[l + 1:]
+  k_axes, v_axes = ("layers",) + k_axes, ("layers",) + v_axes
+  return plan.manual(local, (k_axes, v_axes, (), q_axes, kv_axes, kv_axes),
+                     (q_axes, k_axes, v_axes), "prefill")(k_cache, v_cache, l, q, k, v)
 
 
 def prefill(config: ModelConfig, params: Params, tokens: jax.Array, lengths: jax.Array,
@@ -195,10 +221,9 @@ def prefill(config: ModelConfig, params: Params, tokens: jax.Array, lengths: jax
   def body(lp, l, carry):
     x, k_cache, v_cache = carry
     q, k, v = _qkv(config, lp, x, rope)
-    k_cache = _cache_write_prefix(k_cache, l, k.transpose(0, 2, 3, 1).astype(config.dtype))
-    v_cache = _cache_write_prefix(v_cache, l, v.transpose(0, 2, 1, 3).astype(config.dtype))
-    x = _out_and_mlp(config, lp, x, _prefill_attention(q, k, v, block, plan))
-    return x, k_cache, v_cache
+    attn, k_cache, v_cache = _prefill_attention(config, k_cache, v_cache, l, q, k, v, block,
+                                                plan)
+    return _out_and_mlp(config, lp, x, attn), k_cache, v_cache
 
   x, k_cache, v_cache = _layer_loop(
       params["layers"], (_embed(config, params, tokens), cache.k, cache.v), body)
