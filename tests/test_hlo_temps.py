@@ -54,6 +54,27 @@ def test_update_of_an_argument_needs_a_copy_unless_donated():
   assert (xla_kept, xla_donated) == (0, 0)  # XLA counts the copy as output, not temp
 
 
+@pytest.mark.parametrize("name, fn, donate", [
+    ("matmul", lambda a, b: a @ b, ()),
+    ("cond", lambda a, b: jax.lax.cond(a[0, 0] > 0, lambda: a @ b, lambda: a + b), ()),
+    ("loop", lambda a, b: jax.lax.fori_loop(0, 4, lambda i, c: c + jnp.sin(c), a), ()),
+    ("loop, donated", lambda a, b: jax.lax.fori_loop(0, 4, lambda i, c: c + jnp.sin(c), a), (0,)),
+    ("elementwise", lambda a, b: a * 2, ()),
+    ("elementwise, donated", lambda a, b: a * 2, (0,)),
+    ("slice", lambda a, b: a[:512], ()),
+])
+def test_small_programs_match_xla_buffers(name, fn, donate):
+  """temp_bytes counts new buffers, outputs included: XLA's temporaries plus
+  its outputs less what aliases a donated argument. A branch's result is
+  counted once (not in the branch and again in the caller); a loop and an
+  elementwise op overwrite their state or a dead donated argument in place."""
+  a = jax.ShapeDtypeStruct((1024, 1024), jnp.float32)
+  lowered = jax.jit(fn, donate_argnums=donate).lower(a, a)
+  m = lowered.compile().memory_analysis()
+  xla = m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+  assert hlo.analyze(lowered).temp_bytes == pytest.approx(xla, abs=64 * 1024), name
+
+
 def test_loop_updating_an_argument_copies_it_in_unless_donated():
   """A scan writing rows of a carried, non-donated [256, 1024] fp32 argument:
   the loop's state is updated in place, so XLA copies the argument in first

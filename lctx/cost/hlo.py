@@ -112,6 +112,7 @@ class Module:
   entry: str
   _fusion: dict = dataclasses.field(default_factory=dict, repr=False)
   replica_count: int = 1  # from the HloModule header (collectives' group modes)
+  loop_bodies: frozenset = frozenset()  # computations that are while-loop bodies
   num_partitions: int = 1
 
   def fusion(self, name: str) -> tuple[dict[str, bool], dict[str, str]]:
@@ -158,8 +159,10 @@ def parse(text: str) -> Module:
   header = re.search(r"^\s*HloModule\b.*$", text, re.MULTILINE)
   counts = {k: int(v) for k, v in re.findall(r"\b(replica_count|num_partitions)=(\d+)",
                                               header.group(0) if header else "")}
+  bodies = frozenset(b for instrs in comps.values() for i in instrs if i.opcode == "while"
+                     for b in _called(i, "body"))
   return Module(comps, entry, replica_count=counts.get("replica_count", 1),
-                num_partitions=counts.get("num_partitions", 1))
+                num_partitions=counts.get("num_partitions", 1), loop_bodies=bodies)
 
 
 @dataclasses.dataclass
@@ -591,6 +594,8 @@ def _liveness(module: Module, name: str, donated: set[int] | None, memo: dict) -
   first: dict[str, int] = {}
   holders: dict[str, list[str]] = defaultdict(list)  # buffer -> values that are (in) it
   elements: dict[str, list[set[str]]] = {}  # a tuple's refs, element by element
+  reusable: dict[str, float] = {}  # argument buffers an op may overwrite once dead
+  fresh_out: dict[str, float] = {}  # a call's or conditional's new result bytes
   nested: dict[int, float] = {}
 
   def new(i: Instr, t: int, nbytes: float) -> set[str]:
@@ -602,6 +607,12 @@ def _liveness(module: Module, name: str, donated: set[int] | None, memo: dict) -
     operand_refs = [refs.get(o, set()) for o in i.operands]
     if op == "parameter":
       refs[i.name] = {f"param:{i.name}"}
+      if name in module.loop_bodies:  # the loop's state, element by element, reusable
+        parts = _split_top(i.shape[1:-1]) if i.shape.startswith("(") else [i.shape]
+        elements[i.name] = [{f"param:{i.name}#{k}"} for k in range(len(parts))]
+        reusable.update({f"param:{i.name}#{k}": shape_bytes(x) for k, x in enumerate(parts)})
+      elif donated is not None and params[i.name] in donated:
+        reusable[f"param:{i.name}"] = shape_bytes(i.shape)
     elif op in FREE_OPS and op not in _ALIASING:
       refs[i.name] = set()
     elif op in _SLICES and any(not _fusible(u) for u in consumers(i.name)):
@@ -635,16 +646,32 @@ def _liveness(module: Module, name: str, donated: set[int] | None, memo: dict) -
             holders[f"{i.name}#{k}"].append(i.name)
         elements[i.name] = copies
         refs[i.name] = set().union(*copies)
-    elif op == "call":
+    elif op in ("call", "conditional"):
       # Element by element: a result that is an argument's buffer (updated in
-      # place) stays the caller's; a fresh one is a new buffer here.
-      parts = []
-      for c in _called(i, "to_apply") + _called(i, "calls"):
+      # place) stays the caller's; a fresh one is a new buffer here (for a
+      # conditional, the largest any branch returns). Branch k of a
+      # conditional reads operand k + 1.
+      if op == "call":
+        callees = [(c, 0) for c in _called(i, "to_apply") + _called(i, "calls")]
+      else:
+        branches = _called(i, "branch_computations") or (
+            _called(i, "true_computation") + _called(i, "false_computation"))
+        callees = [(c, k + 1) for k, c in enumerate(branches)]
+      per_element: dict[int, tuple[set[str], float]] = {}
+      for c, first_operand in callees:
         for k, (aliased, fresh) in enumerate(_root_aliases(module, c)):
-          part = set().union(*(operand_refs[a] for a in aliased if a < len(operand_refs)))
-          if fresh:
-            part |= new(Instr(f"{i.name}#{k}", "", "", [], "", "", ""), t, fresh)
-          parts.append(part)
+          src = operand_refs[first_operand:] if op == "conditional" else operand_refs
+          part = set().union(*(src[a] for a in aliased if a < len(src)))
+          old_part, old_fresh = per_element.get(k, (set(), 0.0))
+          per_element[k] = (old_part | part, max(old_fresh, fresh))
+        fresh_out[i.name] = max(fresh_out.get(i.name, 0.0),
+                                sum(f for _, f in _root_aliases(module, c)))
+      parts = []
+      for k in sorted(per_element):
+        part, fresh = per_element[k]
+        if fresh:
+          part = part | new(Instr(f"{i.name}#{k}", "", "", [], "", "", ""), t, fresh)
+        parts.append(part)
       elements[i.name] = parts
       refs[i.name] = set().union(*parts)
     elif op in _ALIASING or i.name in native:
@@ -654,18 +681,20 @@ def _liveness(module: Module, name: str, donated: set[int] | None, memo: dict) -
       nbytes = shape_bytes(i.shape)
       # An elementwise op may write over an operand buffer of its size that
       # dies here (XLA's buffer sharing for elementwise fusions).
+      # Donated arguments and a loop's state elements may be overwritten too.
       reuse = next((b for r in operand_refs if len(r) == 1 for b in r
-                    if size.get(b) == nbytes and not b.startswith("param:") and
-                    all(last_use.get(v, -1) <= t for v in holders[b])), None) \
+                    if (reusable.get(b) if b.startswith("param:") else size.get(b)) == nbytes
+                    and all(last_use.get(v, -1) <= t for v in holders[b])), None) \
           if _fusible(i) and op not in ("reduce", "reduce-window") else None
       refs[i.name] = {reuse} if reuse else new(i, t, nbytes)
     else:  # fused into its users: its inputs stay live until they run
       refs[i.name] = set().union(*operand_refs)
     for b in refs[i.name]:
       holders[b].append(i.name)
-    if op in _CALLERS:
-      nested[t] = max([nested.get(t, 0.0)] + [peak_bytes(module, c, memo) for key in _CALLS
-                                              for c in _called(i, key)])
+    if op in _CALLERS:  # the callee's peak, less the results already counted here
+      nested[t] = max([nested.get(t, 0.0)] + [
+          peak_bytes(module, c, memo) - fresh_out.get(i.name, 0.0)
+          for key in _CALLS for c in _called(i, key)])
   last = dict(first)
   for b, values in holders.items():
     if b in last:  # a tuple's element buffers live as long as their own readers
