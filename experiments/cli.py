@@ -14,6 +14,7 @@ Nothing here imports jax: entry points call these before jax initializes.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -51,6 +52,9 @@ def run(main) -> None:
   """app.run(main) with one-line usage errors (see the module docstring)."""
 
   def checked(argv):
+    # jax logs an INFO line per absent backend (TPU, ...) when it starts: it
+    # would come before an error raised after that.
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     try:
       if len(argv) > 1:
         raise app.UsageError(f"unexpected positional argument(s) {argv[1:]}: every input is a "

@@ -31,8 +31,12 @@ def maybe_initialize() -> None:
   # CPU devices of several processes talk through gloo (no effect on GPU/TPU);
   # set before the backends start, as initialize() must come first too.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                             num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  try:
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  except ValueError as e:  # e.g. no coordinator address off a cluster
+    raise app.UsageError(f"--distributed: {e} (give --coordinator_address, --num_processes "
+                         f"and --process_id, or run under a cluster that sets them)") from e
 
 
 def is_main_process() -> bool:

@@ -57,6 +57,9 @@ _TEMPERATURE = flags.DEFINE_float(
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens; 0 = off.",
                               lower_bound=0)
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus mass in (0, 1]; 1 = off.")
+flags.register_validator("temperature", lambda t: t == t and t != float("inf"),
+                         message="--temperature must be a finite number >= 0")
+flags.register_validator("top_p", lambda p: 0 < p <= 1, message="--top_p must be in (0, 1]")
 _DTYPE = flags.DEFINE_enum(
     "dtype", None, ["float32", "bfloat16"], "Compute dtype (activations and KV cache). "
     "Default: the config's (float32).")

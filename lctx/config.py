@@ -36,13 +36,19 @@ MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "internlm")
 
 # transformers' defaults for keys absent from a config.json, per model type
 # (LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config, InternLM's remote
-# InternLMConfig). head_dim None: hidden_size // num_attention_heads.
+# InternLMConfig). head_dim None: hidden_size // num_attention_heads;
+# num_key_value_heads None: num_attention_heads (multi-head attention).
 _DEFAULTS: dict[str, dict[str, Any]] = {
-    "llama": dict(rms_norm_eps=1e-6, max_position_embeddings=2048, head_dim=None),
-    "mistral": dict(rms_norm_eps=1e-6, max_position_embeddings=131072, head_dim=None),
-    "qwen2": dict(rms_norm_eps=1e-6, max_position_embeddings=32768, head_dim=None),
-    "qwen3": dict(rms_norm_eps=1e-6, max_position_embeddings=32768, head_dim=128),
-    "internlm": dict(rms_norm_eps=1e-6, max_position_embeddings=2048, head_dim=None),
+    "llama": dict(rms_norm_eps=1e-6, max_position_embeddings=2048, head_dim=None,
+                  num_key_value_heads=None),
+    "mistral": dict(rms_norm_eps=1e-6, max_position_embeddings=131072, head_dim=None,
+                    num_key_value_heads=8),
+    "qwen2": dict(rms_norm_eps=1e-6, max_position_embeddings=32768, head_dim=None,
+                  num_key_value_heads=32),
+    "qwen3": dict(rms_norm_eps=1e-6, max_position_embeddings=32768, head_dim=128,
+                  num_key_value_heads=32),
+    "internlm": dict(rms_norm_eps=1e-6, max_position_embeddings=2048, head_dim=None,
+                     num_key_value_heads=None),
 }
 
 # Why some well-known model types are refused (any other one: "not modelled").
@@ -269,10 +275,15 @@ class ModelConfig:
     D, N = ints["hidden_size"], ints["num_attention_heads"]
 
     _field(hf, "hidden_act", "silu", lambda v: v == "silu", "'silu'")
-    kv_heads = _field(hf, "num_key_value_heads", N, _is_pos_int,
+    kv_default = defaults["num_key_value_heads"] or N  # transformers' default for the type
+    kv_heads = _field(hf, "num_key_value_heads", kv_default, _is_pos_int,
                       f"a positive integer dividing num_attention_heads ({N}): "
-                      f"{_divisors(N)}, or null (= num_attention_heads)", "num_kv_heads",
-                      null_is_absent=True)
+                      f"{_divisors(N)}, or null (= {kv_default}, transformers' default for "
+                      f"{model_type})", "num_kv_heads", null_is_absent=True)
+    if "num_key_value_heads" not in hf and N % kv_heads:
+      raise ValueError(f"config has no num_key_value_heads; transformers' default for "
+                       f"{model_type} is {kv_heads}, which does not divide num_attention_heads "
+                       f"({N}); give it explicitly, allowed: {_divisors(N)}")
     head_dim = _head_dim(hf, model_type, D, N, defaults["head_dim"])
     if model_type == "internlm" and kv_heads != N:
       raise ValueError(f"config field num_key_value_heads={kv_heads} is not read by model_type "
@@ -493,6 +504,12 @@ def _parse_rope(hf: Mapping[str, Any]) -> tuple[float, RopeScaling]:
   if params is not None:
     if not isinstance(params, Mapping):
       raise ValueError(f"config field rope_parameters={params!r} is invalid; allowed: an object")
+    classic = hf.get("rope_scaling")
+    if classic and any(params.get(k) != v for k, v in classic.items() if k != "type") or (
+        classic and "type" in classic and
+        classic["type"] != params.get("rope_type", params.get("type"))):
+      raise ValueError(f"config fields rope_parameters={dict(params)} and rope_scaling="
+                       f"{dict(classic)} disagree; allowed: one of them, or both equal")
     theta, theta_key = params.get("rope_theta", hf.get("rope_theta", 10000.0)), "rope_theta"
     scaling = params
   else:

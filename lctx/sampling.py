@@ -11,6 +11,7 @@ cutoff the kept sets are the same.)
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +26,9 @@ class SamplingConfig:
   top_p: float = 1.0
 
   def __post_init__(self):
-    if not self.temperature >= 0:
-      raise ValueError(f"SamplingConfig.temperature must be >= 0, got {self.temperature}")
+    if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+      raise ValueError(f"SamplingConfig.temperature must be a finite number >= 0, got "
+                       f"{self.temperature}")
     if not (isinstance(self.top_k, int) and self.top_k >= 0):
       raise ValueError(f"SamplingConfig.top_k must be an integer >= 0 (0 = off), got {self.top_k}")
     if not 0 < self.top_p <= 1:

@@ -268,7 +268,28 @@ def test_model_type_features_and_defaults():
   assert (plain.rms_norm_eps, plain.num_kv_heads, plain.max_position_embeddings) == (1e-6, 4,
                                                                                      2048)
   assert ModelConfig.from_hf_dict(dict(bare, num_key_value_heads=None)).num_kv_heads == 4
-  assert ModelConfig.from_hf_dict(dict(bare, model_type="qwen2")).max_position_embeddings == 32768
+  assert ModelConfig.from_hf_dict(dict(bare, model_type="qwen2", num_key_value_heads=2)
+                                 ).max_position_embeddings == 32768
+  # An absent num_key_value_heads is transformers' default for the type: N for
+  # llama (above), 8 for mistral, 32 for qwen2 and qwen3 (an error when it does
+  # not divide the heads), never silently MHA.
+  wide = dict(bare, num_attention_heads=64, hidden_size=1024)
+  assert ModelConfig.from_hf_dict(dict(wide, model_type="mistral", sliding_window=None)
+                                 ).num_kv_heads == 8
+  assert ModelConfig.from_hf_dict(dict(wide, model_type="qwen2")).num_kv_heads == 32
+  with pytest.raises(ValueError, match="no num_key_value_heads; transformers' default for qwen3 "
+                                       "is 32, which does not divide num_attention_heads"):
+    ModelConfig.from_hf_dict(dict(bare, model_type="qwen3"))
+
+
+def test_rope_parameters_and_rope_scaling_must_agree():
+  both = _cfg(rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+              rope_scaling={"rope_type": "linear", "factor": 4.0})
+  with pytest.raises(ValueError, match="rope_parameters=.* and rope_scaling=.* disagree"):
+    ModelConfig.from_hf_dict(both)
+  same = _cfg(rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 1e4},
+              rope_scaling={"rope_type": "linear", "factor": 4.0})
+  assert ModelConfig.from_hf_dict(same).rope_scaling.factor == 4.0
   # Neutral values of unmodelled keys are accepted.
   ModelConfig.from_hf_dict(_cfg(model_type="llama", partial_rotary_factor=1.0, logit_scale=None,
                                 mlp_bias=False, use_qk_norm=False, num_local_experts=None))

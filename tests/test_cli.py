@@ -306,3 +306,13 @@ def test_mesh_size_parses_without_jax():
   assert cli.mesh_size("data:2,seq:2,model:4") == 16
   assert cli.mesh_size("model:16") == 16
   assert cli.mesh_size("model") is None and cli.mesh_size("") is None
+
+
+@pytest.mark.parametrize("flags, names", [
+    (("--temperature=nan",), ("--temperature", "finite")),
+    (("--temperature=inf",), ("--temperature", "finite")),
+    (("--distributed",), ("--distributed", "coordinator_address")),
+    (("--mesh=model:3",), ("--mesh=model:3", "num_heads")),  # after jax starts: no INFO line first
+])
+def test_generate_rejects_in_one_line(flags, names):
+  assert_fails_with(run("generate", *flags), *names, seconds=30)

@@ -366,3 +366,9 @@ def test_long_context_attention_lowers_without_t_squared_host_memory():
   assert peak < 100 * 2**20
   nb = T // block
   assert f"{nb * (nb + 1) // 2}" in lowered.as_text()  # the scan's trip count
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -1.0])
+def test_sampling_temperature_must_be_finite(temperature):
+  with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+    lctx.SamplingConfig(temperature=temperature)
