@@ -23,6 +23,14 @@ def plan_for(spec, config=CFG):
   return sharding.Plan(config, sharding.make_mesh(spec))
 
 
+def _abstract(config, layout, capacity):
+  """Abstract params and a B-row cache of `capacity` slots in the given layer layout."""
+  params = lctx.abstract_params(config)
+  if layout == "unrolled":
+    params = jax.eval_shape(lctx.unstack_layers, params)
+  return params, abstract_cache(config, B, capacity, stacked=layout == "stacked")
+
+
 def test_parse_mesh_spec():
   assert sharding.parse_mesh_spec("data:2,model:4") == {"data": 2, "seq": 1, "model": 4}
   assert sharding.parse_mesh_spec("seq:8") == {"data": 1, "seq": 8, "model": 1}
@@ -120,10 +128,7 @@ def test_tensor_parallel_decode_collectives(kv_heads, layout):
   it holds: a wrong head-to-device map would need collectives)."""
   cfg = CFG.replace(num_kv_heads=kv_heads)
   plan = plan_for("model:8", cfg)
-  params = lctx.abstract_params(cfg)
-  if layout == "unrolled":
-    params = jax.eval_shape(lctx.unstack_layers, params)
-  cache = abstract_cache(cfg, B, 64, stacked=layout == "stacked")
+  params, cache = _abstract(cfg, layout, 64)
   step = engine.sharded_step("decode", plan, params, cache)
   hlo = step.lower(params, jax.ShapeDtypeStruct((B,), jnp.int32), cache).compile().as_text()
   found = _collectives(hlo)
@@ -146,10 +151,7 @@ def test_no_decode_step_gathers_the_cache_or_a_parameter(kv_heads, layout):
   cache write (B x K x H values), never of a cache or parameter; and the
   cache arrays come out of the step exactly as sharded as they went in."""
   cfg = CFG.replace(num_kv_heads=kv_heads)
-  params = lctx.abstract_params(cfg)
-  if layout == "unrolled":
-    params = jax.eval_shape(lctx.unstack_layers, params)
-  cache = abstract_cache(cfg, B, 1024, stacked=layout == "stacked")
+  params, cache = _abstract(cfg, layout, 1024)
   token_kv_bytes = B * kv_heads * cfg.head_dim * 4
   layers = params["layers"] if layout == "stacked" else params["layers"][0]
   smallest_weight = min(x.size * 4 for k, x in layers.items() if k.startswith("w_"))
@@ -214,11 +216,8 @@ def test_prefill_never_gathers_the_cache(spec, layout):
   from the gathered prompt K/V; the only all-gathers are of the prompt's K/V
   (the partitioner alone gathered the whole cache once per layer)."""
   plan = plan_for(spec)
-  params = lctx.abstract_params(CFG)
-  if layout == "unrolled":
-    params = jax.eval_shape(lctx.unstack_layers, params)
   capacity, T = 1024, 512
-  cache = abstract_cache(CFG, B, capacity, stacked=layout == "stacked")
+  params, cache = _abstract(CFG, layout, capacity)
   step = engine.sharded_step("prefill", plan, params, cache)
   text = hlo_cost.partitioned_hlo(step.lower(params, jax.ShapeDtypeStruct((B, T), jnp.int32),
                                              jax.ShapeDtypeStruct((B,), jnp.int32), cache))
@@ -255,10 +254,7 @@ def test_sequence_parallel_decode_never_gathers_the_cache(layout):
   """seq:8 decode: per-shard partial softmaxes merged by all-reduces of [B, N, H]-sized
   values; no all-gather, all-to-all or permute (the cache stays where it is)."""
   plan = plan_for("seq:8")
-  params = lctx.abstract_params(CFG)
-  if layout == "unrolled":
-    params = jax.eval_shape(lctx.unstack_layers, params)
-  cache = abstract_cache(CFG, B, 1024, stacked=layout == "stacked")
+  params, cache = _abstract(CFG, layout, 1024)
   step = engine.sharded_step("decode", plan, params, cache)
   hlo = step.lower(params, jax.ShapeDtypeStruct((B,), jnp.int32), cache).compile().as_text()
   kinds = {kind for _, kind in _collectives(hlo)}
