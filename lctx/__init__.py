@@ -9,7 +9,8 @@ from lctx.sampling import SamplingConfig
 
 __all__ = [
     "KVCache", "ModelConfig", "SamplingConfig", "abstract_params", "decode_step", "forward",
-    "generate", "init_cache", "init_params", "load_hf_checkpoint", "prefill", "restore_params",
+    "generate", "init_cache", "init_params", "load_gguf_checkpoint", "load_hf_checkpoint",
+    "prefill", "restore_params",
     "save_params", "sharding", "stack_layers", "unstack_layers",
 ]
 
@@ -19,4 +20,7 @@ def __getattr__(name):
   if name in ("load_hf_checkpoint", "save_params", "restore_params"):
     from lctx import checkpoint
     return getattr(checkpoint, name)
+  if name == "load_gguf_checkpoint":  # pulls in the gguf package
+    from lctx import gguf_import
+    return gguf_import.load_gguf_checkpoint
   raise AttributeError(f"module 'lctx' has no attribute {name!r}")

@@ -184,51 +184,56 @@ def load_hf_checkpoint(path, param_dtype: str | None = None,
   path = Path(path).expanduser()
   overrides = {k: v for k, v in (("param_dtype", param_dtype), ("dtype", dtype)) if v is not None}
   config = ModelConfig.from_hf_config(path, **overrides)
+  with contextlib.ExitStack() as stack:
+    return config, params_from_tensors(config, _Tensors(path, stack))
+
+
+def params_from_tensors(config: ModelConfig, tensors) -> Params:
+  """Params (stacked layout, config.param_dtype) from a tensor source under HF
+  names and layouts: `tensors` has names() -> set, check(name, shape) (raises
+  ValueError naming the tensor) and get(name) -> np.ndarray. Every tensor is
+  checked before any is copied, then copied one leaf at a time (peak host
+  memory: about one leaf in the target dtype beside the source)."""
   target = _np_dtype(config.param_dtype)
   top, per_layer = _hf_top_spec(config), _hf_layer_spec(config)
   layer_name = lambda l, suffix: f"model.layers.{l}.{suffix}"
+  expected: set[str] = set()
+  for hf_name, shape, _ in top.values():
+    tensors.check(hf_name, shape)
+    expected.add(hf_name)
+  for suffix, shape, _ in per_layer.values():
+    for l in range(config.num_layers):
+      tensors.check(layer_name(l, suffix), shape)
+      expected.add(layer_name(l, suffix))
+  tied_head = config.tie_word_embeddings and "lm_head.weight" in tensors.names()
+  if tied_head:  # some exports keep a copy of the tied head: accepted if identical
+    tensors.check("lm_head.weight", top["embed"][1])
+    expected.add("lm_head.weight")
+  extra = sorted(n for n in tensors.names() - expected if not HARMLESS.search(n))
+  if extra:
+    raise ValueError(f"checkpoint has {len(extra)} tensor(s) the model has no place for: "
+                     f"{extra[:20]}{' ...' if len(extra) > 20 else ''}")
 
-  with contextlib.ExitStack() as stack:
-    tensors = _Tensors(path, stack)
-    # Validate everything before copying anything.
-    expected: set[str] = set()
-    for hf_name, shape, _ in top.values():
-      tensors.check(hf_name, shape)
-      expected.add(hf_name)
-    for suffix, shape, _ in per_layer.values():
-      for l in range(config.num_layers):
-        tensors.check(layer_name(l, suffix), shape)
-        expected.add(layer_name(l, suffix))
-    tied_head = config.tie_word_embeddings and "lm_head.weight" in tensors.names()
-    if tied_head:  # some exports keep a copy of the tied head: accepted if identical
-      tensors.check("lm_head.weight", top["embed"][1])
-      expected.add("lm_head.weight")
-    extra = sorted(n for n in tensors.names() - expected if not HARMLESS.search(n))
-    if extra:
-      raise ValueError(f"checkpoint has {len(extra)} tensor(s) the model has no place for: "
-                       f"{extra[:20]}{' ...' if len(extra) > 20 else ''}")
-
-    # One leaf at a time: one host buffer in the target dtype, then to device.
-    params: Params = {}
-    for leaf, (hf_name, _, convert) in top.items():
-      params[leaf] = _to_device(convert(tensors.get(hf_name)), target)
-    if tied_head:
-      head = tensors.get("lm_head.weight")
-      if not np.array_equal(head.astype(target), np.asarray(params["embed"])):
-        raise ValueError("tie_word_embeddings is true but lm_head.weight differs from "
-                         "model.embed_tokens.weight")
-      del head
-    layers: Params = {}
-    shapes = layer_shapes(config)
-    for leaf, (suffix, _, convert) in per_layer.items():
-      buf = np.empty((config.num_layers, *shapes[leaf]), target)
-      for l in range(config.num_layers):
-        buf[l] = convert(tensors.get(layer_name(l, suffix)))
-      layers[leaf] = _to_device(buf, target)
-      del buf
-    params["layers"] = layers
+  params: Params = {}
+  for leaf, (hf_name, _, convert) in top.items():
+    params[leaf] = _to_device(convert(tensors.get(hf_name)), target)
+  if tied_head:
+    head = tensors.get("lm_head.weight")
+    if not np.array_equal(head.astype(target), np.asarray(params["embed"])):
+      raise ValueError("tie_word_embeddings is true but lm_head.weight differs from "
+                       "model.embed_tokens.weight")
+    del head
+  layers: Params = {}
+  shapes = layer_shapes(config)
+  for leaf, (suffix, _, convert) in per_layer.items():
+    buf = np.empty((config.num_layers, *shapes[leaf]), target)
+    for l in range(config.num_layers):
+      buf[l] = convert(tensors.get(layer_name(l, suffix)))
+    layers[leaf] = _to_device(buf, target)
+    del buf
+  params["layers"] = layers
   assert set(params) == set(top_shapes(config)) | {"layers"}
-  return config, params
+  return params
 
 
 def _to_device(x: np.ndarray, target) -> jax.Array:
