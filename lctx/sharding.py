@@ -242,9 +242,7 @@ class Plan:
             prompt_len: int | None = None) -> None:
     """Raises ValueError naming the axis, the dimension and the sizes when a
     mesh axis does not divide the dimension it shards."""
-    c = self.config
-    dims = [("model", "num_heads (query heads)", c.num_heads),
-            ("model", "intermediate_size (MLP)", c.intermediate_size)]
+    dims = []  # the model axis is checked when the plan is made (__post_init__)
     if batch is not None:
       dims.append(("data", "batch", batch))
     if capacity is not None:

@@ -504,6 +504,11 @@ def donated_parameters(text: str) -> set[int]:
   return {int(p) for p in re.findall(r":\s*\((\d+),", header.group(1))}
 
 
+def _tuple_parts(shape: str) -> list[str]:
+  """The element shapes of a tuple shape; a non-tuple shape is its only part."""
+  return _split_top(shape[1:-1]) if shape.startswith("(") else [shape]
+
+
 def _loop_updated(module: Module, body: str) -> set[int]:
   """Tuple indices a while body does not hand back unchanged."""
   instrs = module.computations.get(body, [])
@@ -517,13 +522,16 @@ def _loop_updated(module: Module, body: str) -> set[int]:
   return {k for k, o in enumerate(instrs[-1].operands) if not same(o, k)}
 
 
-def _root_aliases(module: Module, name: str) -> list[tuple[set[int], float]]:
+def _root_aliases(module: Module, name: str, memo: dict) -> list[tuple[set[int], float]]:
   """Per element of computation `name`'s result (one for a non-tuple): the
-  parameter indices it may alias and the bytes of fresh buffers it holds."""
+  parameter indices it may alias and the bytes of fresh buffers it holds.
+  memo: peak_bytes' (this walk's nested peaks are the same)."""
+  if ("#aliases", name) in memo:
+    return memo[("#aliases", name)]
   instrs = module.computations[name]
   if not instrs:
     return []
-  walk = _liveness(module, name, None, {})
+  walk = _liveness(module, name, None, memo)
   params = {i.name: int(i.args.strip() or 0) for i in instrs if i.opcode == "parameter"}
   root = instrs[-1]
   outs = root.operands if root.opcode == "tuple" else [root.name]
@@ -532,6 +540,7 @@ def _root_aliases(module: Module, name: str) -> list[tuple[set[int], float]]:
     bufs = walk["refs"].get(o, set())
     result.append(({params[b[len("param:"):]] for b in bufs if b.startswith("param:")},
                    sum(walk["size"][b] for b in bufs if not b.startswith("param:"))))
+  memo[("#aliases", name)] = result
   return result
 
 
@@ -598,9 +607,9 @@ def _liveness(module: Module, name: str, donated: set[int] | None, memo: dict) -
   fresh_out: dict[str, float] = {}  # a call's or conditional's new result bytes
   nested: dict[int, float] = {}
 
-  def new(i: Instr, t: int, nbytes: float) -> set[str]:
-    size[i.name], first[i.name] = nbytes, t
-    return {i.name}
+  def new(buf: str, t: int, nbytes: float) -> set[str]:
+    size[buf], first[buf] = nbytes, t
+    return {buf}
 
   for i in instrs:
     t, op = when[i.name], i.opcode
@@ -608,7 +617,7 @@ def _liveness(module: Module, name: str, donated: set[int] | None, memo: dict) -
     if op == "parameter":
       refs[i.name] = {f"param:{i.name}"}
       if name in module.loop_bodies:  # the loop's state, element by element, reusable
-        parts = _split_top(i.shape[1:-1]) if i.shape.startswith("(") else [i.shape]
+        parts = _tuple_parts(i.shape)
         elements[i.name] = [{f"param:{i.name}#{k}"} for k in range(len(parts))]
         reusable.update({f"param:{i.name}#{k}": shape_bytes(x) for k, x in enumerate(parts)})
       elif donated is not None and params[i.name] in donated:
@@ -620,9 +629,9 @@ def _liveness(module: Module, name: str, donated: set[int] | None, memo: dict) -
       # argument (a scanned layer's weights) depends on nothing computed
       # here, and XLA schedules its copy at the start of the computation.
       hoisted = bool(operand_refs) and all(b.startswith("param:") for b in operand_refs[0])
-      refs[i.name] = new(i, 0 if hoisted else t, shape_bytes(i.shape))
+      refs[i.name] = new(i.name, 0 if hoisted else t, shape_bytes(i.shape))
     elif op in _IN_PLACE and operand_refs and operand_refs[0] & read_only:
-      refs[i.name] = new(i, t, shape_bytes(i.shape))  # a non-donated argument is copied
+      refs[i.name] = new(i.name, t, shape_bytes(i.shape))  # a non-donated argument is copied
     elif op == "tuple":
       refs[i.name] = set().union(*operand_refs)
       elements[i.name] = operand_refs
@@ -637,13 +646,11 @@ def _liveness(module: Module, name: str, donated: set[int] | None, memo: dict) -
       refs[i.name] = set().union(*operand_refs)
       if init is not None:
         updated = set().union(*(_loop_updated(module, b) for b in _called(i, "body")))
-        parts = _split_top(i.shape[1:-1]) if i.shape.startswith("(") else [i.shape]
+        parts = _tuple_parts(i.shape)
         copies = [set(init[k]) for k in range(len(init))]
         for k in updated:
           if k < len(parts) and k < len(init) and init[k] & read_only:
-            size[f"{i.name}#{k}"], first[f"{i.name}#{k}"] = shape_bytes(parts[k]), t
-            copies[k] = {f"{i.name}#{k}"}
-            holders[f"{i.name}#{k}"].append(i.name)
+            copies[k] = new(f"{i.name}#{k}", t, shape_bytes(parts[k]))
         elements[i.name] = copies
         refs[i.name] = set().union(*copies)
     elif op in ("call", "conditional"):
@@ -659,18 +666,18 @@ def _liveness(module: Module, name: str, donated: set[int] | None, memo: dict) -
         callees = [(c, k + 1) for k, c in enumerate(branches)]
       per_element: dict[int, tuple[set[str], float]] = {}
       for c, first_operand in callees:
-        for k, (aliased, fresh) in enumerate(_root_aliases(module, c)):
-          src = operand_refs[first_operand:] if op == "conditional" else operand_refs
+        results = _root_aliases(module, c, memo)
+        src = operand_refs[first_operand:]
+        for k, (aliased, fresh) in enumerate(results):
           part = set().union(*(src[a] for a in aliased if a < len(src)))
           old_part, old_fresh = per_element.get(k, (set(), 0.0))
           per_element[k] = (old_part | part, max(old_fresh, fresh))
-        fresh_out[i.name] = max(fresh_out.get(i.name, 0.0),
-                                sum(f for _, f in _root_aliases(module, c)))
+        fresh_out[i.name] = max(fresh_out.get(i.name, 0.0), sum(f for _, f in results))
       parts = []
       for k in sorted(per_element):
         part, fresh = per_element[k]
         if fresh:
-          part = part | new(Instr(f"{i.name}#{k}", "", "", [], "", "", ""), t, fresh)
+          part = part | new(f"{i.name}#{k}", t, fresh)
         parts.append(part)
       elements[i.name] = parts
       refs[i.name] = set().union(*parts)
@@ -686,7 +693,7 @@ def _liveness(module: Module, name: str, donated: set[int] | None, memo: dict) -
                     if (reusable.get(b) if b.startswith("param:") else size.get(b)) == nbytes
                     and all(last_use.get(v, -1) <= t for v in holders[b])), None) \
           if _fusible(i) and op not in ("reduce", "reduce-window") else None
-      refs[i.name] = {reuse} if reuse else new(i, t, nbytes)
+      refs[i.name] = {reuse} if reuse else new(i.name, t, nbytes)
     else:  # fused into its users: its inputs stay live until they run
       refs[i.name] = set().union(*operand_refs)
     for b in refs[i.name]:

@@ -155,6 +155,26 @@ def forward(config: ModelConfig, params: Params, tokens: jax.Array,
   return _logits(config, params, x)
 
 
+def _manual_over_cache(plan, mode: str, fn, k_cache, v_cache, l, args, args_axes, out_axes):
+  """Runs fn(k_cache, v_cache, l, *args) -> (out, k_cache, v_cache) once per
+  device (shard_map over the whole mesh) on its blocks of the cache and of
+  args (logical axes args_axes; out: out_axes), for either cache layout: the
+  stacked arrays with layer index l, or only layer l's arrays of an unrolled
+  cache (as a one-layer tuple, index 0), the others left untouched."""
+  k_axes = ("cache_batch", "cache_kv_heads", None, "cache_seq")
+  v_axes = ("cache_batch", "cache_kv_heads", "cache_seq", None)
+  if isinstance(k_cache, tuple):
+    def one(kc, vc, *args):
+      out, (kc,), (vc,) = fn((kc,), (vc,), 0, *args)
+      return out, kc, vc
+    out, kc, vc = plan.manual(one, (k_axes, v_axes, *args_axes), (out_axes, k_axes, v_axes),
+                              mode)(k_cache[l], v_cache[l], *args)
+    return out, k_cache[:l] + (kc,) + k_cache[l + 1:], v_cache[:l] + (vc,) + v_cache[l + 1:]
+  k_axes, v_axes = ("layers",) + k_axes, ("layers",) + v_axes
+  return plan.manual(fn, (k_axes, v_axes, (), *args_axes), (out_axes, k_axes, v_axes),
+                     mode)(k_cache, v_cache, l, *args)
+
+
 def _prefill_attention(config: ModelConfig, k_cache, v_cache, l, q, k, v, block: int, plan):
   """Writes the prompt's K/V into cache slots [0, T) of layer l and runs its
   causal attention; with a `seq` mesh axis, sequence-parallel.
@@ -190,18 +210,8 @@ def _prefill_attention(config: ModelConfig, k_cache, v_cache, l, q, k, v, block:
 
   # Every device holds whole GQA groups: its query heads and the KV head they read.
   q_axes, kv_axes = ("batch", "seq", "heads", None), ("batch", "seq", "kv_heads", None)
-  k_axes = ("cache_batch", "cache_kv_heads", None, "cache_seq")
-  v_axes = ("cache_batch", "cache_kv_heads", "cache_seq", None)
-  if isinstance(k_cache, tuple):  # unrolled: map over this layer's arrays only
-    def one(kc, vc, q, k, v):
-      out, (kc,), (vc,) = local((kc,), (vc,), 0, q, k, v)
-      return out, kc, vc
-    out, kc, vc = plan.manual(one, (k_axes, v_axes, q_axes, kv_axes, kv_axes),
-                              (q_axes, k_axes, v_axes), "prefill")(k_cache[l], v_cache[l], q, k, v)
-    return out, k_cache[:l] + (kc,) + k_cache[l + 1:], v_cache[:l] + (vc,) + v_cache[l + 1:]
-  k_axes, v_axes = ("layers",) + k_axes, ("layers",) + v_axes
-  return plan.manual(local, (k_axes, v_axes, (), q_axes, kv_axes, kv_axes),
-                     (q_axes, k_axes, v_axes), "prefill")(k_cache, v_cache, l, q, k, v)
+  return _manual_over_cache(plan, "prefill", local, k_cache, v_cache, l, (q, k, v),
+                            (q_axes, kv_axes, kv_axes), q_axes)
 
 
 def prefill(config: ModelConfig, params: Params, tokens: jax.Array, lengths: jax.Array,
@@ -269,22 +279,11 @@ def decode(config: ModelConfig, params: Params, tokens: jax.Array, cache: KVCach
     if plan is None or not plan.seq_parallel:
       return _decode_attention(config, k_cache, v_cache, l, lengths, q, k, v)
     # Manual over the whole mesh: each device its batch rows, heads and sequence slice.
-    k_axes = ("cache_batch", "cache_kv_heads", None, "cache_seq")
-    v_axes = ("cache_batch", "cache_kv_heads", "cache_seq", None)
     q_axes, new_axes = ("batch", None, "heads", None), ("batch", None, "cache_kv_heads", None)
-    if isinstance(k_cache, tuple):  # unrolled: map over this layer's arrays only
-      def fn(kc, vc, lens, q, k, v):
-        attn, (kc,), (vc,) = _decode_attention(config, (kc,), (vc,), 0, lens, q, k, v, "seq")
-        return attn, kc, vc
-      attn, kc, vc = plan.manual(
-          fn, (k_axes, v_axes, ("batch",), q_axes, new_axes, new_axes),
-          (q_axes, k_axes, v_axes), "decode")(k_cache[l], v_cache[l], lengths, q, k, v)
-      return attn, k_cache[:l] + (kc,) + k_cache[l + 1:], v_cache[:l] + (vc,) + v_cache[l + 1:]
-    k_axes, v_axes = ("layers",) + k_axes, ("layers",) + v_axes
     fn = lambda kc, vc, l, lens, q, k, v: _decode_attention(
         config, kc, vc, l, lens, q, k, v, "seq")
-    return plan.manual(fn, (k_axes, v_axes, (), ("batch",), q_axes, new_axes, new_axes),
-                       (q_axes, k_axes, v_axes), "decode")(k_cache, v_cache, l, lengths, q, k, v)
+    return _manual_over_cache(plan, "decode", fn, k_cache, v_cache, l, (lengths, q, k, v),
+                              (("batch",), q_axes, new_axes, new_axes), q_axes)
 
   rope = rope_cos_sin(config, lengths[:, None])
 
