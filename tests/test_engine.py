@@ -173,3 +173,43 @@ def test_donated_cache_is_consumed():
   cache = engine.new_cache(CFG, PARAMS, batch=1, capacity=16)
   _, new = lctx.prefill(CFG, PARAMS, np.ones((1, 4), np.int32), cache)
   assert cache.k.is_deleted() and not new.k.is_deleted()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_generate_stops_each_row_at_eos_and_pads(layout):
+  """A row that emits an EOS id keeps it, then holds pad; other rows go on as
+  without EOS. The EOS ids are picked from the free run so that rows end at
+  different steps, and one row never ends."""
+  tokens = np.random.default_rng(3).integers(0, CFG.vocab_size, (4, 6))
+  free = np.asarray(lctx.generate(CFG, LAYOUTS[layout], tokens, max_new_tokens=12))
+  eos = (int(free[0, 2]), int(free[1, 6]))
+  ends = [next((i for i, t in enumerate(row) if t in eos), None) for row in free]
+  assert ends == [2, 6, None, None]  # rows end at different steps; two never do
+  out = np.asarray(lctx.generate(CFG, LAYOUTS[layout], tokens, max_new_tokens=12,
+                                 eos_token_id=eos, pad_token_id=7))
+  for row, end in enumerate(ends):
+    if end is None:
+      np.testing.assert_array_equal(out[row], free[row])
+    else:
+      np.testing.assert_array_equal(out[row, :end + 1], free[row, :end + 1])
+      assert (out[row, end + 1:] == 7).all(), (row, out[row])
+  # pad defaults to the first EOS id; an EOS id outside the vocabulary is refused.
+  default = np.asarray(lctx.generate(CFG, PARAMS, tokens[:1], max_new_tokens=12,
+                                     eos_token_id=eos[0]))
+  assert (default[0, 3:] == eos[0]).all()
+  with pytest.raises(ValueError, match=r"eos_token_id must be integer token id\(s\) in \[0, 256\)"):
+    lctx.generate(CFG, PARAMS, tokens, max_new_tokens=2, eos_token_id=CFG.vocab_size)
+  with pytest.raises(ValueError, match="pad_token_id is only used with eos_token_id"):
+    lctx.generate(CFG, PARAMS, tokens, max_new_tokens=2, pad_token_id=0)
+
+
+def test_generate_with_eos_on_a_mesh_equals_one_device():
+  plan = lctx.sharding.Plan(CFG, lctx.sharding.make_mesh("data:2,model:2"))
+  tokens = np.random.default_rng(4).integers(0, CFG.vocab_size, (4, 8))
+  free = np.asarray(lctx.generate(CFG, PARAMS, tokens, max_new_tokens=10))
+  eos = int(free[2, 4])
+  want = np.asarray(lctx.generate(CFG, PARAMS, tokens, max_new_tokens=10, eos_token_id=eos))
+  got = np.asarray(lctx.generate(CFG, PARAMS, tokens, max_new_tokens=10, eos_token_id=eos,
+                                 plan=plan))
+  np.testing.assert_array_equal(got, want)
+  assert (want[2, 5:] == eos).all()

@@ -91,6 +91,31 @@ def test_f32_gguf_loads_the_weights_it_was_written_from_bitwise(tmp_path):
     np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
 
 
+def test_f32_gguf_equals_the_same_weights_from_safetensors(tmp_path):
+  """One set of weights written both as an HF safetensors checkpoint and as a
+  GGUF (permuted Q/K rows, llama.* metadata): the two loaders agree bitwise,
+  config included (up to rms_norm_eps, which GGUF stores as float32)."""
+  import json
+
+  from safetensors.numpy import save_file
+
+  from lctx.checkpoint import hf_config_dict
+  hf_dir = tmp_path / "hf"
+  hf_dir.mkdir()
+  save_file({k: np.ascontiguousarray(v, np.float32)
+             for k, v in to_hf_state_dict(CFG, PARAMS).items()},
+            str(hf_dir / "model.safetensors"))
+  (hf_dir / "config.json").write_text(json.dumps(hf_config_dict(CFG)))
+  hf_config, hf_params = lctx.load_hf_checkpoint(hf_dir)
+  config, params = load_gguf_checkpoint(write_gguf(tmp_path / "tiny.gguf"))
+  assert config.replace(name="x", rms_norm_eps=1.0) == hf_config.replace(name="x",
+                                                                         rms_norm_eps=1.0)
+  got, want = dict(_leaves(params)), dict(_leaves(hf_params))
+  assert got.keys() == want.keys()
+  for k in want:
+    np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
+
+
 def _leaves(tree, prefix=""):
   if isinstance(tree, dict):
     for k, v in tree.items():
