@@ -20,6 +20,9 @@ def model(model: str, dtype: str):
   """The ModelConfig in `dtype`; a bad name is a UsageError listing the presets."""
   import lctx
   try:
+    if model.lower().endswith(".gguf"):  # a GGUF file: the config in its metadata
+      from lctx.gguf_import import read_gguf_config
+      return read_gguf_config(model, param_dtype=dtype, dtype=dtype)
     return lctx.ModelConfig.resolve(model, param_dtype=dtype, dtype=dtype)
   except (ValueError, FileNotFoundError) as e:
     raise app.UsageError(f"--model={model}: {e}") from e

@@ -73,7 +73,8 @@ _MAX_NEW_TOKENS = flags.DEFINE_integer(
     "max_new_tokens", 16, "Tokens generated per row (at most, when the row stops at EOS).",
     lower_bound=1)
 _SEED = flags.DEFINE_integer(
-    "seed", 0, "Seeds random weights, random prompts and sampling.", lower_bound=0)
+    "seed", 0, "Seeds random weights, random prompts and sampling.", lower_bound=0,
+    upper_bound=2**63 - 1)  # jax.random.key takes a signed 64-bit seed
 _TEMPERATURE = flags.DEFINE_float(
     "temperature", 0.0, "Sampling temperature; 0 = greedy.", lower_bound=0.0)
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens; 0 = off.",
@@ -222,15 +223,16 @@ def load_model(seed: int):
 
 
 def load_tokenizer(weights: Weights):
-  """The model's tokenizer (GGUF metadata, or an HF directory's tokenizer.json),
-  or None (random weights, orbax, an HF directory without tokenizer.json)."""
+  """(tokenizer, None) from the GGUF metadata or an HF directory's tokenizer.json,
+  or (None, why not): random weights, orbax, no tokenizer.json, or one lctx
+  cannot build. Only --prompt needs it; token ids run without one."""
   import lctx
   if weights.kind == "gguf" or (weights.kind == "hf" and (weights.path / "tokenizer.json").is_file()):
     try:
-      return lctx.load_tokenizer(weights.path)
+      return lctx.load_tokenizer(weights.path), None
     except (ValueError, FileNotFoundError) as e:
-      raise app.UsageError(f"--{weights.flag}={weights.path} (tokenizer): {e}") from e
-  return None
+      return None, f"--{weights.flag}={weights.path}: {e}"
+  return None, f"the weights ({weights.label}) come without a tokenizer"
 
 
 def _gguf_config(path: Path, flag: str):
@@ -299,8 +301,9 @@ def check_memory(config, rows: int, capacity: int, weight_copies: int, prompt_le
   if available is None or needed <= available:
     return
   flag = (f"--max_new_tokens={new}" if new >= prompt_len else
-          f"--prompt_len={prompt_len}" if _PROMPT_TOKENS.value is None else
-          f"--prompt_tokens ({prompt_len} tokens)")
+          f"--prompt ({prompt_len} tokens)" if _PROMPT.value else
+          f"--prompt_tokens ({prompt_len} tokens)" if _PROMPT_TOKENS.value is not None else
+          f"--prompt_len={prompt_len}")
   raise app.UsageError(
       f"{flag}: needs {needed:.4g} B ({cli.gb(needed)}): a KV cache of {rows} rows x "
       f"{capacity} slots x {config.kv_bytes_per_token()} B/slot = {cli.gb(cache)} plus "
@@ -352,13 +355,12 @@ def _check_prompt_flags() -> None:
                          f"rows; drop --batch")
 
 
-def text_prompts(tokenizer, weights: Weights, config) -> list[list[int]]:
+def text_prompts(tokenizer, why_not: str | None, config) -> list[list[int]]:
   """Token ids of each --prompt (through the chat template with --chat)."""
   if tokenizer is None:
     raise app.UsageError(
-        f"--prompt needs the model's tokenizer, and the weights ({weights.label}) have none; "
-        f"give a .gguf file or an HF directory with tokenizer.json (--checkpoint), or "
-        f"--model=smollm2-135m, or use --prompt_tokens")
+        f"--prompt needs the model's tokenizer: {why_not}; give a .gguf file or an HF "
+        f"directory with tokenizer.json, e.g. --model=smollm2-135m, or use --prompt_tokens")
   rows = []
   for text in _PROMPT.value:
     if _CHAT.value:
@@ -406,9 +408,9 @@ def main(argv):
   import lctx
 
   config, weights = resolve_model(_SEED.value)
-  tokenizer = load_tokenizer(weights)
+  tokenizer, no_tokenizer = load_tokenizer(weights)
   if _PROMPT.value:
-    rows = text_prompts(tokenizer, weights, config)
+    rows = text_prompts(tokenizer, no_tokenizer, config)
     if len(rows) == 1:
       rows = rows * B
   elif _PROMPT_TOKENS.value is not None:
@@ -448,6 +450,8 @@ def main(argv):
           f"(--model=smollm2-135m, --checkpoint=FILE.gguf or an HF directory loads real weights)")
   else:
     print(f"weights: {weights.label} ({weights.kind} checkpoint)")
+  if tokenizer is None and weights.kind != "random":
+    print(f"warning: no tokenizer ({no_tokenizer}): token ids only, no text and no EOS stop")
   if stop:
     print(f"stops at EOS: ids {list(stop[0])} ({', '.join(map(repr, map(tokenizer.token, stop[0])))})"
           f", padded with {stop[1]}")
@@ -468,11 +472,13 @@ def main(argv):
   prompts = [p[:n] for p, n in zip(prompt.tolist(), lengths.tolist())]
   answers = [answer(t, stop) for t in tokens]
   texts = [tokenizer.decode(a) for a, _ in answers] if tokenizer is not None else None
-  for row, (p, t) in enumerate(zip(prompts, tokens)):
-    print(f"row {row}: prompt {p}\n       tokens {t}")
+  new_tokens = [len(a) + (r == "eos") for a, r in answers]  # the EOS token counts
+  for row, (p, t, n) in enumerate(zip(prompts, tokens, new_tokens)):
+    padding = f" + {len(t) - n} x pad {stop[1]}" if n < len(t) else ""
+    print(f"row {row}: prompt {p}\n       tokens {t[:n]}{padding}")
     if texts is not None:
-      print(f"       prompt text: {tokenizer.decode(p)!r}\n       text ({answers[row][1]}, "
-            f"{len(answers[row][0])} tokens): {texts[row]!r}")
+      print(f"       prompt text: {tokenizer.decode(p)!r}\n       text ({n} new tokens, "
+            f"stopped at {answers[row][1]}): {texts[row]!r}")
   print(f"generate: {seconds:.2f} s (compile included), B={len(tokens)} T={T} "
         f"new={new}, weights {weights.label}")
   if _JSON_OUT.value and distributed.is_main_process():
@@ -482,7 +488,7 @@ def main(argv):
     if texts is not None:
       out.update(text=texts, prompt_text=[tokenizer.decode(p) for p in prompts],
                  stop_reason=[r for _, r in answers],
-                 new_tokens=[len(a) + (r == "eos") for a, r in answers],
+                 new_tokens=new_tokens,
                  eos_token_ids=list(stop[0]) if stop else [])
     Path(_JSON_OUT.value).write_text(json.dumps(out) + "\n")
 

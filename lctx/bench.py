@@ -64,7 +64,7 @@ def _reference_model(config: ModelConfig, params: Params, threads: int):
   fields = hf_config_dict(config)  # Llama, Qwen2 or Qwen3, whichever computes the same
   hf_config = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
   model = transformers.AutoModelForCausalLM.from_config(hf_config).to(torch.float32).eval()
-  state = {k: torch.from_numpy(v) for k, v in to_hf_state_dict(config, params).items()}
+  state = {k: torch.from_numpy(np.array(v)) for k, v in to_hf_state_dict(config, params).items()}
   missing, unexpected = model.load_state_dict(state, strict=False)
   allowed_missing = {"lm_head.weight"} if config.tie_word_embeddings else set()
   if set(missing) - allowed_missing or unexpected:

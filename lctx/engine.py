@@ -101,7 +101,13 @@ def _check_vocab(config: ModelConfig, tokens, name: str) -> None:
 def _as_token_array(tokens):
   """A jax array (or tracer) as is; anything else as a host numpy array, so ids
   are checked before a cast to int32 could wrap them (int64 on the host)."""
-  return tokens if isinstance(tokens, jax.Array) else np.asarray(tokens)
+  if isinstance(tokens, jax.Array):
+    return tokens
+  try:
+    return np.asarray(tokens)
+  except ValueError as e:  # rows of different lengths
+    raise ValueError(f"tokens must be a rectangular [B, T] array ({e}); right-pad shorter "
+                     f"prompts and pass their lengths=") from e
 
 
 def _check_token_ids(config: ModelConfig, tokens, ndim: int, what: str):
@@ -282,13 +288,16 @@ def _stop_ids(config: ModelConfig, eos_token_id, pad_token_id) -> tuple[tuple[in
     if pad_token_id is not None:
       raise ValueError("pad_token_id is only used with eos_token_id (it fills a row after EOS)")
     return None
-  ids = [eos_token_id] if np.ndim(eos_token_id) == 0 else list(np.ravel(eos_token_id))
-  pad = ids[0] if pad_token_id is None and ids else pad_token_id
+  ids = np.ravel(np.asarray(eos_token_id, dtype=object)).tolist()
+  if not ids:  # e.g. a tokenizer without EOS ids: nothing to stop at
+    return None
+  pad = ids[0] if pad_token_id is None else pad_token_id
   for name, values in (("eos_token_id", ids), ("pad_token_id", [pad])):
-    if not values or any(not isinstance(v, (int, np.integer)) or not 0 <= v < config.vocab_size
-                         for v in values):
+    # bool is an int subclass: True is not a token id.
+    if any(not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_))
+           or not 0 <= v < config.vocab_size for v in values):
       raise ValueError(f"{name} must be integer token id(s) in [0, {config.vocab_size}), "
-                       f"got {values!r}")
+                       f"got {eos_token_id if name == 'eos_token_id' else pad_token_id!r}")
   return tuple(int(i) for i in ids), int(pad)
 
 

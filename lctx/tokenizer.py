@@ -22,6 +22,8 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 # llama.cpp's pre-tokenizer regexes (llama-vocab.cpp), by tokenizer.ggml.pre.
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 _DIGIT = r"\p{N}"
@@ -29,8 +31,12 @@ _LLAMA3 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{
            r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+"
           r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# llama.cpp's fallback for a file whose pre-tokenizer its converter did not
+# recognise ("default", or no tokenizer.ggml.pre). transformers uses the GPT-2
+# split alone there; lctx follows llama.cpp, the runtime such files are made for.
+_DEFAULT = (r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]")
 PRE_TOKENIZERS: dict[str, tuple[str, ...]] = {
-    "default": (_GPT2,), "gpt2": (_GPT2,), "mpt": (_GPT2,), "olmo": (_GPT2,),
+    "default": _DEFAULT, "gpt2": (_GPT2,), "mpt": (_GPT2,), "olmo": (_GPT2,),
     "smollm": (_DIGIT, _GPT2), "starcoder": (_DIGIT, _GPT2), "refact": (_DIGIT, _GPT2),
     "command-r": (_DIGIT, _GPT2), "codeshell": (_DIGIT, _GPT2),
     "llama-bpe": (_LLAMA3,), "llama3": (_LLAMA3,), "smaug-bpe": (_LLAMA3,), "dbrx": (_LLAMA3,),
@@ -75,6 +81,11 @@ class Tokenizer:
     return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
   def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+    """Text of token ids; ValueError for an id that is not an integer in [0, vocab_size)."""
+    bad = [i for i in ids if not isinstance(i, (int, np.integer)) or isinstance(i, bool)
+           or not 0 <= i < self.vocab_size]
+    if bad:
+      raise ValueError(f"decode: ids {bad[:10]} are not token ids in [0, {self.vocab_size})")
     return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
   def apply_chat_template(self, messages: Sequence[dict[str, str]],
@@ -101,8 +112,8 @@ def _render(template: str, **context) -> str:
   env.globals["raise_exception"] = raise_exception
   try:
     return env.from_string(template).render(**context)
-  except TemplateError as e:
-    raise ValueError(f"chat template: {e}") from e
+  except (TemplateError, TypeError) as e:  # TypeError: e.g. a message content of None
+    raise ValueError(f"chat template: {type(e).__name__}: {e}") from e
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
@@ -113,6 +124,8 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
   each naming the allowed values).
   """
   path = Path(path).expanduser()
+  if path.name == "tokenizer.json" and path.is_file():
+    path = path.parent  # its tokenizer_config.json sits beside it
   if path.is_dir():
     return _from_hf_dir(path)
   if not path.is_file():
@@ -160,14 +173,21 @@ def tokenizer_from_gguf_metadata(meta: dict[str, Any], source: str = "gguf") -> 
     value = meta.get(f"tokenizer.ggml.{key}")
     return None if value is None else int(value)
 
-  add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
-  if add_bos:
-    bos = token_id("bos_token_id")
-    if bos is None:
-      raise ValueError(f"{source}: tokenizer.ggml.add_bos_token is set but there is no "
-                       f"tokenizer.ggml.bos_token_id")
+  # BOS / EOS added around the text where the file asks (llama.cpp's rule).
+  added = {}
+  for end, key in (("bos", "bos_token_id"), ("eos", "eos_token_id")):
+    if meta.get(f"tokenizer.ggml.add_{end}_token", False):
+      if token_id(key) is None:
+        raise ValueError(f"{source}: tokenizer.ggml.add_{end}_token is set but there is no "
+                         f"tokenizer.ggml.{key}")
+      added[end] = tokens[token_id(key)]
+  if added:
+    bos = [added["bos"]] if "bos" in added else []
+    eos = [added["eos"]] if "eos" in added else []
     backend.post_processor = processors.TemplateProcessing(
-        single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A $B", special_tokens=[(tokens[bos], bos)])
+        single=" ".join(bos + ["$A"] + eos), pair=" ".join(bos + ["$A", "$B"] + eos),
+        special_tokens=[(t, tokens.index(t)) for t in dict.fromkeys(bos + eos)])
+  add_bos = "bos" in added
 
   eos = [token_id("eos_token_id"), token_id("eot_token_id"), token_id("eom_token_id")]
   return Tokenizer(backend=backend, bos_token_id=token_id("bos_token_id"),
@@ -183,6 +203,8 @@ def _from_hf_dir(path: Path) -> Tokenizer:
   if not (path / "tokenizer.json").is_file():
     raise FileNotFoundError(f"{path}: no tokenizer.json (lctx reads HF fast tokenizers only)")
   backend = Backend.from_file(str(path / "tokenizer.json"))
+  backend.no_truncation()  # a saved max_length or padding would cut or pad prompts silently
+  backend.no_padding()
 
   def read(name):
     f = path / name

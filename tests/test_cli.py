@@ -343,3 +343,21 @@ def test_packaged_model_missing_says_how_to_install(monkeypatch):
   monkeypatch.setitem(gguf_import.PACKAGED, "nothing-here", ("experiments", "x.gguf", "pkg"))
   with pytest.raises(FileNotFoundError, match=r"\(x.gguf\) are missing \(not in \["):
     gguf_import.packaged_gguf("nothing-here")
+
+
+def test_generate_runs_a_gguf_whose_tokenizer_it_cannot_build(tmp_path):
+  """Token ids need no tokenizer: a GGUF without one runs --prompt_tokens (with
+  a warning) and refuses --prompt, naming why."""
+  from test_gguf import write_gguf
+  path = write_gguf(tmp_path / "bare.gguf")
+  out = tmp_path / "out.json"
+  proc = run("generate", f"--checkpoint={path}", "--prompt_tokens=1,2,3", "--max_new_tokens=3",
+             f"--json_out={out}")
+  assert proc.returncode == 0, proc.stderr
+  assert "warning: no tokenizer" in proc.stdout and "no tokenizer in the metadata" in proc.stdout
+  config, params = lctx.load_gguf_checkpoint(path)
+  want = lctx.generate(config, params, np.asarray([[1, 2, 3]]), max_new_tokens=3)
+  assert json.loads(out.read_text())["tokens"] == np.asarray(want).tolist()
+  assert_fails_with(run("generate", f"--checkpoint={path}", "--prompt=hi"),
+                    "--prompt needs the model's tokenizer", "no tokenizer in the metadata",
+                    seconds=30)

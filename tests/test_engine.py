@@ -213,3 +213,17 @@ def test_generate_with_eos_on_a_mesh_equals_one_device():
                                  plan=plan))
   np.testing.assert_array_equal(got, want)
   assert (want[2, 5:] == eos).all()
+
+
+def test_eos_token_id_forms():
+  from lctx.engine import _stop_ids
+  for form in (2, np.int64(2), np.array(2), jnp.int32(2), [2], np.array([2]), (2,)):
+    assert _stop_ids(CFG, form, None) == ((2,), 2), form
+  assert _stop_ids(CFG, (), None) is None  # no EOS ids: nothing to stop at
+  for bad in (True, 1.5, [2, None], CFG.vocab_size, -1):
+    with pytest.raises(ValueError, match="eos_token_id must be integer token id"):
+      _stop_ids(CFG, bad, None)
+  with pytest.raises(ValueError, match="pad_token_id must be integer token id"):
+    _stop_ids(CFG, 2, False)
+  with pytest.raises(ValueError, match="right-pad shorter prompts and pass their lengths"):
+    lctx.generate(CFG, PARAMS, [[1, 2], [3]], max_new_tokens=2)

@@ -70,3 +70,7 @@ def test_preset_equals_the_gguf_metadata():
   want = lctx.ModelConfig.from_preset("smollm2-135m")
   assert got.rms_norm_eps == np.float32(want.rms_norm_eps)  # stored as float32
   assert got.replace(name=want.name, rms_norm_eps=want.rms_norm_eps) == want
+  # The cost entry points read a .gguf --model through the same metadata.
+  from experiments import costing
+  assert costing.model(smollm2_gguf(), "bfloat16") == got.replace(param_dtype="bfloat16",
+                                                                  dtype="bfloat16")

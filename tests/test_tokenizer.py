@@ -120,3 +120,41 @@ def test_hf_directory_tokenizer(tmp_path):
   assert hf.encode("abab") == tok.encode("abab") == [3, 2, 2]
   assert (hf.bos_token_id, hf.eos_token_ids, hf.add_bos_token) == (3, (3, 2), True)
   assert hf.apply_chat_template([{"role": "user", "content": "ab"}]) == "<s>ab"
+
+
+def test_default_pre_tokenizer_is_llama_cpps():
+  """No tokenizer.ggml.pre (or "default"): llama.cpp's fallback regexes
+  (punctuation runs, GPT-2, digit runs, three-digit groups), not GPT-2 alone."""
+  from tokenizers import Regex, pre_tokenizers
+  split = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r), behavior="isolated")
+                                   for r in PRE_TOKENIZERS["default"]])
+  assert [p for p, _ in split.pre_tokenize_str("Pay $12345 now!")] == [
+      "Pay", " ", "$", "123", "45", " now", "!"]
+  no_pre = tokenizer_from_gguf_metadata(_meta(**{"tokenizer.ggml.pre": None}))
+  assert no_pre.backend.pre_tokenizer.__getstate__() == tokenizer_from_gguf_metadata(
+      _meta(**{"tokenizer.ggml.pre": "default"})).backend.pre_tokenizer.__getstate__()
+
+
+def test_add_eos_token_and_input_checks():
+  meta = _meta(**{"tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.add_eos_token": True,
+                  "tokenizer.ggml.tokens": ["a", "b", "ab", "<s>", "</s>"],
+                  "tokenizer.ggml.token_type": [1, 1, 1, 3, 3],
+                  "tokenizer.ggml.eos_token_id": 4})
+  tok = tokenizer_from_gguf_metadata(meta)
+  assert tok.encode("ab") == [3, 2, 4] and tok.encode("ab", add_special_tokens=False) == [2]
+  for bad in ([5], [-1], [1.5], [True]):
+    with pytest.raises(ValueError, match=r"decode: ids .* are not token ids in \[0, 5\)"):
+      tok.decode(bad)
+  templated = tokenizer_from_gguf_metadata(_meta(**{
+      "tokenizer.chat_template": "{{ messages[0]['content'] + '!' }}"}))
+  with pytest.raises(ValueError, match="chat template: TypeError"):
+    templated.apply_chat_template([{"role": "user", "content": None}])
+
+
+def test_hf_tokenizer_json_saved_with_truncation_is_not_truncated(tmp_path):
+  tok = tokenizer_from_gguf_metadata(_meta())
+  tok.backend.enable_truncation(max_length=2)
+  tok.backend.enable_padding(length=6, pad_id=3, pad_token="<s>")
+  tok.backend.save(str(tmp_path / "tokenizer.json"))
+  hf = load_tokenizer(tmp_path / "tokenizer.json")  # the file itself works too
+  assert hf.encode("ababab") == [2, 2, 2]
