@@ -258,6 +258,10 @@ def test_smollm2_logits_match_transformers_gguf_loading(smollm2):
     want = ref(torch.tensor(ids, dtype=torch.long)).logits.numpy()[0]
   got = np.asarray(lctx.forward(config, params, ids))[0]
   exact = forward_fp64(config, params, ids[0])
+  print(f"{ids.shape[1]} tokens, max |logit diff|: transformers vs fp64 "
+        f"{np.abs(want - exact).max():.2e}, lctx vs fp64 {np.abs(got - exact).max():.2e}, "
+        f"lctx vs transformers {np.abs(got - want).max():.2e} "
+        f"(mean {np.abs(got - want).mean():.1e})")  # pytest -s shows it
   assert np.abs(want - exact).max() <= 1e-4  # transformers: the same model
   assert np.abs(got - exact).max() <= 2.5e-4
   assert np.abs(got - want).max() <= 2.5e-4 and np.abs(got - want).mean() <= 2e-5
