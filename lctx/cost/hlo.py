@@ -174,9 +174,12 @@ class Costs:
   host_transfer_bytes: float = 0.0  # set by analyze (see host_transfer_bytes); not summed
   collectives: dict = dataclasses.field(default_factory=lambda: defaultdict(float))  # kind -> bytes
   collective_ops: list = dataclasses.field(default_factory=list)  # (kind, bytes, participants, count)
-  ops: dict = dataclasses.field(default_factory=lambda: defaultdict(lambda: np.zeros(3)))
+  # op_name -> [FLOPs, ideal bytes, upper bytes, FLOPs of its dots]
+  ops: dict = dataclasses.field(default_factory=lambda: defaultdict(lambda: np.zeros(4)))
   unknown_trip_counts: int = 0
   temp_bytes: float = 0.0  # the whole program's peak (set by module_costs; not summed)
+  # Kernel launches per run by class (lctx.cost.kernels; set by analyze; not summed).
+  kernels: dict = dataclasses.field(default_factory=dict)
 
   def add(self, other: "Costs", times: float = 1.0) -> None:
     for f in ("flops", "transcendentals", "bytes_upper", "bytes_ideal"):
@@ -410,7 +413,8 @@ def computation_costs(module: Module, name: str, _memo: dict | None = None) -> C
     else:  # elementwise arithmetic, compare, select, ...
       c.flops = shape_elements(instr.shape)
     c.bytes_upper = in_b + out_b
-    c.ops[instr.op_name or instr.name] = np.array([c.flops, c.bytes_ideal, c.bytes_upper])
+    c.ops[instr.op_name or instr.name] = np.array([c.flops, c.bytes_ideal, c.bytes_upper,
+                                                   c.flops if op == "dot" else 0.0])
     total.add(c)
   memo[name] = total
   return total
@@ -893,6 +897,12 @@ def partitioned_hlo(lowered) -> str:
   One device is not partitioned: then the module right after the first call
   inliner (nested jits flattened, still before the CPU's bf16 rewrite) stands in.
   """
+  return compiled_hlo(lowered)[0]
+
+
+def compiled_hlo(lowered) -> tuple[str, str | None]:
+  """(partitioned_hlo's module, the optimized module after fusion or None when
+  the backend wrote none), from one compile."""
   with tempfile.TemporaryDirectory() as tmp:
     options = {"xla_dump_to": tmp, "xla_dump_hlo_pass_re": "spmd-partitioning|call-inliner",
                **_CHEAP_CODEGEN}
@@ -903,19 +913,26 @@ def partitioned_hlo(lowered) -> str:
         raise
       lowered.compile(compiler_options={k: v for k, v in options.items()
                                         if k not in _OPTIONAL_OPTIONS})
+    optimized = sorted(glob.glob(os.path.join(tmp, "*after_optimizations.txt")))
+    if optimized:
+      with open(optimized[0]) as f:
+        optimized = f.read()
     for pattern in ("*after_spmd-partitioning*.txt", "*after_call-inliner*.txt",
                     "*before_optimizations.txt"):
       found = sorted(glob.glob(os.path.join(tmp, pattern)))  # numbered in pass order
       if found:
         with open(found[0]) as f:
-          return f.read()
+          return f.read(), optimized or None
   raise RuntimeError("XLA wrote no HLO dump; is xla_dump_to supported by this backend?")
 
 
 def analyze(lowered) -> Costs:
   """Per-device costs of a lowered jax program (e.g. jax.jit(f).lower(*abstract_args))."""
-  text = partitioned_hlo(lowered)
+  from lctx.cost.kernels import kernel_counts  # it builds on this module
+  text, optimized = compiled_hlo(lowered)
   costs = module_costs(text)
+  if optimized is not None:
+    costs.kernels = kernel_counts(optimized)
   if _PLACEMENT in text:  # a backend that partitions memory placements keeps them
     costs.host_transfer_bytes = host_transfer_bytes(text, sharded=False)
   elif re.search(r'memory_kind = "(pinned|unpinned)_host"|annotate_device_placement',

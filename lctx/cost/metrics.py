@@ -168,7 +168,7 @@ def roofline_seconds(costs: hlo.Costs, hw, dtype: str) -> float:
   ~ bytes / W_unidirectional, AllReduce twice that, plus ~1 us per ICI hop when
   latency-bound). Compute and communication add: no overlap is assumed."""
   peak, bw = hw.flops(dtype), hw.hbm_bandwidth
-  compute = sum(max(flops / peak, nbytes / bw) for flops, nbytes, _ in costs.ops.values())
+  compute = sum(max(flops / peak, nbytes / bw) for flops, nbytes, _, _ in costs.ops.values())
   comm = sum(count * collective_seconds(kind, nbytes, p, hw)
              for kind, nbytes, p, count in costs.collective_ops)
   return compute + comm

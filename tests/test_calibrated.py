@@ -1,0 +1,87 @@
+"""The calibrated cost mode (lctx.cost.calibrated) and the kernel counts it
+multiplies (lctx.cost.kernels): identity calibration = the roofline exactly,
+floors add kernels x floor, kernel counts of small programs by hand."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import lctx
+from lctx.cost import hlo, metrics
+from lctx.cost.calibrated import ROOFLINE, Calibration, calibrated_seconds
+from lctx.cost.hardware import load_hardware
+from lctx.cost.kernels import kernel_counts
+
+X = jax.ShapeDtypeStruct((8, 64), jnp.float32)
+W = jax.ShapeDtypeStruct((64, 64), jnp.float32)
+
+
+def optimized(f, *args):
+  return hlo.compiled_hlo(jax.jit(f).lower(*args))[1]
+
+
+def test_kernel_counts_of_small_programs_by_hand():
+  # One GEMM, then relu and +1 fused into one loop kernel.
+  assert kernel_counts(optimized(lambda x, w: jax.nn.relu(x @ w) + 1, X, W)) == {
+      "matmul": 1.0, "collective": 0.0, "other": 1.0}
+  # softmax between two GEMMs: max, exp(x - max), sum-and-reciprocal, scale,
+  # then the GEMM and the tanh x 2 epilogue: 2 GEMMs + 5 others (XLA:CPU's
+  # reduce-window halves of its row reductions count with their reduce).
+  assert kernel_counts(optimized(
+      lambda x, w: jnp.tanh(jax.nn.softmax(x @ w, axis=-1) @ w.T) * 2, X, W)) == {
+          "matmul": 2.0, "collective": 0.0, "other": 5.0}
+
+  def scan(x, w):
+    return jax.lax.scan(lambda c, _: (jnp.tanh(c @ w), None), x, None, length=5)[0]
+
+  # Per trip: the GEMM, tanh, the counter's add and the condition's compare;
+  # before the loop, the two copies that make its state.
+  assert kernel_counts(optimized(scan, X, W)) == {
+      "matmul": 5.0, "collective": 0.0, "other": 2.0 + 5 * 3}
+
+
+def _decode_costs():
+  config = lctx.ModelConfig.from_preset("tiny")
+  return metrics.program_costs(config, "model:2", 256, 2, "decode")
+
+
+def test_identity_calibration_is_the_roofline_exactly():
+  costs = _decode_costs()
+  # The optimized module launches the collectives the partitioned one has.
+  assert costs.kernels["collective"] == sum(c for _, _, p, c in costs.collective_ops if p > 1) > 0
+  for hw, dtype in (("h100-sxm", "float32"), ("tpu-v5e", "bfloat16"), ("b200", "bfloat16")):
+    spec = load_hardware(hw)
+    assert calibrated_seconds(costs, spec, dtype, ROOFLINE) == metrics.roofline_seconds(
+        costs, spec, dtype)
+
+
+def test_floors_and_efficiencies_add_their_closed_form():
+  costs = _decode_costs()
+  spec = load_hardware("h100-sxm")
+  roof = metrics.roofline_seconds(costs, spec, "float32")
+  floored = calibrated_seconds(costs, spec, "float32",
+                               Calibration(matmul_floor_s=1e-5, other_floor_s=2e-6))
+  assert floored - roof == pytest.approx(1e-5 * costs.kernels["matmul"]
+                                         + 2e-6 * costs.kernels["other"], rel=1e-9)
+  # Halving every efficiency at most doubles the time (latencies stay put).
+  half = calibrated_seconds(costs, spec, "float32", Calibration(0.5, 0.5, 0.5))
+  latency = sum(c * spec.collective_latency for _, _, p, c in costs.collective_ops if p > 1)
+  assert roof < half <= 2 * roof - latency + 1e-15
+  with pytest.raises(ValueError, match=r"Calibration.matmul_efficiency=1.5; allowed: a number "
+                                       r"in \(0, 1\]"):
+    Calibration(matmul_efficiency=1.5)
+  with pytest.raises(ValueError, match="other_floor_s=-1"):
+    Calibration(other_floor_s=-1)
+  with pytest.raises(ValueError, match="kernel floors need the program's kernel counts"):
+    calibrated_seconds(hlo.Costs(), spec, "float32", Calibration(other_floor_s=1e-6))
+
+
+def test_steady_state_serving_formula():
+  from lctx.cost.serving import decode_context, steady_state
+  # 4 users, 100 output tokens each: 0.04 new prompts per step, each 0.2 s of prefill.
+  got = steady_state(prefill_s=0.2, decode_step_s=0.01, concurrency=4, isl=1000, osl=100)
+  assert got.prefill_share_s == pytest.approx(4 / 100 * 0.2)
+  assert got.tpot_s == pytest.approx(0.01 + 0.008) and got.ttft_s == pytest.approx(0.21)
+  assert decode_context(1024, 8192) == 1024 + 4096
+  with pytest.raises(ValueError, match=r"osl=0; allowed: a number > 0"):
+    steady_state(0.2, 0.01, 4, 1000, 0)
