@@ -184,3 +184,37 @@ def test_installed_csv():
   assert reasons[892] == "system gb200 has no lctx hardware preset"  # Qwen3-32B on GB200
   assert reasons[3688] == "weight quantization nvfp4 (lctx has bf16 and fp8 peaks only)"
   assert sum(reason.startswith("MoE model") for reason in reasons.values()) == 4150
+
+
+def test_validate_cost_predicts_the_bf16_rows(tmp_path):
+  """experiments.validate_cost on the synthetic CSV: the one bf16 row is
+  predicted by the closed form through the serving model (checked against
+  the formulas here), the fp8 rows are skipped with their reason."""
+  import json
+  import subprocess
+  import sys
+  from pathlib import Path
+
+  import lctx
+  from lctx.cost import analytic, hardware, serving
+  path = write_csv(tmp_path / "s.csv", CASES)
+  out = tmp_path / "v.json"
+  proc = subprocess.run([sys.executable, "-m", "experiments.validate_cost", f"--csv={path}",
+                         f"--json_out={out}", f"--plot_out={tmp_path / 'v.png'}"],
+                        cwd=Path(__file__).resolve().parent.parent, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  result = json.loads(out.read_text())
+  [row] = result["rows"]  # CASES[0]: llama-3.1-8b bf16, h100, tp 2, 16 users, 1024 / 128
+  config = lctx.ModelConfig.from_preset("llama-3.1-8b", param_dtype="bfloat16", dtype="bfloat16")
+  hw = hardware.load_hardware("h100-sxm")
+  prefill = analytic.prefill_seconds(config, 1024, hw, 2, "bfloat16", "exact")
+  step = analytic.decode_step_seconds(config, 16, 1024 + 64, hw, 2, "bfloat16", "exact")
+  want = serving.steady_state(prefill, step, 16, 1024, 128)
+  assert row["roofline_ttft_s"] == pytest.approx(want.ttft_s)
+  assert row["roofline_tpot_s"] == pytest.approx(want.tpot_s)
+  assert row["measured_tpot_s"] == 0.0125 and row["fits"]
+  reasons = [s["reason"] for s in result["skipped"]]
+  assert reasons.count("fp8 weights or KV (lctx costs one dtype for both, for now)") == 3
+  assert len(reasons) + 1 == len(CASES)  # every row predicted or listed
+  assert (tmp_path / "v.png").stat().st_size > 0
