@@ -32,6 +32,12 @@ _JSON_OUT = flags.DEFINE_string("json_out", None, "Write every predicted row her
 _PLOT_OUT = flags.DEFINE_string("plot_out", None, "Write a predicted-vs-measured scatter here.")
 _CSV = flags.DEFINE_string("csv", None, "A silicon_sample.csv to read instead of the installed "
                            "package's.")
+_MACHINE = flags.DEFINE_bool(
+    "machine", False, "Validate on this machine instead: run prefill and decode for real and "
+    "compare with both modes for the measured cpu-local spec and calibration.")
+_QUICK = flags.DEFINE_bool("quick", False, "With --machine: the small grid (contexts 1K and 4K).")
+_MODELS = flags.DEFINE_list("models", ["tiny", "small"], "With --machine: the presets to run.")
+_BATCHES = flags.DEFINE_list("batches", ["1", "4"], "With --machine: decode batch sizes.")
 
 
 def predict(row, config_cache: dict) -> dict:
@@ -76,9 +82,106 @@ def error_table(rows: list[dict], mode: str = "roofline") -> list[dict]:
   return out
 
 
+def _timed(fn, repeats: int) -> float:
+  """Median seconds of fn() over `repeats` runs after one warm-up (fn blocks)."""
+  import time
+  fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def machine_rows(models, contexts, batches, repeats: int = 3, steps: int = 8) -> list[dict]:
+  """Measured and predicted prefill (one user, `context` tokens) and decode
+  steps (`batch` users at a `context`-slot cache) of each preset on this
+  machine's default device, fp32, stacked layers (the costed program)."""
+  import jax
+  import jax.numpy as jnp
+
+  import lctx
+  from lctx import engine
+  from lctx.cost import calibrate, calibrated, hardware, metrics
+  hw = hardware.load_hardware("cpu-local")
+  cal = calibrate.measure(hw)
+  print(f"cpu-local: {hw.flops('float32') / 1e9:.0f} GFLOP/s, {hw.hbm_bandwidth / 1e9:.1f} GB/s; "
+        f"{cal}")
+  out = []
+  for name in models:
+    config = lctx.ModelConfig.from_preset(name)
+    params = lctx.init_params(config, 0)
+    for T in contexts:
+      tokens = np.random.default_rng(0).integers(0, config.vocab_size, (max(batches), T))
+      for kind, B in [("prefill", 1)] + [("decode", b) for b in batches]:
+        if kind == "prefill":
+          def run():
+            cache = engine.new_cache(config, params, 1, T)
+            jax.block_until_ready(engine.prefill_jit(config, params, tokens[:1], np.full(
+                (1,), T, np.int32), cache)[0])
+          measured = _timed(run, repeats)
+        else:
+          cache = engine.new_cache(config, params, B, T)
+          _, cache = engine.prefill_jit(config, params, tokens[:B, :T - steps],
+                                        np.full((B,), T - steps, np.int32), cache)
+          token = jnp.zeros((B,), jnp.int32)
+          times = []
+          for i in range(steps):
+            start = __import__("time").perf_counter()
+            logits, cache = engine.decode_jit(config, params, token, cache)
+            jax.block_until_ready(logits)
+            if i:  # the first step compiles
+              times.append(__import__("time").perf_counter() - start)
+          measured = float(np.median(times))
+        costs = metrics.program_costs(config, "model:1", T, B, kind)
+        roof = metrics.roofline_seconds(costs, hw, "float32")
+        cali = calibrated.calibrated_seconds(costs, hw, "float32", cal)
+        out.append({"model": name, "phase": kind, "context": T, "batch": B, "mesh": "model:1",
+                    "predicted_roofline_s": roof, "predicted_calibrated_s": cali,
+                    "measured_s": measured, "ratio_roofline": roof / measured,
+                    "ratio_calibrated": cali / measured})
+        r = out[-1]
+        print(f"  {name:8s} {kind:7s} T={T:6d} B={B:2d}  measured {measured * 1e3:9.2f} ms  "
+              f"roofline {roof * 1e3:9.2f} ms ({r['ratio_roofline']:.2f})  calibrated "
+              f"{cali * 1e3:9.2f} ms ({r['ratio_calibrated']:.2f})", flush=True)
+  return out
+
+
+def machine_main() -> None:
+  contexts = (1024, 4096) if _QUICK.value else (1024, 4096, 16384, 32768)
+  try:
+    batches = sorted({int(b) for b in _BATCHES.value})
+  except ValueError as e:
+    raise app.UsageError(f"--batches={_BATCHES.value}: integers, e.g. 1,4") from e
+  if not batches or min(batches) < 1:
+    raise app.UsageError(f"--batches={_BATCHES.value}: positive integers")
+  from lctx.config import list_presets
+  unknown = [m for m in _MODELS.value if m not in list_presets()]
+  if unknown:
+    raise app.UsageError(f"--models: {unknown} are not presets; allowed: {list_presets()}")
+  rows = machine_rows(_MODELS.value, contexts, batches)
+  summary = {}
+  for phase in ("prefill", "decode"):
+    for mode in ("roofline", "calibrated"):
+      ratio = np.asarray([r[f"ratio_{mode}"] for r in rows if r["phase"] == phase])
+      summary[f"{phase}_{mode}"] = {"median_err": float(np.median(np.abs(ratio - 1))),
+                                    "max_factor": float(np.max(np.maximum(ratio, 1 / ratio))),
+                                    "median_ratio": float(np.median(ratio))}
+      e = summary[f"{phase}_{mode}"]
+      print(f"{phase:7s} {mode:10s}: median |pred/meas - 1| {e['median_err']:.0%}, median "
+            f"pred/meas {e['median_ratio']:.2f}, worst factor {e['max_factor']:.2f}x")
+  if _JSON_OUT.value:
+    with open(_JSON_OUT.value, "w") as f:
+      json.dump({"rows": rows, "summary": summary}, f, indent=1)
+    print(f"wrote {_JSON_OUT.value}")
+
+
 def main(argv):
   del argv  # cli.run refuses positional arguments
   cli.check_output_paths(json_out=_JSON_OUT.value, plot_out=_PLOT_OUT.value)
+  if _MACHINE.value:
+    return machine_main()
   from lctx.cost import published
   try:
     rows, skipped = published.read_rows(_CSV.value)

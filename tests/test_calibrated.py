@@ -85,3 +85,40 @@ def test_steady_state_serving_formula():
   assert decode_context(1024, 8192) == 1024 + 4096
   with pytest.raises(ValueError, match=r"osl=0; allowed: a number > 0"):
     steady_state(0.2, 0.01, 4, 1000, 0)
+
+
+def test_validate_cost_machine_quick_smoke(tmp_path):
+  """experiments.validate_cost --machine --quick on tiny: every grid point
+  measured and predicted in both modes, the ratios consistent with the
+  seconds, the calibration's constants in range."""
+  import json
+  import subprocess
+  import sys
+  from pathlib import Path
+  out = tmp_path / "m.json"
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.validate_cost", "--machine", "--quick", "--models=tiny",
+       "--batches=1", f"--json_out={out}"], cwd=Path(__file__).resolve().parent.parent,
+      capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert [(r["phase"], r["context"], r["batch"]) for r in result["rows"]] == [
+      ("prefill", 1024, 1), ("decode", 1024, 1), ("prefill", 4096, 1), ("decode", 4096, 1)]
+  for r in result["rows"]:
+    assert r["measured_s"] > 0 and r["predicted_roofline_s"] > 0
+    # Efficiencies <= 1 and floors >= 0: calibrated is never below the roofline.
+    assert r["predicted_calibrated_s"] >= r["predicted_roofline_s"]
+    assert r["ratio_calibrated"] == pytest.approx(r["predicted_calibrated_s"] / r["measured_s"])
+  assert set(result["summary"]) == {"prefill_roofline", "prefill_calibrated",
+                                    "decode_roofline", "decode_calibrated"}
+
+
+def test_measured_calibration_is_in_range():
+  from lctx.cost.calibrate import measure
+  from lctx.cost.hardware import load_hardware
+  cal = measure(load_hardware("cpu-local"), repeats=3, stream_bytes=16 << 20, extra=50)
+  assert 0 < cal.matmul_efficiency <= 1 and 0 < cal.memory_efficiency <= 1
+  assert 0 < cal.matmul_floor_s < 1e-3 and 0 < cal.other_floor_s < 1e-3
+  assert "measured by lctx.cost.calibrate" in cal.source
+  with pytest.raises(ValueError, match="measure: repeats=0; allowed: a positive integer"):
+    measure(load_hardware("h100-sxm"), repeats=0)
