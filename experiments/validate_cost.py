@@ -175,6 +175,12 @@ def machine_main() -> None:
     with open(_JSON_OUT.value, "w") as f:
       json.dump({"rows": rows, "summary": summary}, f, indent=1)
     print(f"wrote {_JSON_OUT.value}")
+  if _PLOT_OUT.value:
+    scatter(_PLOT_OUT.value, {
+        phase: {mode: ([r["measured_s"] for r in rows if r["phase"] == phase],
+                       [r[f"predicted_{mode}_s"] for r in rows if r["phase"] == phase])
+                for mode in ("roofline", "calibrated")}
+        for phase in ("prefill", "decode")}, "lctx on this machine: predicted vs measured")
 
 
 def main(argv):
@@ -221,23 +227,33 @@ def main(argv):
                  "skipped": [{"index": i, "reason": why} for i, why in skipped]}, f, indent=1)
     print(f"wrote {_JSON_OUT.value}")
   if _PLOT_OUT.value:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
-    for ax, metric in zip(axes, ("ttft", "tpot")):
-      meas = [r[f"measured_{metric}_s"] for r in predicted]
-      pred = [r[f"roofline_{metric}_s"] for r in predicted]
-      ax.loglog(meas, pred, ".", alpha=0.5, label="roofline (closed form)")
-      lo, hi = min(meas + pred), max(meas + pred)
-      ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="y = x")
-      ax.set_xlabel(f"measured {metric.upper()} (s)")
-      ax.set_ylabel(f"predicted {metric.upper()} (s)")
-      ax.legend()
-    fig.suptitle("lctx vs published serving measurements (aiconfigurator-core, bf16 rows)")
-    fig.tight_layout()
-    fig.savefig(_PLOT_OUT.value, dpi=120)
-    print(f"wrote {_PLOT_OUT.value}")
+    scatter(_PLOT_OUT.value, {
+        metric.upper(): {"roofline (closed form)": (
+            [r[f"measured_{metric}_s"] for r in predicted],
+            [r[f"roofline_{metric}_s"] for r in predicted])}
+        for metric in ("ttft", "tpot")},
+        "lctx vs published serving measurements (aiconfigurator-core, bf16 rows)")
+
+
+def scatter(path: str, panels: dict, title: str) -> None:
+  """Log-log predicted vs measured with y = x; panels: {name: {label: (measured, predicted)}}."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False)
+  for ax, (name, series) in zip(axes[0], panels.items()):
+    values = []
+    for label, (meas, pred) in series.items():
+      ax.loglog(meas, pred, ".", alpha=0.6, label=label)
+      values += list(meas) + list(pred)
+    ax.plot([min(values), max(values)], [min(values), max(values)], "k--", lw=1, label="y = x")
+    ax.set_xlabel(f"measured {name} (s)")
+    ax.set_ylabel(f"predicted {name} (s)")
+    ax.legend()
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ def test_validate_cost_machine_quick_smoke(tmp_path):
   out = tmp_path / "m.json"
   proc = subprocess.run(
       [sys.executable, "-m", "experiments.validate_cost", "--machine", "--quick", "--models=tiny",
-       "--batches=1", f"--json_out={out}"], cwd=Path(__file__).resolve().parent.parent,
+       "--batches=1", f"--json_out={out}", f"--plot_out={tmp_path / 'm.png'}"], cwd=Path(__file__).resolve().parent.parent,
       capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(out.read_text())
@@ -109,6 +109,7 @@ def test_validate_cost_machine_quick_smoke(tmp_path):
     # Efficiencies <= 1 and floors >= 0: calibrated is never below the roofline.
     assert r["predicted_calibrated_s"] >= r["predicted_roofline_s"]
     assert r["ratio_calibrated"] == pytest.approx(r["predicted_calibrated_s"] / r["measured_s"])
+  assert (tmp_path / "m.png").stat().st_size > 0
   assert set(result["summary"]) == {"prefill_roofline", "prefill_calibrated",
                                     "decode_roofline", "decode_calibrated"}
 
