@@ -57,15 +57,10 @@ def main(argv):
   distributed.maybe_initialize()
   import jax
 
-  from lctx import ModelConfig, bench, gguf_import
+  from lctx import bench
 
   try:
-    if FLAGS.model in gguf_import.PACKAGED:
-      config = gguf_import.read_gguf_config(gguf_import.packaged_gguf(FLAGS.model))
-    elif FLAGS.model.lower().endswith(".gguf"):
-      config = gguf_import.read_gguf_config(FLAGS.model)
-    else:
-      config = ModelConfig.resolve(FLAGS.model)  # what bench.Setup.create runs (fp32)
+    config = bench.resolve_config(FLAGS.model)  # what bench.Setup.create runs (fp32)
   except (ValueError, FileNotFoundError) as e:
     raise app.UsageError(f"--model={FLAGS.model}: {e}") from e
   cli.warn_beyond_positions(config, [FLAGS.context + FLAGS.decode_steps],

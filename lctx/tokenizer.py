@@ -180,13 +180,13 @@ def tokenizer_from_gguf_metadata(meta: dict[str, Any], source: str = "gguf") -> 
       if token_id(key) is None:
         raise ValueError(f"{source}: tokenizer.ggml.add_{end}_token is set but there is no "
                          f"tokenizer.ggml.{key}")
-      added[end] = tokens[token_id(key)]
+      added[end] = token_id(key)
   if added:
-    bos = [added["bos"]] if "bos" in added else []
-    eos = [added["eos"]] if "eos" in added else []
+    bos = [tokens[added["bos"]]] if "bos" in added else []
+    eos = [tokens[added["eos"]]] if "eos" in added else []
     backend.post_processor = processors.TemplateProcessing(
         single=" ".join(bos + ["$A"] + eos), pair=" ".join(bos + ["$A", "$B"] + eos),
-        special_tokens=[(t, tokens.index(t)) for t in dict.fromkeys(bos + eos)])
+        special_tokens=list(dict.fromkeys((tokens[i], i) for i in added.values())))
   add_bos = "bos" in added
 
   eos = [token_id("eos_token_id"), token_id("eot_token_id"), token_id("eom_token_id")]

@@ -21,27 +21,15 @@ launch of the program itself cancel out.
 from __future__ import annotations
 
 import datetime
-import time
 
 from lctx.cost.calibrated import Calibration
-
-
-def _median_time(fn, *args, repeats: int) -> float:
-  import jax
-  import numpy as np
-  jax.block_until_ready(fn(*args))  # compile and warm up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return max(float(np.median(times)), 1e-9)
+from lctx.cost.hardware import median_time
 
 
 def _per_extra(make, x, extra: int, repeats: int) -> float:
   """(time of make(1 + extra) - time of make(1)) / extra, at least 1e-9 s."""
-  slow = _median_time(make(1 + extra), x, repeats=repeats)
-  fast = _median_time(make(1), x, repeats=repeats)
+  slow = median_time(make(1 + extra), x, repeats=repeats)
+  fast = median_time(make(1), x, repeats=repeats)
   return max((slow - fast) / extra, 1e-9)
 
 
@@ -58,14 +46,14 @@ def measure(hw, repeats: int = 7, stream_bytes: int = 256 << 20, extra: int = 20
   key = jax.random.PRNGKey(0)
   a = jax.random.normal(key, (512, 1024), jnp.float32)
   b = jax.random.normal(key, (1024, 1024), jnp.float32)
-  gemm = 2 * 512 * 1024 * 1024 / _median_time(jax.jit(jnp.matmul), a, b, repeats=repeats)
+  gemm = 2 * 512 * 1024 * 1024 / median_time(jax.jit(jnp.matmul), a, b, repeats=repeats)
   del a, b
 
   # Passes inside one program reuse one buffer: a fresh output per call would
   # time the OS's first touch of new pages, not the memory.
   x, passes = jnp.ones((stream_bytes // 4,), jnp.float32), 8
   sweep = jax.jit(lambda v: jax.lax.fori_loop(0, passes, lambda _, u: 0.5 * u + 1, v))
-  stream = passes * 2 * x.nbytes / _median_time(sweep, x, repeats=repeats)
+  stream = passes * 2 * x.nbytes / median_time(sweep, x, repeats=repeats)
   del x
 
   def dots(n):

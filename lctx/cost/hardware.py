@@ -149,6 +149,20 @@ def load_hardware(name_or_path: str | os.PathLike,
   return spec
 
 
+def median_time(fn, *args, repeats: int) -> float:
+  """Median seconds of fn(*args) (blocked on its result) over `repeats` runs
+  after one warm-up run (which also compiles), at least 1e-9."""
+  import jax
+  import numpy as np
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return max(float(np.median(times)), 1e-9)
+
+
 def calibrate_cpu(matmul_size: int = 2048, read_bytes: int = 1 << 30,
                   repeats: int = 5, dtypes: tuple[str, ...] = ("float32",)) -> HardwareSpec:
   """Measures this machine: matmul FLOP/s in each of `dtypes` (any of
@@ -173,27 +187,19 @@ def calibrate_cpu(matmul_size: int = 2048, read_bytes: int = 1 << 30,
                      f"dtypes it can measure a matmul in), got {dtypes!r}")
   dtypes = tuple(dict.fromkeys(dtypes))
 
-  def median_time(fn, *args):
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    times = []
-    for _ in range(repeats):
-      start = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      times.append(time.perf_counter() - start)
-    return max(float(np.median(times)), 1e-9)
-
+  median = lambda fn, *args: median_time(fn, *args, repeats=repeats)
   n = matmul_size
   key_a, key_b = jax.random.split(jax.random.PRNGKey(0))
   peak_flops = {}
   for dtype in dtypes:
     a = jax.random.normal(key_a, (n, n), dtype)
     b = jax.random.normal(key_b, (n, n), dtype)
-    peak_flops[dtype] = 2 * n**3 / median_time(jax.jit(jnp.matmul), a, b)
+    peak_flops[dtype] = 2 * n**3 / median(jax.jit(jnp.matmul), a, b)
   del a, b
 
   buf = jnp.ones((max(read_bytes // 4, 1),), jnp.float32)
   nbytes = buf.nbytes
-  read_bw = nbytes / median_time(jax.jit(jnp.sum), buf)
+  read_bw = nbytes / median(jax.jit(jnp.sum), buf)
   del buf
 
   ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -215,7 +221,7 @@ def calibrate_cpu(matmul_size: int = 2048, read_bytes: int = 1 << 30,
                                    out_specs=PartitionSpec("d"), check_vma=False))
 
     x = jnp.ones((len(devices),), jnp.float32)
-    latency = max((median_time(chain(1 + extra), x) - median_time(chain(1), x)) / extra, 1e-9)
+    latency = max((median(chain(1 + extra), x) - median(chain(1), x)) / extra, 1e-9)
     latency_source = (f"{stamp}: one more psum of {len(devices)} floats over {len(devices)} "
                       f"CPU devices inside a compiled loop, median of {repeats}")
   else:
