@@ -76,8 +76,10 @@ def _pairs(rows) -> dict:
 def format_table(rows) -> str:
   """One line per (context, mesh): analytic | hlo for each metric."""
   head = (f"{'context':>9} {'mesh':>14} {'KV/user GB':>10} {'weights/dev GB':>14} "
-          f"{'concurrency':>12} {'prefill s':>17} {'decode ms/tok':>15} {'ctx switch s':>14}")
-  lines = [head, " " * 35 + "(analytic | hlo; KV per user over all devices, weights per device)"]
+          f"{'concurrency':>12} {'prefill s':>17} {'decode ms/tok':>15} {'ctx switch s':>14}"
+          f"   {'calibrated: prefill s':>21} {'decode ms/tok':>15}")
+  lines = [head, " " * 35 + "(analytic | hlo; KV per user over all devices, weights per device;"
+           " roofline, then calibrated)"]
   for (T, g, mesh), by in _pairs(rows).items():
     a, h = by["analytic"], by["hlo"]
     lines.append(
@@ -86,8 +88,11 @@ def format_table(rows) -> str:
         f"{f'{a.concurrency}|{h.concurrency}':>12} "
         f"{f'{a.prefill_s:.2f}|{h.prefill_s:.2f}':>17} "
         f"{f'{a.decode_step_s * 1e3:.2f}|{h.decode_step_s * 1e3:.2f}':>15} "
-        f"{f'{a.context_switch_s:.3f}|{h.context_switch_s:.3f}':>14}")
-  return "\n".join(lines)
+        f"{f'{a.context_switch_s:.3f}|{h.context_switch_s:.3f}':>14}   "
+        f"{f'{a.prefill_s_calibrated:.2f}|{h.prefill_s_calibrated:.2f}':>21} "
+        f"{f'{a.decode_step_s_calibrated * 1e3:.2f}|{h.decode_step_s_calibrated * 1e3:.2f}':>15}")
+  calibration = next(iter(rows)).calibration_source if rows else ""
+  return "\n".join(lines + [f"calibration: {calibration}"])
 
 
 def _ratio(x: float | None) -> str:

@@ -40,10 +40,12 @@ def main(argv):
   import lctx
   from lctx import sharding
   from lctx.cache import abstract_cache
-  from lctx.cost import metrics
+  from lctx.cost import calibrated, metrics
 
   costing.require_devices(n, f"--num_devices={n}")
   config, hw = costing.model_and_hardware(_MODEL.value, _HARDWARE.value, _DTYPE.value)
+  cal = calibrated.for_hardware(hw)
+  print(f"calibration: {cal.source}")
   cli.warn_beyond_positions(config, [T])
   params, cache = lctx.abstract_params(config), abstract_cache(config, B, T)
   rows, start = [], time.perf_counter()
@@ -72,13 +74,17 @@ def main(argv):
                     f"{kind}_bytes_per_device": costs.bytes_ideal,
                     f"{kind}_temp_bytes_per_device": costs.temp_bytes,
                     f"{kind}_collective_bytes_per_device": dict(costs.collectives),
-                    f"{kind}_s": metrics.roofline_seconds(costs, hw, _DTYPE.value)})
+                    f"{kind}_s": metrics.roofline_seconds(costs, hw, _DTYPE.value),
+                    f"{kind}_s_calibrated": calibrated.calibrated_seconds(costs, hw, _DTYPE.value,
+                                                                          cal),
+                    f"{kind}_kernels": dict(costs.kernels)})
       rows.append(row)
       print(f"{spec:24s} weights {row['weight_bytes_per_device'] / 1e9:7.2f} GB  cache "
             f"{row['cache_bytes_per_device'] / 1e9:7.2f} GB  temps prefill "
             f"{row['prefill_temp_bytes_per_device'] / 1e9:7.2f} GB  decode "
             f"{row['decode_temp_bytes_per_device'] / 1e9:6.3f} GB  prefill {row['prefill_s']:8.3f} s  "
-            f"decode {1e3 * row['decode_s']:8.3f} ms  ({time.perf_counter() - start:.0f} s)",
+            f"decode {1e3 * row['decode_s']:8.3f} ms  calibrated {row['prefill_s_calibrated']:8.3f} s "
+            f"{1e3 * row['decode_s_calibrated']:8.3f} ms  ({time.perf_counter() - start:.0f} s)",
             flush=True)
   ran = [r for r in rows if "skipped" not in r]
   for kind in ("prefill", "decode"):
@@ -86,12 +92,17 @@ def main(argv):
       best = min(ran, key=lambda r: r[f"{kind}_s"])
       best[f"best_{kind}"] = True
       print(f"best {kind}: {best['mesh']} ({best[f'{kind}_s']:.4g} s)")
+      best_cal = min(ran, key=lambda r: r[f"{kind}_s_calibrated"])
+      best_cal[f"best_{kind}_calibrated"] = True
+      print(f"best {kind}, calibrated: {best_cal['mesh']} "
+            f"({best_cal[f'{kind}_s_calibrated']:.4g} s)")
   for r in rows:
     if "skipped" in r:
       print(f"{r['mesh']:24s} skipped: {r['skipped']}")
   if _JSON_OUT.value:
     with open(_JSON_OUT.value, "w") as f:
-      json.dump({"model": config.name, "hardware": hw.name, "context": T, "batch": B,
+      json.dump({"model": config.name, "hardware": hw.name, "calibration": cal.to_dict(),
+                 "context": T, "batch": B,
                  "num_devices": n, "rows": rows}, f, indent=1)
     print(f"wrote {_JSON_OUT.value}")
 

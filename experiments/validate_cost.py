@@ -39,30 +39,110 @@ _MACHINE = flags.DEFINE_bool(
 _QUICK = flags.DEFINE_bool("quick", False, "With --machine: the small grid (contexts 1K and 4K).")
 _MODELS = flags.DEFINE_list("models", ["tiny", "small"], "With --machine: the presets to run.")
 _BATCHES = flags.DEFINE_list("batches", ["1", "4"], "With --machine: decode batch sizes.")
+_SAMPLE = flags.DEFINE_integer("sample", 0, "Published rows: a seeded sample of this many rows "
+                               "per GPU, backend, TP and weight dtype (0: every row).")
+_AIC = flags.DEFINE_bool("aic", True, "Published rows: also AIConfigurator's own prediction "
+                         "(lctx.cost.aic) when aiconfigurator-core is installed.")
 
 
-def predict(row, config_cache: dict) -> dict:
-  """The closed-form roofline prediction of one published.ServingRow."""
-  from lctx import ModelConfig
-  from lctx.cost import hardware, metrics, serving
-  key = (row.model, row.weight_dtype)
-  if key not in config_cache:
-    config_cache[key] = ModelConfig.from_preset(row.model, param_dtype=row.weight_dtype,
-                                                dtype=row.weight_dtype)
-  config, hw = config_cache[key], hardware.load_hardware(row.hardware)
-  mesh = row.mesh
-  prefill = metrics.from_closed_form(config, hw, mesh, row.isl, 1, dtype=row.weight_dtype)
+def _interpolate(a, b, Ta: int, Tb: int, T: int):
+  """hlo.Costs at cache length T from the same program compiled at Ta < T < Tb:
+  a decode step's per-op FLOPs and bytes are affine in the cache length (its
+  attention reads and scores grow with it; nothing else does), so the line
+  through the two ends is exact when the two programs have the same ops,
+  kernels and collectives; None otherwise (the caller compiles T itself)."""
+  from lctx.cost import hlo
+  if (set(a.ops) != set(b.ops) or a.kernels != b.kernels
+      or [(k, p, n) for k, _, p, n in a.collective_ops]
+      != [(k, p, n) for k, _, p, n in b.collective_ops]):
+    return None
+  w = (T - Ta) / (Tb - Ta)
+  out = hlo.Costs()
+  out.ops = {k: a.ops[k] + w * (b.ops[k] - a.ops[k]) for k in a.ops}
+  out.kernels = dict(a.kernels)
+  out.collective_ops = [(k, x + w * (y[1] - x), p, n)
+                        for (k, x, p, n), y in zip(a.collective_ops, b.collective_ops)]
+  for f in ("flops", "bytes_ideal"):
+    setattr(out, f, getattr(a, f) + w * (getattr(b, f) - getattr(a, f)))
+  return out
+
+
+class ProgramCosts:
+  """Compiled step costs for the published rows, each program compiled once:
+  prefill per (model, TP, ISL, weight dtype); decode per (model, TP, batch,
+  weight dtype) at the shortest and longest cache length the rows ask for,
+  interpolated in between (_interpolate)."""
+
+  def __init__(self, rows):
+    from lctx.cost import serving
+    self.contexts = collections.defaultdict(set)
+    for r in rows:
+      self.contexts[(r.model, r.tp, r.concurrency, r.weight_dtype)].add(
+          serving.decode_context(r.isl, r.osl))
+    self.configs: dict = {}
+
+  def config(self, model: str):
+    from lctx import ModelConfig
+    if model not in self.configs:
+      self.configs[model] = ModelConfig.from_preset(model, param_dtype="bfloat16",
+                                                    dtype="bfloat16")
+    return self.configs[model]
+
+  def _compile(self, model, tp, T, B, kind, weight_dtype):
+    from lctx.cost import metrics
+    return metrics.program_costs(self.config(model), f"model:{tp}", T, B, kind,
+                                 "float8" if weight_dtype == "float8" else None)
+
+  def prefill(self, row):
+    return self._compile(row.model, row.tp, row.isl, 1, "prefill", row.weight_dtype)
+
+  def decode(self, row):
+    from lctx.cost import serving
+    T = serving.decode_context(row.isl, row.osl)
+    key = (row.model, row.tp, row.concurrency, row.weight_dtype)
+    lo, hi = min(self.contexts[key]), max(self.contexts[key])
+    at = lambda t: self._compile(row.model, row.tp, t, row.concurrency, "decode",
+                                 row.weight_dtype)
+    if T in (lo, hi) or lo == hi:
+      return at(T)
+    return _interpolate(at(lo), at(hi), lo, hi, T) or at(T)
+
+
+def predict(row, programs: ProgramCosts) -> dict:
+  """One published.ServingRow predicted three ways through the steady-state
+  serving model (lctx.cost.serving): the closed form (the framework's
+  roofline at datasheet peaks), and the compiled programs' costs as a roofline
+  and calibrated with the hardware file's sourced constants."""
+  from lctx.cost import analytic, calibrated, hardware, metrics, serving
+  config, hw = programs.config(row.model), hardware.load_hardware(row.hardware)
+  cal = calibrated.for_hardware(hw)
   ctx = serving.decode_context(row.isl, row.osl)
-  decode = metrics.from_closed_form(config, hw, mesh, ctx, row.concurrency,
-                                    dtype=row.weight_dtype)
-  lat = serving.steady_state(prefill.prefill_s, decode.decode_step_s, row.concurrency,
-                             row.isl, row.osl)
-  return {"index": row.index, "model": row.model, "hardware": row.hardware,
-          "backend": row.backend, "backend_version": row.backend_version, "tp": row.tp,
-          "concurrency": row.concurrency, "isl": row.isl, "osl": row.osl,
-          "dtype": row.weight_dtype, "fits": decode.concurrency >= row.concurrency,
-          "measured_ttft_s": row.ttft_s, "measured_tpot_s": row.tpot_s,
-          "roofline_ttft_s": lat.ttft_s, "roofline_tpot_s": lat.tpot_s}
+  wd, kv = row.weight_dtype, row.kv_dtype
+  # The closed form: weights in wd, the cache in kv, compute at wd's peak.
+  prefill_s = analytic.prefill_seconds(config, row.isl, hw, row.tp, wd)
+  decode_s = analytic.decode_step_seconds(config, row.concurrency, ctx, hw, row.tp, wd,
+                                          kv_dtype=kv)
+  closed = serving.steady_state(prefill_s, decode_s, row.concurrency, row.isl, row.osl)
+  out = {"index": row.index, "model": row.model, "hardware": row.hardware,
+         "backend": row.backend, "backend_version": row.backend_version, "tp": row.tp,
+         "concurrency": row.concurrency, "isl": row.isl, "osl": row.osl,
+         "weight_dtype": wd, "kv_dtype": kv,
+         "fits": analytic.concurrency(config, ctx, hw, row.tp, wd).users >= row.concurrency,
+         "measured_ttft_s": row.ttft_s, "measured_tpot_s": row.tpot_s,
+         "closed_form_ttft_s": closed.ttft_s, "closed_form_tpot_s": closed.tpot_s,
+         "closed_form_ttft_burst_s": closed.ttft_burst_s}
+  if kv != "bfloat16":  # lctx's cache is one dtype until the KV quantization issue lands
+    return out
+  prefill, decode = programs.prefill(row), programs.decode(row)
+  dtype = "float8" if wd == "float8" else "bfloat16"
+  for mode, seconds in (("roofline", lambda c: metrics.roofline_seconds(c, hw, dtype)),
+                        ("calibrated", lambda c: calibrated.calibrated_seconds(c, hw, dtype,
+                                                                               cal))):
+    lat = serving.steady_state(seconds(prefill), seconds(decode), row.concurrency, row.isl,
+                               row.osl)
+    out[f"{mode}_ttft_s"], out[f"{mode}_tpot_s"] = lat.ttft_s, lat.tpot_s
+    out[f"{mode}_ttft_burst_s"] = lat.ttft_burst_s
+  return out
 
 
 def error_table(rows: list[dict], mode: str = "roofline") -> list[dict]:
@@ -94,13 +174,17 @@ def machine_rows(models, contexts, batches, repeats: int = 3, steps: int = 8) ->
   from lctx import engine
   from lctx.cost import calibrate, calibrated, hardware, metrics
   from lctx.cost.hardware import median_time
-  hw = hardware.load_hardware("cpu-local")
-  cal = calibrate.measure(hw)
-  print(f"cpu-local: {hw.flops('float32') / 1e9:.0f} GFLOP/s, {hw.hbm_bandwidth / 1e9:.1f} GB/s; "
-        f"{cal}")
+  # This machine: cpu-local (measured) on a CPU; on a GPU / TPU the preset of
+  # its device kind, in bf16, with the hardware file's sourced calibration.
+  name_hw = calibrate.default_hardware()
+  dtype = "float32" if name_hw == hardware.CPU_LOCAL else "bfloat16"
+  hw = hardware.load_hardware(name_hw, dtypes=(dtype,))
+  cal = calibrated.for_hardware(hw)
+  print(f"{hw.name}: {hw.flops(dtype) / 1e9:.0f} GFLOP/s {dtype}, "
+        f"{hw.hbm_bandwidth / 1e9:.1f} GB/s; {cal}")
   out = []
   for name in models:
-    config = lctx.ModelConfig.from_preset(name)
+    config = lctx.ModelConfig.from_preset(name, param_dtype=dtype, dtype=dtype)
     params = lctx.init_params(config, 0)
     for T in contexts:
       tokens = np.random.default_rng(0).integers(0, config.vocab_size, (max(batches), T))
@@ -125,9 +209,9 @@ def machine_rows(models, contexts, batches, repeats: int = 3, steps: int = 8) ->
               times.append(time.perf_counter() - start)
           measured = float(np.median(times))
         costs = metrics.program_costs(config, "model:1", T, B, kind)
-        roof = metrics.roofline_seconds(costs, hw, "float32")
-        cali = calibrated.calibrated_seconds(costs, hw, "float32", cal)
-        out.append({"model": name, "phase": kind, "context": T, "batch": B, "mesh": "model:1",
+        roof = metrics.roofline_seconds(costs, hw, dtype)
+        cali = calibrated.calibrated_seconds(costs, hw, dtype, cal)
+        out.append({"model": name, "hardware": hw.name, "dtype": dtype, "phase": kind, "context": T, "batch": B, "mesh": "model:1",
                     "predicted_roofline_s": roof, "predicted_calibrated_s": cali,
                     "measured_s": measured, "ratio_roofline": roof / measured,
                     "ratio_calibrated": cali / measured})
@@ -173,56 +257,116 @@ def machine_main() -> None:
         for phase in ("prefill", "decode")}, "lctx on this machine: predicted vs measured")
 
 
+MODES = ("closed_form", "roofline", "calibrated", "aic")
+MODE_LABELS = {"closed_form": "closed form", "roofline": "hlo roofline",
+               "calibrated": "hlo calibrated", "aic": "AIConfigurator"}
+
+
+def summary(rows: list[dict], metric: str) -> dict:
+  """mode -> {n, median_err, p90_err, median_ratio} of |pred/meas - 1| over the
+  rows that mode predicted, plus 'same_rows': the same over rows every mode predicted."""
+  out = {}
+  common = [r for r in rows if all(f"{m}_{metric}_s" in r for m in MODES)]
+  for label, subset in (("all", rows), ("same_rows", common)):
+    for mode in MODES:
+      meas = metric.replace("_burst", "")
+      ratio = np.asarray([r[f"{mode}_{metric}_s"] / r[f"measured_{meas}_s"] for r in subset
+                          if f"{mode}_{metric}_s" in r])
+      if ratio.size:
+        out.setdefault(label, {})[mode] = {
+            "n": int(ratio.size), "median_err": float(np.median(np.abs(ratio - 1))),
+            "p90_err": float(np.percentile(np.abs(ratio - 1), 90)),
+            "median_ratio": float(np.median(ratio))}
+  return out
+
+
+def sample_rows(rows, per_group: int):
+  """Up to per_group rows of each (hardware, backend, tp, weight dtype), seeded."""
+  if per_group <= 0:
+    return rows
+  groups = collections.defaultdict(list)
+  for r in rows:
+    groups[(r.hardware, r.backend, r.tp, r.weight_dtype)].append(r)
+  rng = np.random.default_rng(0)
+  return [g[i] for _, g in sorted(groups.items())
+          for i in sorted(rng.choice(len(g), min(per_group, len(g)), replace=False))]
+
+
 def main(argv):
   del argv  # cli.run refuses positional arguments
   cli.check_output_paths(json_out=_JSON_OUT.value, plot_out=_PLOT_OUT.value)
   if _MACHINE.value:
     return machine_main()
-  from lctx.cost import published
+  if _SAMPLE.value < 0:
+    raise app.UsageError(f"--sample={_SAMPLE.value}: 0 (every row) or a positive count")
+  cli.want_cpu_devices(8)  # the rows' TP 1-8 programs are compiled on CPU devices
+  from lctx.cost import aic, published
   try:
     rows, skipped = published.read_rows(_CSV.value)
   except (FileNotFoundError, ValueError) as e:
     raise app.UsageError(f"--csv={_CSV.value}: {e}" if _CSV.value else str(e)) from e
-  kept = []
-  for r in rows:
-    if r.weight_dtype != "bfloat16" or r.kv_dtype != "bfloat16":
-      skipped.append((r.index, "fp8 weights or KV (lctx costs one dtype for both, for now)"))
-    else:
-      kept.append(r)
-  cache: dict = {}
-  predicted = [predict(r, cache) for r in kept]
-  print(f"{len(predicted)} rows predicted, {len(skipped)} skipped "
-        f"({published.PINNED}, {published.csv_path() if _CSV.value is None else _CSV.value})")
-  print("roofline (closed form, datasheet peaks) vs measured, |pred/meas - 1| "
-        "median / p90, and median pred/meas:")
-  print(f"  {'hardware':10s} {'backend':7s} {'tp':>3s} {'n':>4s}   {'TTFT med':>8s} "
-        f"{'p90':>6s} {'ratio':>6s}   {'TPOT med':>8s} {'p90':>6s} {'ratio':>6s}")
-  table = error_table(predicted)
-  for e in table:
-    print(f"  {e['hardware']:10s} {e['backend']:7s} {e['tp']:3d} {e['n']:4d}   "
-          f"{e['ttft_median_err']:8.0%} {e['ttft_p90_err']:6.0%} {e['ttft_median_ratio']:6.2f}"
-          f"   {e['tpot_median_err']:8.0%} {e['tpot_p90_err']:6.0%} "
-          f"{e['tpot_median_ratio']:6.2f}")
-  overall = error_table([dict(r, hardware="all", backend="all", tp=0) for r in predicted])[0]
-  print(f"  all rows: TTFT median |err| {overall['ttft_median_err']:.0%} (ratio "
-        f"{overall['ttft_median_ratio']:.2f}), TPOT median |err| {overall['tpot_median_err']:.0%}"
-        f" (ratio {overall['tpot_median_ratio']:.2f}); rows where C users' caches do not fit "
-        f"(TTFT includes queueing there): {sum(not r['fits'] for r in predicted)}")
+  rows = sample_rows(rows, _SAMPLE.value)
+  programs = ProgramCosts(rows)
+  use_aic = _AIC.value and aic.available()
+  predicted, aic_refused = [], []
+  for n, r in enumerate(rows):
+    out = predict(r, programs)
+    if use_aic:
+      try:
+        p = aic.predict(r)
+        # AIConfigurator's TTFT has its own queueing factor: one figure for both.
+        out.update(aic_ttft_s=p.ttft_s, aic_ttft_burst_s=p.ttft_s, aic_tpot_s=p.tpot_s,
+                   aic_note=p.note)
+      except ValueError as e:
+        aic_refused.append((r.index, str(e)))
+    predicted.append(out)
+    if (n + 1) % 100 == 0:
+      print(f"  {n + 1} / {len(rows)} rows", flush=True)
+  print(f"{len(predicted)} rows predicted ({'a seeded sample of ' + str(_SAMPLE.value) + ' per group; ' if _SAMPLE.value else ''}"
+        f"{len(skipped)} CSV rows skipped; {published.PINNED}, "
+        f"{published.csv_path() if _CSV.value is None else _CSV.value}); AIConfigurator: "
+        f"{'predicted ' + str(len(predicted) - len(aic_refused)) + ', refused ' + str(len(aic_refused)) if use_aic else 'not installed or --noaic'}")
+  print("|predicted / measured - 1|, median (p90) [median ratio], per GPU, backend, TP:")
+  groups = collections.defaultdict(list)
+  for r in predicted:
+    groups[(r["hardware"], r["backend"], r["tp"])].append(r)
+  table = []
+  for metric in ("tpot", "ttft", "ttft_burst"):
+    print(f"{metric.upper()}{' (users arriving together)' if metric == 'ttft_burst' else ''}:")
+    print(f"  {'hardware':9s} {'backend':7s} {'tp':>2s} {'n':>4s}  " + "  ".join(
+        f"{MODE_LABELS[m]:>20s}" for m in MODES))
+    for (hw, backend, tp), rs in sorted(groups.items()) + [(("all", "all", 0), predicted)]:
+      s_ = summary(rs, metric)["all"]
+      cells = [f"{s_[m]['median_err']:7.0%} ({s_[m]['p90_err']:4.0%}) [{s_[m]['median_ratio']:4.2f}]"
+               if m in s_ else f"{'-':>20s}" for m in MODES]
+      print(f"  {hw:9s} {backend:7s} {tp:2d} {len(rs):4d}  " + "  ".join(f"{c:>20s}" for c in cells))
+      table.append({"metric": metric, "hardware": hw, "backend": backend, "tp": tp, **s_})
+  overall = {metric: summary(predicted, metric) for metric in ("tpot", "ttft", "ttft_burst")}
+  if use_aic:
+    same = overall["tpot"].get("same_rows", {})
+    if same:
+      print("on the rows every mode predicted (n = "
+            f"{same['calibrated']['n']}): TPOT median |err| " + ", ".join(
+                f"{MODE_LABELS[m]} {same[m]['median_err']:.0%}" for m in MODES))
+  print(f"rows whose C users' caches do not fit (the server then queues): "
+        f"{sum(not r['fits'] for r in predicted)}; rows with an fp8 KV cache: closed form only")
   print("skipped:")
   for reason, n in collections.Counter(reason for _, reason in skipped).most_common():
     print(f"  {n:5d}  {reason}")
   if _JSON_OUT.value:
     with open(_JSON_OUT.value, "w") as f:
       json.dump({"rows": predicted, "table": table, "overall": overall,
+                 "aic_refused": [{"index": i, "reason": why} for i, why in aic_refused],
                  "skipped": [{"index": i, "reason": why} for i, why in skipped]}, f, indent=1)
     print(f"wrote {_JSON_OUT.value}")
   if _PLOT_OUT.value:
     scatter(_PLOT_OUT.value, {
-        metric.upper(): {"roofline (closed form)": (
-            [r[f"measured_{metric}_s"] for r in predicted],
-            [r[f"roofline_{metric}_s"] for r in predicted])}
-        for metric in ("ttft", "tpot")},
-        "lctx vs published serving measurements (aiconfigurator-core, bf16 rows)")
+        metric.upper(): {MODE_LABELS[m]: (
+            [r[f"measured_{metric}_s"] for r in predicted if f"{m}_{key}_s" in r],
+            [r[f"{m}_{key}_s"] for r in predicted if f"{m}_{key}_s" in r])
+            for m in ("closed_form", "calibrated", "aic")}
+        for metric, key in (("tpot", "tpot"), ("ttft", "ttft_burst"))},
+        "lctx vs published serving measurements (aiconfigurator-core silicon_sample.csv)")
 
 
 def scatter(path: str, panels: dict, title: str) -> None:

@@ -22,22 +22,45 @@ def optimized(f, *args):
 
 def test_kernel_counts_of_small_programs_by_hand():
   # One GEMM, then relu and +1 fused into one loop kernel.
-  assert kernel_counts(optimized(lambda x, w: jax.nn.relu(x @ w) + 1, X, W)) == {
-      "matmul": 1.0, "collective": 0.0, "other": 1.0}
+  counts = lambda **k: {"matmul": 0.0, "attention": 0.0, "collective": 0.0, "other": 0.0,
+                        "convert": 0.0, **{n: float(v) for n, v in k.items()}}
+  assert kernel_counts(optimized(lambda x, w: jax.nn.relu(x @ w) + 1, X, W)) == counts(
+      matmul=1, other=1)
   # softmax between two GEMMs: max, exp(x - max), sum-and-reciprocal, scale,
   # then the GEMM and the tanh x 2 epilogue: 2 GEMMs + 5 others (XLA:CPU's
   # reduce-window halves of its row reductions count with their reduce).
   assert kernel_counts(optimized(
-      lambda x, w: jnp.tanh(jax.nn.softmax(x @ w, axis=-1) @ w.T) * 2, X, W)) == {
-          "matmul": 2.0, "collective": 0.0, "other": 5.0}
+      lambda x, w: jnp.tanh(jax.nn.softmax(x @ w, axis=-1) @ w.T) * 2, X, W)) == counts(
+          matmul=2, other=5)
 
   def scan(x, w):
     return jax.lax.scan(lambda c, _: (jnp.tanh(c @ w), None), x, None, length=5)[0]
 
-  # Per trip: the GEMM, tanh, the counter's add and the condition's compare;
-  # before the loop, the two copies that make its state.
-  assert kernel_counts(optimized(scan, X, W)) == {
-      "matmul": 5.0, "collective": 0.0, "other": 2.0 + 5 * 3}
+  # Per trip: the GEMM and tanh (the counter's add and the condition's
+  # compare are scalar bookkeeping); before the loop, the copy of x into its
+  # state (a convert-class kernel: it moves data only).
+  assert kernel_counts(optimized(scan, X, W)) == counts(matmul=5, other=5, convert=1)
+
+  # A batched scatter, which XLA:CPU expands into a loop over the batch: the
+  # index concatenation and one scatter kernel, plus the copy of the
+  # non-donated buffer it updates.
+  def scatter(c, i, u):
+    return c.at[jnp.arange(4), i].set(u)
+
+  assert kernel_counts(optimized(scatter, jax.ShapeDtypeStruct((4, 32, 16), jnp.float32),
+                                 jax.ShapeDtypeStruct((4,), jnp.int32),
+                                 jax.ShapeDtypeStruct((4, 16), jnp.float32))) == counts(
+                                     other=2, convert=1)
+
+  # Blockwise causal attention (a scan over 10 block pairs on the CPU) is one
+  # fused attention kernel, then the GEMM; its output reshape and transposes
+  # are data movement.
+  from lctx.model import attention
+  q = jax.ShapeDtypeStruct((1, 64, 4, 16), jnp.float32)
+  k = jax.ShapeDtypeStruct((1, 64, 2, 16), jnp.float32)
+  got = kernel_counts(optimized(
+      lambda q, k, v: attention.causal_attention(q, k, v, 16) @ jnp.ones((16, 16)), q, k, k))
+  assert (got["attention"], got["matmul"], got["collective"]) == (1.0, 1.0, 0.0)
 
 
 def _decode_costs():
@@ -60,11 +83,17 @@ def test_floors_and_efficiencies_add_their_closed_form():
   spec = load_hardware("h100-sxm")
   roof = metrics.roofline_seconds(costs, spec, "float32")
   floored = calibrated_seconds(costs, spec, "float32",
-                               Calibration(matmul_floor_s=1e-5, other_floor_s=2e-6))
+                               Calibration(matmul_floor_s=1e-5, attention_floor_s=3e-5,
+                                           other_floor_s=2e-6))
   assert floored - roof == pytest.approx(1e-5 * costs.kernels["matmul"]
+                                         + 3e-5 * costs.kernels["attention"]
                                          + 2e-6 * costs.kernels["other"], rel=1e-9)
+  # One attention call per layer (the scanned body's, once per trip).
+  assert costs.kernels["attention"] == lctx.ModelConfig.from_preset("tiny").num_layers
   # Halving every efficiency at most doubles the time (latencies stay put).
-  half = calibrated_seconds(costs, spec, "float32", Calibration(0.5, 0.5, 0.5))
+  half = calibrated_seconds(costs, spec, "float32", Calibration(
+      matmul_efficiency=0.5, attention_efficiency=0.5, memory_efficiency=0.5,
+      collective_efficiency=0.5))
   latency = sum(c * spec.collective_latency for _, _, p, c in costs.collective_ops if p > 1)
   assert roof < half <= 2 * roof - latency + 1e-15
   with pytest.raises(ValueError, match=r"Calibration.matmul_efficiency=1.5; allowed: a number "
@@ -82,6 +111,8 @@ def test_steady_state_serving_formula():
   got = steady_state(prefill_s=0.2, decode_step_s=0.01, concurrency=4, isl=1000, osl=100)
   assert got.prefill_share_s == pytest.approx(4 / 100 * 0.2)
   assert got.tpot_s == pytest.approx(0.01 + 0.008) and got.ttft_s == pytest.approx(0.21)
+  # Arriving together, the 4 prompts wait 1, 2, 3, 4 prefills: 2.5 on average.
+  assert got.ttft_burst_s == pytest.approx(2.5 * 0.2 + 0.01)
   assert decode_context(1024, 8192) == 1024 + 4096
   with pytest.raises(ValueError, match=r"osl=0; allowed: a number > 0"):
     steady_state(0.2, 0.01, 4, 1000, 0)

@@ -44,8 +44,9 @@ GiB = 2**30
 CONVENTIONS = ("exact", "paper")
 UNITS = ("GB", "GiB")
 DECODE_MODELS = ("memory", "roofline")
-ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1,
-            "int8": 1}
+# 'float8' is the hardware files' name for either fp8 format (their peak_flops key).
+ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1, "float8_e4m3fn": 1,
+            "float8_e5m2": 1, "int8": 1}
 
 
 # ---- validation ---------------------------------------------------------------

@@ -8,49 +8,27 @@ the bandwidth, every kernel pays a fixed launch/prologue time, and collectives
 a latency and a fraction of the link bandwidth. The calibrated mode charges,
 per op of the compiled program,
 
-    max(dot FLOPs / (eta_matmul x peak) + other FLOPs / peak,
+    max(dot FLOPs / (eta x peak) + other FLOPs / peak,
         bytes / (eta_memory x HBM bandwidth))
 
-plus, per kernel of the optimized program (lctx.cost.kernels), a floor by
-class (matmul or other), plus per collective
+(eta: attention_efficiency for ops under the model's attention scope,
+matmul_efficiency for the rest), plus, per kernel of the optimized program
+(lctx.cost.kernels), a floor by class (matmul, attention, other; the CPU's
+convert-only kernels take none), plus per collective
 
-    collective_latency + f(p) x bytes / (eta_collective x link bandwidth)
+    latency + f(p) x bytes / (eta_collective x link bandwidth)
 
-(f the ring factor of metrics.RING_FACTORS; a collective's latency is its
-floor, so collectives take no kernel floor). With every efficiency 1 and
+(f the ring factor of metrics.RING_FACTORS; latency the calibration's
+collective_latency_s, else the spec's collective_latency; a collective's
+latency is its floor, so collectives take no kernel floor). With every efficiency 1 and
 every floor 0 it is the roofline exactly (tested).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-
 from lctx.cost import hlo
+from lctx.cost.hardware import Calibration
 from lctx.cost.metrics import RING_FACTORS
-
-
-@dataclasses.dataclass(frozen=True)
-class Calibration:
-  """Efficiencies (achieved / peak, in (0, 1]) and kernel floors (s) of one
-  machine; `source` says where each number comes from. Raises ValueError for
-  an efficiency outside (0, 1] or a negative or non-finite floor."""
-  matmul_efficiency: float = 1.0
-  memory_efficiency: float = 1.0
-  collective_efficiency: float = 1.0
-  matmul_floor_s: float = 0.0  # per GEMM / attention kernel
-  other_floor_s: float = 0.0  # per elementwise / reduction / copy kernel
-  source: str = ""
-
-  def __post_init__(self):
-    for f in ("matmul_efficiency", "memory_efficiency", "collective_efficiency"):
-      v = getattr(self, f)
-      if not (isinstance(v, (int, float)) and 0 < v <= 1):
-        raise ValueError(f"Calibration.{f}={v!r}; allowed: a number in (0, 1]")
-    for f in ("matmul_floor_s", "other_floor_s"):
-      v = getattr(self, f)
-      if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-        raise ValueError(f"Calibration.{f}={v!r}; allowed: a finite number of seconds >= 0")
 
 
 ROOFLINE = Calibration(source="the roofline: datasheet peaks, no floors")
@@ -58,18 +36,40 @@ ROOFLINE = Calibration(source="the roofline: datasheet peaks, no floors")
 
 def calibrated_seconds(costs: hlo.Costs, hw, dtype: str, cal: Calibration) -> float:
   """Predicted seconds of one run of a program with per-device `costs` (from
-  hlo.analyze, kernel counts included) on hardware `hw` computing in `dtype`.
-  Raises ValueError when floors are set and the costs carry no kernel counts."""
+  hlo.analyze, kernel counts included) on hardware `hw` computing in `dtype`
+  (module docstring). Raises ValueError when floors are set and the costs
+  carry no kernel counts."""
+  from lctx.model.attention import SCOPE
   peak, bw = hw.flops(dtype), hw.hbm_bandwidth
-  slow = 1 / cal.matmul_efficiency - 1  # extra time per dot FLOP, in peak-FLOP units
-  compute = sum(max((flops + dot * slow) / peak, nbytes / (cal.memory_efficiency * bw))
-                for flops, nbytes, _, dot in costs.ops.values())
-  if (cal.matmul_floor_s or cal.other_floor_s) and not costs.kernels:
+  gemm = cal.matmul_efficiency_for(dtype)
+  compute = 0.0
+  for name, (flops, nbytes, _, dot) in costs.ops.items():
+    eta = cal.attention_efficiency if f"/{SCOPE}/" in name else gemm
+    # dot FLOPs run at eta x peak, the rest (elementwise) at peak.
+    compute += max((flops + dot * (1 / eta - 1)) / peak, nbytes / (cal.memory_efficiency * bw))
+  floors = {"matmul": cal.matmul_floor_s, "attention": cal.attention_floor_s,
+            "other": cal.other_floor_s}
+  if any(floors.values()) and not costs.kernels:
     raise ValueError("kernel floors need the program's kernel counts (hlo.analyze sets "
                      "Costs.kernels from the optimized module); these costs have none")
-  floors = (costs.kernels.get("matmul", 0.0) * cal.matmul_floor_s
-            + costs.kernels.get("other", 0.0) * cal.other_floor_s)
-  comm = sum(count * (hw.collective_latency + RING_FACTORS[kind](p) * nbytes
+  launch = sum(costs.kernels.get(k, 0.0) * floor for k, floor in floors.items())
+  latency = hw.collective_latency if cal.collective_latency_s is None else cal.collective_latency_s
+  comm = sum(count * (latency + RING_FACTORS[kind](p) * nbytes
                       / (cal.collective_efficiency * hw.interconnect_bandwidth))
              for kind, nbytes, p, count in costs.collective_ops if p > 1)
-  return compute + floors + comm
+  return compute + launch + comm
+
+
+def for_hardware(hw) -> Calibration:
+  """The calibration of spec `hw`: its hardware file's sourced block; for
+  'cpu-local', this machine's measured calibration (lctx.cost.calibrate,
+  cached per machine); else ROOFLINE-equivalent values whose `source` says the
+  spec has none (callers print it: calibrated then equals the roofline)."""
+  from lctx.cost.hardware import CPU_LOCAL
+  if hw.calibration is not None:
+    return hw.calibration
+  if hw.name == CPU_LOCAL:
+    from lctx.cost import calibrate
+    return calibrate.load_or_measure(hw)
+  return Calibration(source=f"none: {hw.name} has no sourced calibration block, so its "
+                            "calibrated figures equal the roofline")

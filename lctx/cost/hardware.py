@@ -36,6 +36,68 @@ CPU_COLLECTIVE_LATENCY = 1e-5  # s; cpu-local's stand-in when it has one CPU dev
 
 
 @dataclasses.dataclass(frozen=True)
+class Calibration:
+  """What one machine achieves of its spec (lctx.cost.calibrated): efficiencies
+  (achieved / peak, in (0, 1]), per-kernel floors in seconds, and optionally
+  the latency of one collective in seconds (None: the spec's
+  collective_latency). `source` says where the numbers come from. Raises
+  ValueError naming the field for an efficiency outside (0, 1] or a negative,
+  non-finite or non-numeric floor or latency."""
+  matmul_efficiency: float = 1.0  # GEMMs, of peak FLOP/s
+  float8_matmul_efficiency: float | None = None  # fp8 GEMMs, of the fp8 peak; None: as above
+  attention_efficiency: float = 1.0  # attention's contractions (QK^T, PV), of peak FLOP/s
+  memory_efficiency: float = 1.0  # of HBM bandwidth
+  collective_efficiency: float = 1.0  # of interconnect_bandwidth (per direction)
+  matmul_floor_s: float = 0.0  # per GEMM kernel
+  attention_floor_s: float = 0.0  # per fused attention kernel
+  other_floor_s: float = 0.0  # per elementwise / reduction kernel
+  collective_latency_s: float | None = None  # per collective; None: the spec's
+  source: str = ""
+
+  def __post_init__(self):
+    for f in CALIBRATION_EFFICIENCIES + ("float8_matmul_efficiency",):
+      v = getattr(self, f)
+      if v is None and f == "float8_matmul_efficiency":
+        continue
+      if isinstance(v, bool) or not (isinstance(v, (int, float)) and 0 < v <= 1):
+        raise ValueError(f"Calibration.{f}={v!r}; allowed: a number in (0, 1]")
+    for f in CALIBRATION_FLOORS + ("collective_latency_s",):
+      v = getattr(self, f)
+      if v is None and f == "collective_latency_s":
+        continue
+      if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+          or v < 0):
+        raise ValueError(f"Calibration.{f}={v!r}; allowed: a finite number of seconds >= 0")
+    if not isinstance(self.source, str):
+      raise ValueError(f"Calibration.source={self.source!r}; allowed: a string")
+
+  def matmul_efficiency_for(self, dtype: str) -> float:
+    """The GEMM efficiency of a program computing in `dtype`."""
+    if dtype == "float8" and self.float8_matmul_efficiency is not None:
+      return self.float8_matmul_efficiency
+    return self.matmul_efficiency
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "Calibration":
+    """Raises ValueError naming unknown keys."""
+    allowed = tuple(f.name for f in dataclasses.fields(cls))
+    unknown = sorted(set(d) - set(allowed))
+    if unknown:
+      raise ValueError(f"calibration has unknown field(s) {unknown}; allowed: {allowed}")
+    return cls(**d)
+
+
+CALIBRATION_EFFICIENCIES = ("matmul_efficiency", "attention_efficiency", "memory_efficiency",
+                            "collective_efficiency")
+CALIBRATION_FLOORS = ("matmul_floor_s", "attention_floor_s", "other_floor_s")
+CALIBRATION_FIELDS = (CALIBRATION_EFFICIENCIES + ("float8_matmul_efficiency",) + CALIBRATION_FLOORS
+                      + ("collective_latency_s",))
+
+
+@dataclasses.dataclass(frozen=True)
 class HardwareSpec:
   """One device. Mappings are stored as sorted (key, value) tuples so the spec
   stays hashable; pass dicts, read them back with `peak_flops_dict` / `sources_dict`."""
@@ -48,7 +110,10 @@ class HardwareSpec:
   interconnect_bandwidth: float  # bytes/s per device, one direction
   host_bandwidth: float  # bytes/s per device, one direction
   collective_latency: float  # seconds per collective
-  sources: tuple[tuple[str, str], ...] = ()  # field -> citation
+  sources: tuple[tuple[str, str], ...] = ()  # field (or 'calibration.<field>') -> citation
+  # What this hardware achieves of the peaks above, from cited measurements
+  # (configs/hardware 'calibration' blocks); None: no sourced calibration.
+  calibration: Calibration | None = None
 
   def __post_init__(self):
     if not isinstance(self.name, str) or not self.name:
@@ -67,8 +132,13 @@ class HardwareSpec:
     for field in NUMERIC_FIELDS:
       _check_positive(field, getattr(self, field))
       object.__setattr__(self, field, float(getattr(self, field)))
+    if isinstance(self.calibration, Mapping):
+      object.__setattr__(self, "calibration", Calibration.from_dict(self.calibration))
+    if self.calibration is not None and not isinstance(self.calibration, Calibration):
+      raise ValueError(f"HardwareSpec.calibration must be a Calibration, a mapping or None, "
+                       f"got {self.calibration!r}")
     sources = _pairs(self.sources, "sources")
-    allowed = REQUIRED_FIELDS[1:]
+    allowed = REQUIRED_FIELDS[1:] + tuple(f"calibration.{f}" for f in CALIBRATION_FIELDS)
     for field, text in sources:
       if field not in allowed:
         raise ValueError(f"HardwareSpec.sources key {field!r} not allowed; allowed: {allowed}")
@@ -98,6 +168,11 @@ class HardwareSpec:
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
     d["peak_flops"], d["sources"] = self.peak_flops_dict, self.sources_dict
+    if self.calibration is None:
+      del d["calibration"]
+    else:
+      d["calibration"] = {k: v for k, v in self.calibration.to_dict().items()
+                          if k != "source" and v is not None}
     return d
 
   @classmethod
@@ -105,10 +180,18 @@ class HardwareSpec:
     missing = [k for k in REQUIRED_FIELDS if k not in d]
     if missing:
       raise ValueError(f"hardware spec is missing required field(s) {missing}")
-    allowed = REQUIRED_FIELDS + ("sources",)
+    allowed = REQUIRED_FIELDS + ("sources", "calibration")
     unknown = sorted(set(d) - set(allowed))
     if unknown:
       raise ValueError(f"hardware spec has unknown field(s) {unknown}; allowed: {allowed}")
+    d = dict(d)
+    if isinstance(d.get("calibration"), Mapping):
+      block = d["calibration"]
+      if "source" in block:
+        raise ValueError("hardware spec calibration: cite each value in 'sources' as "
+                         "'calibration.<field>', not in a 'source' key")
+      d["calibration"] = Calibration.from_dict(dict(
+          block, source=f"{d['name']} hardware file, each value cited in its sources"))
     return cls(**d)
 
 

@@ -439,11 +439,35 @@ def _widened_for_dots(instrs: list[Instr]) -> dict[str, str]:
   converting the operands first; GPU and TPU dots read the bf16 operand and
   accumulate in f32, so the operand is read, and held, in its native dtype."""
   users: dict[str, set[str]] = defaultdict(set)
+  by_name = {i.name: i for i in instrs}
   for i in instrs:
     for o in i.operands:
       users[o].add(i.opcode)
-  return {i.name: i.operands[0] for i in instrs
-          if i.opcode == "convert" and i.operands and users[i.name] == {"dot"}}
+
+  def itemsize(v: str) -> float:
+    arrays = shape_arrays(by_name[v].shape)
+    return _dtype_bytes(arrays[0][0]) if arrays else 0.0
+
+  def source(v: str) -> tuple[str, bool]:
+    # Back through views and widening converts: a weight stored in fp8 that
+    # the model converts to bf16 and reshapes (and the CPU lowering widens to
+    # f32) is read once, in fp8.
+    widened = False
+    while v in by_name and by_name[v].operands and (
+        by_name[v].opcode in ("reshape", "bitcast", "transpose", "copy") or (
+            by_name[v].opcode == "convert" and by_name[v].operands[0] in by_name
+            and itemsize(v) >= itemsize(by_name[v].operands[0]))):
+      widened |= by_name[v].opcode == "convert"
+      v = by_name[v].operands[0]
+    return v, widened
+
+  out = {}
+  for i in instrs:
+    if i.opcode in ("convert", "reshape", "bitcast", "transpose", "copy") and users[i.name] == {"dot"}:
+      src, widened = source(i.name)
+      if widened:
+        out[i.name] = src
+  return out
 
 
 def _flash_chains(instrs: list[Instr]) -> dict[str, bool]:

@@ -56,6 +56,13 @@ class Metrics:
   generated_tokens: int  # G of the session workload below
   decode_tokens_per_s: float  # a full HBM (`concurrency` users) decoding together
   sessions_per_hour: float  # users of T context + G tokens served, waves of `concurrency`
+  # The calibrated mode (lctx.cost.calibrated; calibration: calibrated.for_hardware):
+  # hlo rows charge the compiled programs' ops at the calibration's efficiencies
+  # plus kernel floors and collective latencies; analytic rows divide the
+  # closed form by the efficiencies only (it has no kernels).
+  prefill_s_calibrated: float = 0.0
+  decode_step_s_calibrated: float = 0.0
+  calibration_source: str = ""
 
 
 def mesh_label(mesh: str | int) -> str:
@@ -103,6 +110,8 @@ def from_closed_form(config: ModelConfig, hw, mesh: str | int, T: int, B: int = 
                      dtype: str = "bfloat16", convention: str = "exact",
                      generated_tokens: int = 1000) -> Metrics:
   """The framework's formulas on all of the mesh's devices as one group."""
+  from lctx.cost import calibrated  # it builds on this module
+  cal = calibrated.for_hardware(hw)
   label, g = mesh_label(mesh), num_devices(mesh)
   conc = analytic.concurrency(config, T, hw, g, dtype, convention)
   prefill_s = analytic.prefill_seconds(config, T, hw, g, dtype, convention)
@@ -121,7 +130,10 @@ def from_closed_form(config: ModelConfig, hw, mesh: str | int, T: int, B: int = 
       decode_step_s=step(B),
       context_switch_s=analytic.context_switch_seconds(config, T, hw, dtype),
       generated_tokens=generated_tokens, decode_tokens_per_s=tokens_s,
-      sessions_per_hour=sessions_h)
+      sessions_per_hour=sessions_h,
+      prefill_s_calibrated=prefill_s / cal.matmul_efficiency_for(dtype),
+      decode_step_s_calibrated=step(B) / cal.memory_efficiency,
+      calibration_source=cal.source)
 
 
 # Bytes each device sends per byte of the buffer a collective is counted by
@@ -181,13 +193,36 @@ def step_args(kind: str, B: int, T: int) -> tuple:
   return (jax.ShapeDtypeStruct((B,), jnp.int32),)
 
 
+# Weight dtypes a program can be costed with beyond the config's own: fp8
+# linear-layer weights (e4m3, as served by TensorRT-LLM / vLLM fp8
+# checkpoints; embeddings and lm_head stay in the config's dtype).
+COST_WEIGHT_DTYPES = ("float8",)
+
+
+def _with_weight_dtype(params, weight_dtype: str | None):
+  if weight_dtype is None:
+    return params
+  if weight_dtype not in COST_WEIGHT_DTYPES:
+    raise ValueError(f"weight_dtype={weight_dtype!r}; allowed: None or one of "
+                     f"{COST_WEIGHT_DTYPES}")
+  layers = {k: (jax.ShapeDtypeStruct(v.shape, jnp.float8_e4m3fn) if k.startswith("w_") else v)
+            for k, v in params["layers"].items()}
+  return {**params, "layers": layers}
+
+
 @functools.lru_cache(maxsize=None)
-def program_costs(config: ModelConfig, mesh: str, T: int, B: int, kind: str) -> hlo.Costs:
+def program_costs(config: ModelConfig, mesh: str, T: int, B: int, kind: str,
+                  weight_dtype: str | None = None) -> hlo.Costs:
   """Per-device costs of lctx's `kind` step for B users at cache capacity T on
-  `mesh`, from abstract shapes. Compiled once per shape: a sweep reuses them."""
+  `mesh`, from abstract shapes. Compiled once per shape: a sweep reuses them.
+  weight_dtype 'float8': the linear layers' weights are stored in fp8 e4m3
+  (cost only: the model converts them to its compute dtype, which XLA fuses
+  into the matmul's read, so bytes are the fp8 bytes; FLOPs are the same).
+  Raises ValueError for another weight_dtype."""
   plan = sharding.Plan(config, sharding.make_mesh(mesh))
   plan.check(batch=B, capacity=T, prompt_len=T if kind == "prefill" else None)
-  params, cache = abstract_params(config), abstract_cache(config, B, T)
+  params = _with_weight_dtype(abstract_params(config), weight_dtype)
+  cache = abstract_cache(config, B, T)
   step = engine.sharded_step(kind, plan, params, cache)
   return hlo.analyze(step.lower(params, *step_args(kind, B, T), cache))
 
@@ -236,8 +271,10 @@ def from_hlo(config: ModelConfig, hw, mesh: str | int, T: int, B: int = 1,
              dtype: str = "bfloat16", generated_tokens: int = 1000) -> Metrics:
   """Metrics of the programs lctx compiles for `mesh` (abstract shapes only).
   B must be a multiple of the mesh's data size."""
+  from lctx.cost import calibrated  # it builds on this module
   runs = programs(config, mesh, T, B, dtype)
   prefill, decode, swap = (runs[kind][2] for kind in ("prefill", "decode", "swap"))
+  cal = calibrated.for_hardware(hw)
   config = config.replace(param_dtype=dtype, dtype=dtype)
   label = mesh_label(mesh)
   d = sharding.parse_mesh_spec(label)["data"]
@@ -270,7 +307,10 @@ def from_hlo(config: ModelConfig, hw, mesh: str | int, T: int, B: int = 1,
       # Each device moves its own share of the two caches over its own link.
       context_switch_s=swap.host_transfer_bytes / hw.host_bandwidth,
       generated_tokens=generated_tokens, decode_tokens_per_s=tokens_s,
-      sessions_per_hour=sessions_h)
+      sessions_per_hour=sessions_h,
+      prefill_s_calibrated=calibrated.calibrated_seconds(prefill, hw, dtype, cal),
+      decode_step_s_calibrated=calibrated.calibrated_seconds(decode, hw, dtype, cal),
+      calibration_source=cal.source)
 
 
 RATIO_FIELDS = ("kv_bytes_per_user_per_device", "weight_bytes_per_device", "concurrency", "prefill_s",

@@ -18,6 +18,14 @@ SGLang, TensorRT-LLM). In steady state:
     TTFT = prefill_s + decode_step_s
 
 (a new prompt's prefill runs within one step beside the batch's decode).
+
+`ttft_burst_s` is the other end: a closed-loop benchmark (aiperf / genai-perf
+with concurrency C, fixed ISL and OSL, ignore_eos, as aiconfigurator's
+generated bench_run.sh runs them) starts its C users together, and with equal
+lengths they finish, and start again, together: the server prefills the C
+prompts one after another (prefill is compute-bound: batching prompts does not
+shorten it), so the i-th waits i prefills and the mean TTFT is
+(C + 1) / 2 x prefill_s + decode_step_s. Real runs drift between the two.
 Not modelled: queueing when the KV cache cannot hold C users (a server then
 admits fewer and TTFT includes the wait), prefill chunks smaller than the
 prompt (they stretch TTFT over several steps), and speculative decoding.
@@ -33,6 +41,7 @@ class Latency:
   ttft_s: float  # time to first token, s
   tpot_s: float  # time per output token after the first, s (= one server step)
   prefill_share_s: float  # the part of each step spent prefilling new prompts, s
+  ttft_burst_s: float  # mean TTFT when the C users arrive together (module docstring), s
 
 
 def decode_context(isl: int, osl: int) -> int:
@@ -51,4 +60,5 @@ def steady_state(prefill_s: float, decode_step_s: float, concurrency: int, isl: 
       raise ValueError(f"{name}={value!r}; allowed: a number > 0")
   share = concurrency / osl * prefill_s
   return Latency(ttft_s=prefill_s + decode_step_s, tpot_s=decode_step_s + share,
-                 prefill_share_s=share)
+                 prefill_share_s=share,
+                 ttft_burst_s=(concurrency + 1) / 2 * prefill_s + decode_step_s)

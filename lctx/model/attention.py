@@ -8,6 +8,7 @@ compression policies and context parallelism compose without special cases.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -19,6 +20,19 @@ import numpy as np
 MASKED = -0.7 * float(np.finfo(np.float32).max)
 # A scan's trip count and loop counter are int32.
 _MAX_TRIP_COUNT = int(np.iinfo(np.int32).max)
+# The name scope of the attention cores (in every op_name they emit): the cost
+# model counts what runs under it as one fused attention kernel per call, as a
+# GPU server runs it (lctx.cost.kernels), and costs it with attention's
+# efficiency (lctx.cost.calibrated).
+SCOPE = "lctx_attention"
+
+
+def _scoped(fn):
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.named_scope(SCOPE):
+      return fn(*args, **kwargs)
+  return wrapped
 
 
 class Partial(NamedTuple):
@@ -54,6 +68,7 @@ def finalize(p: Partial, dtype) -> jax.Array:
   return (p.out / p.sum[..., None]).astype(dtype)
 
 
+@_scoped
 def decode_attention(q_bkgh: jax.Array, k_bkhs: jax.Array, v_bksh: jax.Array,
                      valid_bs: jax.Array) -> Partial:
   """One query token per row against a cache of keys [B, K, H, S], values [B, K, S, H].
@@ -74,6 +89,7 @@ def decode_attention(q_bkgh: jax.Array, k_bkhs: jax.Array, v_bksh: jax.Array,
   return Partial(out, m, p.sum(axis=-1))
 
 
+@_scoped
 def causal_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
                      block: int = 512, q_offset: jax.Array | None = None) -> jax.Array:
   """Causal attention, blockwise with an online softmax. Returns [B, Tq, N, H].
