@@ -53,16 +53,17 @@ def _interpolate(a, b, Ta: int, Tb: int, T: int):
   kernels and collectives; None otherwise (the caller compiles T itself)."""
   from lctx.cost import hlo
   if (set(a.ops) != set(b.ops) or a.kernels != b.kernels
+      or a.kernels_compiled != b.kernels_compiled
       or [(k, p, n) for k, _, p, n in a.collective_ops]
       != [(k, p, n) for k, _, p, n in b.collective_ops]):
     return None
   w = (T - Ta) / (Tb - Ta)
   out = hlo.Costs()
   out.ops = {k: a.ops[k] + w * (b.ops[k] - a.ops[k]) for k in a.ops}
-  out.kernels = dict(a.kernels)
+  out.kernels, out.kernels_compiled = dict(a.kernels), dict(a.kernels_compiled)
   out.collective_ops = [(k, x + w * (y[1] - x), p, n)
                         for (k, x, p, n), y in zip(a.collective_ops, b.collective_ops)]
-  for f in ("flops", "bytes_ideal"):
+  for f in ("flops", "bytes_ideal", "copy_bytes"):
     setattr(out, f, getattr(a, f) + w * (getattr(b, f) - getattr(a, f)))
   return out
 

@@ -154,3 +154,79 @@ def test_measured_calibration_is_in_range():
   assert "measured by lctx.cost.calibrate" in cal.source
   with pytest.raises(ValueError, match="measure: repeats=0; allowed: a positive integer"):
     measure(load_hardware("h100-sxm"), repeats=0)
+
+
+def test_hardware_files_carry_a_sourced_calibration():
+  from lctx.cost.calibrated import for_hardware
+  from lctx.cost.hardware import CALIBRATION_FIELDS, HardwareSpec
+  for name in ("h100-sxm", "h200", "b200", "a100-80g-sxm"):
+    spec = load_hardware(name)
+    cal = spec.calibration
+    assert cal is not None and for_hardware(spec) is cal
+    # Every value the block sets has its citation.
+    for field in spec.to_dict()["calibration"]:
+      assert field in CALIBRATION_FIELDS and spec.sources_dict[f"calibration.{field}"]
+    assert HardwareSpec.from_dict(spec.to_dict()) == spec
+  # No block: calibrated = roofline, and the source says so.
+  assert "no sourced calibration" in for_hardware(load_hardware("tpu-v5e")).source
+  d = load_hardware("h200").to_dict()
+  d["calibration"]["matmul_efficency"] = 0.5
+  with pytest.raises(ValueError, match=r"unknown field\(s\) \['matmul_efficency'\]"):
+    HardwareSpec.from_dict(d)
+  d = load_hardware("h200").to_dict()
+  d["calibration"]["memory_efficiency"] = 1.2
+  with pytest.raises(ValueError, match=r"memory_efficiency=1.2; allowed: a number in \(0, 1\]"):
+    HardwareSpec.from_dict(d)
+
+
+def test_fp8_weights_are_read_in_fp8():
+  """A decode step with fp8 linear weights reads those weights at 1 byte each:
+  its bytes drop by exactly the linear layers' parameter count (the
+  closed form's difference), whatever the CPU lowering's converts."""
+  from lctx.cost import analytic
+  config = lctx.ModelConfig.from_preset("tiny", param_dtype="bfloat16", dtype="bfloat16")
+  for mesh in ("model:1", "model:2"):
+    bf16 = metrics.program_costs(config, mesh, 64, 2, "decode")
+    fp8 = metrics.program_costs(config, mesh, 64, 2, "decode", weight_dtype="float8")
+    linear = sum(v.size for k, v in lctx.init_params(config, 0)["layers"].items()
+                 if k.startswith("w_"))
+    g = int(mesh.split(":")[1])
+    assert bf16.bytes_ideal - fp8.bytes_ideal == pytest.approx(linear / g, rel=0.02)
+    assert fp8.flops == bf16.flops
+  assert analytic.itemsize("float8") == 1
+  with pytest.raises(ValueError, match=r"weight_dtype='int4'; allowed: None or one of"):
+    metrics.program_costs(config, "model:1", 64, 2, "decode", weight_dtype="int4")
+
+
+def test_decode_costs_interpolate_exactly_in_the_cache_length():
+  from experiments.validate_cost import _interpolate
+  config = lctx.ModelConfig.from_preset("tiny")
+  lo, mid, hi = (metrics.program_costs(config, "model:2", T, 2, "decode") for T in (64, 128, 256))
+  got = _interpolate(lo, hi, 64, 256, 128)
+  assert got is not None and got.kernels == mid.kernels
+  spec = load_hardware("h100-sxm")
+  for cal in (ROOFLINE, spec.calibration):
+    assert calibrated_seconds(got, spec, "float32", cal) == pytest.approx(
+        calibrated_seconds(mid, spec, "float32", cal), rel=1e-9)
+  assert got.bytes_ideal == pytest.approx(mid.bytes_ideal, rel=1e-12)
+
+
+def test_compiled_kernels_charge_what_xla_launches():
+  """A measured calibration (lctx's own program on this machine) charges the
+  kernels as XLA launches them, the blockwise attention's trip by trip, and
+  the bytes of its copy/convert kernels; a serving engine's sourced one, one
+  fused kernel per attention call and no copies."""
+  config = lctx.ModelConfig.from_preset("tiny")
+  costs = metrics.program_costs(config, "model:1", 512, 1, "prefill")
+  fused, launched = costs.kernels, costs.kernels_compiled
+  assert fused["attention"] == config.num_layers and launched["attention"] == 0
+  assert launched["matmul"] > fused["matmul"] and costs.copy_bytes > 0
+  spec = load_hardware("h100-sxm")
+  roof = metrics.roofline_seconds(costs, spec, "float32")
+  cal = Calibration(matmul_floor_s=1e-6, other_floor_s=2e-6, program_floor_s=5e-5,
+                    compiled_kernels=True)
+  assert calibrated_seconds(costs, spec, "float32", cal) == pytest.approx(
+      roof + costs.copy_bytes / spec.hbm_bandwidth + 1e-6 * launched["matmul"]
+      + 2e-6 * launched["other"] + 5e-5, rel=1e-9)
+  with pytest.raises(ValueError, match="compiled_kernels=1; allowed: True, False"):
+    Calibration(compiled_kernels=1)

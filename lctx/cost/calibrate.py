@@ -21,6 +21,10 @@ accelerator (the spec's peak for that dtype is the denominator).
   numerators (a reduction and an elementwise kernel). Kernels are counted on
   the optimized module with lctx.cost.kernels, as the calibrated mode counts
   a model's;
+- program_floor_s: one call of a jitted program taking DISPATCH_LEAVES tiny
+  arrays (host dispatch, as each engine step pays it);
+- compiled_kernels: True (what runs here is lctx's own compiled program, whose
+  kernels run as XLA launched them and whose copies are real work);
 - collective_latency_s: with more than one local device, the time one more
   all-reduce of one element per device adds inside a compiled loop; None
   (the spec's collective_latency) with one device;
@@ -55,9 +59,12 @@ logger = logging.getLogger(__name__)
 
 CACHE_ENV = "LCTX_CACHE_DIR"
 # The Calibration fields `measure` sets; the others keep their defaults.
-MEASURED_FIELDS = ("matmul_efficiency", "memory_efficiency", "collective_efficiency",
-                   "matmul_floor_s", "other_floor_s", "collective_latency_s")
-CACHE_VERSION = 1  # bump when the probes change meaning: older files are re-measured
+MEASURED_FIELDS = ("matmul_efficiency", "attention_efficiency", "memory_efficiency",
+                   "collective_efficiency", "matmul_floor_s", "other_floor_s",
+                   "collective_latency_s", "program_floor_s", "compiled_kernels")
+# A model step's arguments: tiny's params and cache leaves (14 + 3), rounded up.
+DISPATCH_LEAVES = 20
+CACHE_VERSION = 4  # bump when the probes change meaning: older files are re-measured
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,6 +314,16 @@ def _stream(nbytes: int, chain: int, repeats: int) -> float:
   return 2 * x.nbytes / _by_difference(make, (x,), chain, repeats)
 
 
+def _dispatch(leaves: int, repeats: int) -> float:
+  """Seconds one call of a jitted program costs from the host: a program that
+  takes `leaves` tiny arrays (a model step takes its params and cache leaves)
+  and does next to nothing."""
+  import jax
+  import jax.numpy as jnp
+  tree = [jnp.full((8,), float(i), jnp.float32) for i in range(leaves)]
+  return median_time(jax.jit(lambda t: t[0] + t[-1]), tree, repeats=repeats)
+
+
 def _kernels(fn, args) -> float:
   """Kernels (every class but collectives, lctx.cost.kernels) one run of the
   jitted `fn` launches, counted on the optimized module it runs."""
@@ -434,6 +451,7 @@ def measure(hw, repeats: int = 7, stream_bytes: int | None = None, extra: int = 
   decode_bytes = (s.decode_k * s.decode_k + 2 * s.decode_m * s.decode_k) * dtype.itemsize
   stream = _stream(stream_bytes, s.stream_chain, repeats)
   matmul_floor, matmul_per_step, other_floor, other_per_step = _floors(dtype, extra, repeats)
+  dispatch = _dispatch(DISPATCH_LEAVES, repeats)
 
   p = len(devices)
   latency = busbw = None
@@ -459,6 +477,7 @@ def measure(hw, repeats: int = 7, stream_bytes: int | None = None, extra: int = 
         "floor_chain_steps": extra, "matmul_floor_s": matmul_floor,
         "matmul_floor_kernels_per_step": matmul_per_step, "other_floor_s": other_floor,
         "other_floor_kernels_per_step": other_per_step, "collective_latency_s": latency,
+        "program_floor_s": dispatch, "program_floor_leaves": DISPATCH_LEAVES,
         "allreduce_bytes": s.allreduce_bytes if p > 1 else None,
         "allreduce_bus_bytes_per_s": busbw})
   collectives = ("one device: collectives not measured" if p == 1 else
@@ -466,11 +485,16 @@ def measure(hw, repeats: int = 7, stream_bytes: int | None = None, extra: int = 
                  f"{busbw / 1e9:.2f} GB/s at {s.allreduce_bytes / 2**20:.3g} MiB")
   return Calibration(
       matmul_efficiency=min(gemm / peak, 1.0),
+      # lctx's attention runs as ordinary GEMMs here (no fused kernel is
+      # measured), so its contractions get the GEMM's efficiency.
+      attention_efficiency=min(gemm / peak, 1.0),
       memory_efficiency=min(stream / hw.hbm_bandwidth, 1.0),
       collective_efficiency=collective,
       matmul_floor_s=matmul_floor,
       other_floor_s=other_floor,
       collective_latency_s=latency,
+      program_floor_s=dispatch,
+      compiled_kernels=True,  # what runs here is lctx's own compiled program
       source=f"measured by lctx.cost.calibrate on {datetime.date.today().isoformat()} "
              f"({device}) against {hw.name}, medians of {repeats}: {dtype_name} GEMM "
              f"{s.gemm_m}x{s.gemm_k}x{s.gemm_k} {gemm / 1e9:.1f} GFLOP/s, stream "

@@ -20,8 +20,13 @@ convert-only kernels take none), plus per collective
 
 (f the ring factor of metrics.RING_FACTORS; latency the calibration's
 collective_latency_s, else the spec's collective_latency; a collective's
-latency is its floor, so collectives take no kernel floor). With every efficiency 1 and
-every floor 0 it is the roofline exactly (tested).
+latency is its floor, so collectives take no kernel floor), plus once per run
+program_floor_s (the host's dispatch), plus, when the calibration says the
+machine runs the compiled program itself (compiled_kernels: a measured
+calibration of lctx's own program, not a serving engine's), the kernels as XLA
+launches them (lctx.cost.kernels.kernel_profile) and its copy and convert
+kernels' bytes at the memory efficiency. With every efficiency 1, every floor
+0 and compiled_kernels False it is the roofline exactly (tested).
 """
 
 from __future__ import annotations
@@ -49,10 +54,14 @@ def calibrated_seconds(costs: hlo.Costs, hw, dtype: str, cal: Calibration) -> fl
     compute += max((flops + dot * (1 / eta - 1)) / peak, nbytes / (cal.memory_efficiency * bw))
   floors = {"matmul": cal.matmul_floor_s, "attention": cal.attention_floor_s,
             "other": cal.other_floor_s}
-  if any(floors.values()) and not costs.kernels:
+  kernels = costs.kernels_compiled if cal.compiled_kernels else costs.kernels
+  if any(floors.values()) and not kernels:
     raise ValueError("kernel floors need the program's kernel counts (hlo.analyze sets "
                      "Costs.kernels from the optimized module); these costs have none")
-  launch = sum(costs.kernels.get(k, 0.0) * floor for k, floor in floors.items())
+  launch = (sum(kernels.get(k, 0.0) * floor for k, floor in floors.items())
+            + cal.program_floor_s)
+  if cal.compiled_kernels:
+    compute += costs.copy_bytes / (cal.memory_efficiency * bw)
   latency = hw.collective_latency if cal.collective_latency_s is None else cal.collective_latency_s
   comm = sum(count * (latency + RING_FACTORS[kind](p) * nbytes
                       / (cal.collective_efficiency * hw.interconnect_bandwidth))

@@ -52,7 +52,13 @@ class Calibration:
   attention_floor_s: float = 0.0  # per fused attention kernel
   other_floor_s: float = 0.0  # per elementwise / reduction kernel
   collective_latency_s: float | None = None  # per collective; None: the spec's
-  source: str = ""
+  program_floor_s: float = 0.0  # per run of a program (dispatch from the host)
+  # What runs on this machine: lctx's compiled program as XLA built it (True:
+  # its kernels as launched, attention and XLA's loops trip by trip, and its
+  # copy/convert kernels' bytes) or a serving engine's fused kernels (False:
+  # one kernel per attention call, no copies).
+  compiled_kernels: bool = False
+  source: str = dataclasses.field(default="", compare=False)  # provenance, not a value
 
   def __post_init__(self):
     for f in CALIBRATION_EFFICIENCIES + ("float8_matmul_efficiency",):
@@ -68,6 +74,9 @@ class Calibration:
       if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
           or v < 0):
         raise ValueError(f"Calibration.{f}={v!r}; allowed: a finite number of seconds >= 0")
+    if not isinstance(self.compiled_kernels, bool):
+      raise ValueError(f"Calibration.compiled_kernels={self.compiled_kernels!r}; "
+                       "allowed: True, False")
     if not isinstance(self.source, str):
       raise ValueError(f"Calibration.source={self.source!r}; allowed: a string")
 
@@ -92,9 +101,9 @@ class Calibration:
 
 CALIBRATION_EFFICIENCIES = ("matmul_efficiency", "attention_efficiency", "memory_efficiency",
                             "collective_efficiency")
-CALIBRATION_FLOORS = ("matmul_floor_s", "attention_floor_s", "other_floor_s")
+CALIBRATION_FLOORS = ("matmul_floor_s", "attention_floor_s", "other_floor_s", "program_floor_s")
 CALIBRATION_FIELDS = (CALIBRATION_EFFICIENCIES + ("float8_matmul_efficiency",) + CALIBRATION_FLOORS
-                      + ("collective_latency_s",))
+                      + ("collective_latency_s", "compiled_kernels"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,8 +180,9 @@ class HardwareSpec:
     if self.calibration is None:
       del d["calibration"]
     else:
+      default = Calibration()  # a file states what differs from the defaults
       d["calibration"] = {k: v for k, v in self.calibration.to_dict().items()
-                          if k != "source" and v is not None}
+                          if k != "source" and v != getattr(default, k)}
     return d
 
   @classmethod

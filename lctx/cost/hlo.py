@@ -180,6 +180,11 @@ class Costs:
   temp_bytes: float = 0.0  # the whole program's peak (set by module_costs; not summed)
   # Kernel launches per run by class (lctx.cost.kernels; set by analyze; not summed).
   kernels: dict = dataclasses.field(default_factory=dict)
+  # The same as XLA launches them (attention and XLA-made loops unfused).
+  kernels_compiled: dict = dataclasses.field(default_factory=dict)
+  # Bytes the optimized program's copy/convert kernels move (set by analyze;
+  # not summed): XLA:CPU's weight-slice copies and dtype widening.
+  copy_bytes: float = 0.0
 
   def add(self, other: "Costs", times: float = 1.0) -> None:
     for f in ("flops", "transcendentals", "bytes_upper", "bytes_ideal"):
@@ -952,11 +957,11 @@ def compiled_hlo(lowered) -> tuple[str, str | None]:
 
 def analyze(lowered) -> Costs:
   """Per-device costs of a lowered jax program (e.g. jax.jit(f).lower(*abstract_args))."""
-  from lctx.cost.kernels import kernel_counts  # it builds on this module
+  from lctx.cost.kernels import kernel_profile  # it builds on this module
   text, optimized = compiled_hlo(lowered)
   costs = module_costs(text)
   if optimized is not None:
-    costs.kernels = kernel_counts(optimized)
+    costs.kernels, costs.kernels_compiled, costs.copy_bytes = kernel_profile(optimized)
   if _PLACEMENT in text:  # a backend that partitions memory placements keeps them
     costs.host_transfer_bytes = host_transfer_bytes(text, sharded=False)
   elif re.search(r'memory_kind = "(pinned|unpinned)_host"|annotate_device_placement',

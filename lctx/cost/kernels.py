@@ -49,7 +49,7 @@ CLASSES = ("matmul", "attention", "collective", "other", "convert")
 # What a kernel made only of these does is move and re-type data.
 _PLUMBING = {"parameter", "convert", "bitcast", "copy", "broadcast", "slice", "dynamic-slice",
              "transpose", "reshape", "constant", "tuple", "get-tuple-element",
-             "bitcast-convert"}
+             "bitcast-convert", "iota"}
 
 
 def _is_plumbing(module: hlo.Module, instr: hlo.Instr) -> bool:
@@ -60,6 +60,28 @@ def _is_plumbing(module: hlo.Module, instr: hlo.Instr) -> bool:
   names = hlo._called(instr, "calls")  # pylint: disable=protected-access
   return bool(names) and all(name in module.computations and all(
       i.opcode in _PLUMBING for i in module.computations[name]) for name in names)
+
+
+_ATTENTION_MATH = {"while", "dot", "convolution", "reduce"}
+
+
+def _does_attention_math(module: hlo.Module, instr: hlo.Instr) -> bool:
+  """A loop, contraction or reduction (softmax), or a fusion holding one: what
+  makes an attention call (a mask or index table hoisted out of a loop does not;
+  XLA may rewrite a small dot as a multiply and a reduce)."""
+  if instr.opcode in _ATTENTION_MATH:
+    return True
+  stack, seen = list(hlo._called(instr, "calls")), set()  # pylint: disable=protected-access
+  while stack:
+    name = stack.pop()
+    if name in seen or name not in module.computations:
+      continue
+    seen.add(name)
+    for i in module.computations[name]:
+      if i.opcode in _ATTENTION_MATH:
+        return True
+      stack += hlo._called(i, "calls")  # pylint: disable=protected-access
+  return False
 
 
 def _is_scalar(instr: hlo.Instr) -> bool:
@@ -89,9 +111,12 @@ def _fusion_has_dot(module: hlo.Module, instr: hlo.Instr, memo: dict) -> bool:
   return False
 
 
-def _count(module: hlo.Module, name: str, memo: dict, dots: dict) -> collections.Counter:
-  if name in memo:
-    return memo[name]
+def _count(module: hlo.Module, name: str, memo: dict, dots: dict,
+           fused: bool = True) -> collections.Counter:
+  """Kernels of computation `name`; fused=False counts what XLA itself
+  launches (attention's and XLA's own loops trip by trip)."""
+  if (name, fused) in memo:
+    return memo[(name, fused)]
   total: collections.Counter = collections.Counter()
   attention = False
   for instr in module.computations[name]:
@@ -102,30 +127,33 @@ def _count(module: hlo.Module, name: str, memo: dict, dots: dict) -> collections
       # window counts with its consumer (lctx's models have no reduce-window
       # of their own).
       continue
-    if op.removesuffix("-start") not in hlo.COLLECTIVES and _in_attention(instr):
-      attention = True  # one fused kernel, counted once below; its collectives still count
+    if fused and op.removesuffix("-start") not in hlo.COLLECTIVES and _in_attention(instr):
+      # One fused kernel per computation doing attention's arithmetic
+      # (counted below; index tables hoisted out of a loop are not a call);
+      # its collectives still count.
+      attention |= _does_attention_math(module, instr)
       if op == "while":
         for callee in hlo._called(instr, "body"):  # pylint: disable=protected-access
           total["collective"] += ((hlo._trip_count(module, instr) or 1)  # pylint: disable=protected-access
-                                  * _count(module, callee, memo, dots)["collective"])
+                                  * _count(module, callee, memo, dots, fused)["collective"])
       continue
-    if op == "while" and instr.op_name and not instr.op_name.endswith("while"):
+    if fused and op == "while" and instr.op_name and not instr.op_name.endswith("while"):
       total["other"] += 1  # a loop XLA made of one op (module docstring)
     elif op == "while":
       trips = hlo._trip_count(module, instr)  # pylint: disable=protected-access
       trips = 1 if trips is None else trips
       for key in ("body", "condition"):
         for callee in hlo._called(instr, key):  # pylint: disable=protected-access
-          for k, v in _count(module, callee, memo, dots).items():
+          for k, v in _count(module, callee, memo, dots, fused).items():
             total[k] += trips * v
     elif op == "call":
       for callee in hlo._called(instr, "to_apply"):  # pylint: disable=protected-access
-        total.update(_count(module, callee, memo, dots))
+        total.update(_count(module, callee, memo, dots, fused))
     elif op == "conditional":  # the branch that launches most (an upper estimate)
       branches = (hlo._called(instr, "branch_computations")  # pylint: disable=protected-access
                   or hlo._called(instr, "true_computation")  # pylint: disable=protected-access
                   + hlo._called(instr, "false_computation"))  # pylint: disable=protected-access
-      counts = [_count(module, b, memo, dots) for b in branches]
+      counts = [_count(module, b, memo, dots, fused) for b in branches]
       if counts:
         total.update(max(counts, key=lambda c: sum(c.values())))
     elif op.removesuffix("-start") in hlo.COLLECTIVES:
@@ -138,21 +166,37 @@ def _count(module: hlo.Module, name: str, memo: dict, dots: dict) -> collections
       continue  # loop bookkeeping
     elif _is_plumbing(module, instr):
       total["convert"] += 1
+      # What a copy or convert moves: its output written, about as much read.
+      total["convert_bytes"] += 2 * hlo.shape_bytes(instr.shape)
     else:  # loop/input fusions, reductions, in-place updates, custom calls...
       total["other"] += 1
   if attention:
     total["attention"] += 1
-  memo[name] = total
+  memo[(name, fused)] = total
   return total
+
+
+def kernel_profile(text: str) -> tuple[dict[str, float], dict[str, float], float]:
+  """(kernel_counts(text); the same counts as XLA itself launches them, the
+  attention calls' and XLA-made loops' kernels trip by trip (what runs when
+  the machine runs this very program); bytes the convert-class kernels move
+  per execution: twice their outputs, loop trips multiplied). Raises
+  ValueError for text without an ENTRY computation."""
+  module = hlo.parse(text)
+  memo, dots = {}, {}
+  fused = _count(module, module.entry, memo, dots, True)
+  unfused = _count(module, module.entry, memo, dots, False)
+  return ({k: float(fused.get(k, 0)) for k in CLASSES},
+          {k: float(unfused.get(k, 0)) for k in CLASSES},
+          float(unfused.get("convert_bytes", 0)))
 
 
 def kernel_counts(text: str) -> dict[str, float]:
   """Kernels per execution of an optimized HLO module, by class: 'matmul'
   (dots, convolutions and fusions holding one), 'attention' (one per
   attention call, module docstring), 'collective' (one per collective,
-  asynchronous pairs once), 'other' (every other launching op);
-  loop bodies and conditions count once per trip (an unknown trip count
-  counts once). Raises ValueError for text without an ENTRY computation."""
-  module = hlo.parse(text)
-  counts = _count(module, module.entry, {}, {})
-  return {k: float(counts.get(k, 0)) for k in CLASSES}
+  asynchronous pairs once), 'other' (every other launching op), 'convert'
+  (kernels that only copy or convert, module docstring); loop bodies and
+  conditions count once per trip (an unknown trip count counts once).
+  Raises ValueError for text without an ENTRY computation."""
+  return kernel_profile(text)[0]
