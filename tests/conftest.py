@@ -1,11 +1,15 @@
-"""CPU with 8 fake devices, set before jax is imported anywhere; and
+"""CPU with 8 fake devices, set before jax is imported anywhere; measured
+calibrations cached in a temporary directory, not the user's ~/.cache; and
 `importorskip`, which fails rather than skips in CI."""
 
 import os
+import tempfile
 
 import pytest
 
 os.environ["JAX_PLATFORMS"] = "cpu"
+# lctx.cost.calibrate's cache (tests that check it set their own directory).
+os.environ.setdefault("LCTX_CACHE_DIR", tempfile.mkdtemp(prefix="lctx-test-cache-"))
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 
