@@ -33,6 +33,8 @@ _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the cache record, 
 def _value(field: str, value) -> str:
   if value is None:
     return "-"
+  if isinstance(value, bool):
+    return str(value)
   if field.endswith("_s"):
     return f"{value * 1e6:.3g} us"
   return f"{value:.3f}"
@@ -63,6 +65,9 @@ def probe_lines(probes: dict) -> list[str]:
 def main(argv):
   del argv  # cli.run refuses positional arguments
   cli.check_output_paths(json_out=_JSON_OUT.value)
+  # The CPU cost entry points (peak_analysis, shard_sweep, validate_cost
+  # --machine) run with at least 8 fake CPU devices; measure the same machine.
+  cli.want_cpu_devices(8)
   import jax
 
   from lctx.cost import calibrate, hardware
@@ -81,7 +86,9 @@ def main(argv):
   record, path, cached = calibrate.load_or_measure_record(hw, refresh=_REFRESH.value)
   measured = hardware.Calibration.from_dict(record["calibration"])
   sourced = hw.calibration
-  print(f"{'read from' if cached else 'measured now, cached in'} {path} "
+  status = ("read from" if cached else "measured now, NOT cached (could not write)"
+            if "not_cached" in record else "measured now, cached in")
+  print(f"{status} {path} "
         f"(created {record['created']}){'; --refresh measures again' if cached else ''}")
   print(f"  {'field':26s} {'measured':>12s} {'hardware file':>14s}")
   for field in hardware.CALIBRATION_FIELDS:

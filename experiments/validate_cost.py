@@ -1,27 +1,32 @@
-"""lctx's predictions against published serving measurements.
+"""lctx's cost modes against measured time: published serving rows, or this machine.
 
-  python -m experiments.validate_cost [--json_out=rows.json --plot_out=scatter.png]
+  python -m experiments.validate_cost [--sample=N] [--noaic] [--json_out=F --plot_out=P]
+  python -m experiments.validate_cost --machine [--quick] [--models=tiny,small] [--batches=1,4]
 
-Reads the measured TTFT / TPOT rows of aiconfigurator-core's
+Published rows: reads the measured TTFT / TPOT rows of aiconfigurator-core's
 silicon_sample.csv (NVIDIA; `pip install --no-deps aiconfigurator-core==0.12.0`,
-lctx.cost.published) and predicts each row lctx can cost with the framework's
-closed form (the roofline at datasheet peaks, on the row's TP devices as one
-group) through the steady-state serving model of lctx.cost.serving: prefill
-of one ISL-token prompt, and a batch-C decode step at the mean context
-ISL + OSL/2. Prints, per GPU, backend and TP, the median and 90th percentile
-of |predicted / measured - 1| and the median predicted / measured (below 1:
-optimistic), and lists what it skipped and why.
+lctx.cost.published) and predicts every row lctx can model through the
+serving model of lctx.cost.serving (prefill of one ISL-token prompt, a
+batch-C decode step at the mean context ISL + OSL/2; TTFT both in steady state
+and with the C users arriving together) from: the framework's closed form
+(weights and cache in the row's dtypes, the row's TP devices as one group);
+the compiled prefill and decode programs on `model:TP` as a roofline and
+calibrated with the hardware file's sourced constants (rows with an fp8 KV
+cache: closed form only); and AIConfigurator's own prediction when it is
+installed (lctx.cost.aic). Prints per GPU, backend and TP the median and 90th
+percentile of |predicted / measured - 1| and the median predicted / measured
+(below 1: optimistic), and lists what it skipped and why.
 
-This is the first part of the calibrated-cost issue: the roofline's error on
-real serving. Rows with fp8 weights or KV cache are skipped until lctx costs
-weights and cache in separate dtypes; the calibrated mode
-(lctx.cost.calibrated) joins once its constants have sources.
+--machine: runs prefill and decode of each preset for real on this process's
+default device (cpu-local in fp32 on a CPU, the device kind's preset in bf16
+on a GPU) and compares both modes with the measured medians.
 """
 
 from __future__ import annotations
 
 import collections
 import json
+import math
 import time
 
 from absl import app, flags
@@ -35,44 +40,24 @@ _CSV = flags.DEFINE_string("csv", None, "A silicon_sample.csv to read instead of
                            "package's.")
 _MACHINE = flags.DEFINE_bool(
     "machine", False, "Validate on this machine instead: run prefill and decode for real and "
-    "compare with both modes for the measured cpu-local spec and calibration.")
+    "compare with both modes (cpu-local and its measured calibration on a CPU; the device "
+    "kind's hardware file on a GPU).")
 _QUICK = flags.DEFINE_bool("quick", False, "With --machine: the small grid (contexts 1K and 4K).")
 _MODELS = flags.DEFINE_list("models", ["tiny", "small"], "With --machine: the presets to run.")
 _BATCHES = flags.DEFINE_list("batches", ["1", "4"], "With --machine: decode batch sizes.")
+_MESHES = flags.DEFINE_list("meshes", ["model:1"], "With --machine: the meshes to run on "
+                            "(e.g. model:1,model:8; on a CPU, fake devices are made).")
 _SAMPLE = flags.DEFINE_integer("sample", 0, "Published rows: a seeded sample of this many rows "
                                "per GPU, backend, TP and weight dtype (0: every row).")
 _AIC = flags.DEFINE_bool("aic", True, "Published rows: also AIConfigurator's own prediction "
                          "(lctx.cost.aic) when aiconfigurator-core is installed.")
 
 
-def _interpolate(a, b, Ta: int, Tb: int, T: int):
-  """hlo.Costs at cache length T from the same program compiled at Ta < T < Tb:
-  a decode step's per-op FLOPs and bytes are affine in the cache length (its
-  attention reads and scores grow with it; nothing else does), so the line
-  through the two ends is exact when the two programs have the same ops,
-  kernels and collectives; None otherwise (the caller compiles T itself)."""
-  from lctx.cost import hlo
-  if (set(a.ops) != set(b.ops) or a.kernels != b.kernels
-      or a.kernels_compiled != b.kernels_compiled
-      or [(k, p, n) for k, _, p, n in a.collective_ops]
-      != [(k, p, n) for k, _, p, n in b.collective_ops]):
-    return None
-  w = (T - Ta) / (Tb - Ta)
-  out = hlo.Costs()
-  out.ops = {k: a.ops[k] + w * (b.ops[k] - a.ops[k]) for k in a.ops}
-  out.kernels, out.kernels_compiled = dict(a.kernels), dict(a.kernels_compiled)
-  out.collective_ops = [(k, x + w * (y[1] - x), p, n)
-                        for (k, x, p, n), y in zip(a.collective_ops, b.collective_ops)]
-  for f in ("flops", "bytes_ideal", "copy_bytes"):
-    setattr(out, f, getattr(a, f) + w * (getattr(b, f) - getattr(a, f)))
-  return out
-
-
 class ProgramCosts:
   """Compiled step costs for the published rows, each program compiled once:
   prefill per (model, TP, ISL, weight dtype); decode per (model, TP, batch,
   weight dtype) at the shortest and longest cache length the rows ask for,
-  interpolated in between (_interpolate)."""
+  interpolated in between (metrics.interpolate_costs)."""
 
   def __init__(self, rows):
     from lctx.cost import serving
@@ -106,7 +91,8 @@ class ProgramCosts:
                                  row.weight_dtype)
     if T in (lo, hi) or lo == hi:
       return at(T)
-    return _interpolate(at(lo), at(hi), lo, hi, T) or at(T)
+    from lctx.cost import metrics
+    return metrics.interpolate_costs(at(lo), at(hi), lo, hi, T) or at(T)
 
 
 def predict(row, programs: ProgramCosts) -> dict:
@@ -164,62 +150,83 @@ def error_table(rows: list[dict], mode: str = "roofline") -> list[dict]:
   return out
 
 
-def machine_rows(models, contexts, batches, repeats: int = 3, steps: int = 8) -> list[dict]:
+def machine_rows(models, contexts, batches, meshes=("model:1",), repeats: int = 3,
+                 steps: int = 8) -> list[dict]:
   """Measured and predicted prefill (one user, `context` tokens) and decode
-  steps (`batch` users at a `context`-slot cache) of each preset on this
-  machine's default device, fp32, stacked layers (the costed program)."""
+  steps (`batch` users at a `context`-slot cache) of each preset on each mesh
+  of this process's devices (fp32 on a CPU, bf16 on an accelerator), running
+  the very programs the cost model compiles (engine.sharded_step, stacked
+  layers). Skips, with a line, a mesh the model or batch cannot use."""
   import jax
   import jax.numpy as jnp
 
   import lctx
-  from lctx import engine
+  from lctx import engine, sharding
   from lctx.cost import calibrate, calibrated, hardware, metrics
   from lctx.cost.hardware import median_time
-  # This machine: cpu-local (measured) on a CPU; on a GPU / TPU the preset of
-  # its device kind, in bf16, with the hardware file's sourced calibration.
+  # This machine: cpu-local on a CPU (fp32), the preset of its device kind on
+  # a GPU / TPU (bf16); calibrated with this machine's measured calibration
+  # (lctx's own program here), and on a GPU also with the hardware file's
+  # sourced one (a serving engine's kernels).
   name_hw = calibrate.default_hardware()
   dtype = "float32" if name_hw == hardware.CPU_LOCAL else "bfloat16"
   hw = hardware.load_hardware(name_hw, dtypes=(dtype,))
-  cal = calibrated.for_hardware(hw)
+  cal, sourced = calibrate.load_or_measure(hw), hw.calibration
   print(f"{hw.name}: {hw.flops(dtype) / 1e9:.0f} GFLOP/s {dtype}, "
         f"{hw.hbm_bandwidth / 1e9:.1f} GB/s; {cal}")
   out = []
   for name in models:
     config = lctx.ModelConfig.from_preset(name, param_dtype=dtype, dtype=dtype)
-    params = lctx.init_params(config, 0)
-    for T in contexts:
-      tokens = np.random.default_rng(0).integers(0, config.vocab_size, (max(batches), T))
-      for kind, B in [("prefill", 1)] + [("decode", b) for b in batches]:
-        if kind == "prefill":
-          def run():
-            cache = engine.new_cache(config, params, 1, T)
-            return engine.prefill_jit(config, params, tokens[:1], np.full((1,), T, np.int32),
-                                      cache)[0]
-          measured = median_time(run, repeats=repeats)
-        else:
-          cache = engine.new_cache(config, params, B, T)
-          _, cache = engine.prefill_jit(config, params, tokens[:B, :T - steps],
-                                        np.full((B,), T - steps, np.int32), cache)
-          token = jnp.zeros((B,), jnp.int32)
-          times = []
-          for i in range(steps):
-            start = time.perf_counter()
-            logits, cache = engine.decode_jit(config, params, token, cache)
-            jax.block_until_ready(logits)
-            if i:  # the first step compiles
-              times.append(time.perf_counter() - start)
-          measured = float(np.median(times))
-        costs = metrics.program_costs(config, "model:1", T, B, kind)
-        roof = metrics.roofline_seconds(costs, hw, dtype)
-        cali = calibrated.calibrated_seconds(costs, hw, dtype, cal)
-        out.append({"model": name, "hardware": hw.name, "dtype": dtype, "phase": kind, "context": T, "batch": B, "mesh": "model:1",
-                    "predicted_roofline_s": roof, "predicted_calibrated_s": cali,
-                    "measured_s": measured, "ratio_roofline": roof / measured,
-                    "ratio_calibrated": cali / measured})
-        r = out[-1]
-        print(f"  {name:8s} {kind:7s} T={T:6d} B={B:2d}  measured {measured * 1e3:9.2f} ms  "
-              f"roofline {roof * 1e3:9.2f} ms ({r['ratio_roofline']:.2f})  calibrated "
-              f"{cali * 1e3:9.2f} ms ({r['ratio_calibrated']:.2f})", flush=True)
+    host_params = lctx.init_params(config, 0)
+    for mesh in meshes:
+      try:
+        plan = sharding.Plan(config, sharding.make_mesh(mesh))
+      except ValueError as e:
+        print(f"  {name:8s} {mesh}: skipped ({e})")
+        continue
+      params = engine.shard_params(host_params, plan)
+      for T in contexts:
+        tokens = np.random.default_rng(0).integers(0, config.vocab_size, (max(batches), T))
+        for kind, B in [("prefill", 1)] + [("decode", b) for b in batches]:
+          try:
+            plan.check(batch=B, capacity=T, prompt_len=T if kind == "prefill" else None)
+          except ValueError as e:
+            print(f"  {name:8s} {kind:7s} T={T:6d} B={B:2d} {mesh}: skipped ({e})")
+            continue
+          cache = engine.new_cache(config, params, B, T, plan)
+          prefill = engine.sharded_step("prefill", plan, params, cache)
+          if kind == "prefill":
+            def run():
+              fresh = engine.new_cache(config, params, 1, T, plan)
+              return prefill(params, tokens[:1], np.full((1,), T, np.int32), fresh)[0]
+            measured = median_time(run, repeats=repeats)
+          else:
+            _, cache = prefill(params, tokens[:B, :T], np.full((B,), T - steps, np.int32),
+                               cache)
+            decode = engine.sharded_step("decode", plan, params, cache)
+            token, times = jnp.zeros((B,), jnp.int32), []
+            for i in range(steps):
+              start = time.perf_counter()
+              logits, cache = decode(params, token, cache)
+              jax.block_until_ready(logits)
+              if i:  # the first step compiles
+                times.append(time.perf_counter() - start)
+            measured = float(np.median(times))
+          costs = metrics.program_costs(config, mesh, T, B, kind)
+          roof = metrics.roofline_seconds(costs, hw, dtype)
+          cali = calibrated.calibrated_seconds(costs, hw, dtype, cal)
+          row = {"model": name, "hardware": hw.name, "dtype": dtype, "phase": kind,
+                 "context": T, "batch": B, "mesh": mesh, "predicted_roofline_s": roof,
+                 "predicted_calibrated_s": cali, "measured_s": measured,
+                 "ratio_roofline": roof / measured, "ratio_calibrated": cali / measured}
+          if sourced is not None:
+            row["predicted_sourced_calibration_s"] = calibrated.calibrated_seconds(
+                costs, hw, dtype, sourced)
+          out.append(row)
+          print(f"  {name:8s} {kind:7s} T={T:6d} B={B:2d} {mesh:8s} measured "
+                f"{measured * 1e3:9.2f} ms  roofline {roof * 1e3:9.2f} ms "
+                f"({row['ratio_roofline']:.2f})  calibrated {cali * 1e3:9.2f} ms "
+                f"({row['ratio_calibrated']:.2f})", flush=True)
   return out
 
 
@@ -235,7 +242,27 @@ def machine_main() -> None:
   unknown = [m for m in _MODELS.value if m not in list_presets()]
   if unknown:
     raise app.UsageError(f"--models: {unknown} are not presets; allowed: {list_presets()}")
-  rows = machine_rows(_MODELS.value, contexts, batches)
+  meshes = [m.strip() for m in _MESHES.value if m.strip()]
+  if not meshes:
+    raise app.UsageError("--meshes: at least one mesh, e.g. model:1,model:8")
+  from lctx import sharding
+  sizes = []
+  for m in meshes:
+    try:
+      sizes.append(math.prod(sharding.parse_mesh_spec(m).values()))
+    except ValueError as e:
+      raise app.UsageError(f"--meshes={m}: {e}") from e
+  # At least 8 CPU devices, as peak_analysis and experiments.calibrate use:
+  # one cached calibration serves them all (lctx.cost.calibrate.machine_key).
+  cli.want_cpu_devices(max(sizes + [8]))
+  import jax
+  if max(sizes) > jax.device_count():
+    raise app.UsageError(f"--meshes: {max(sizes)} devices needed, this process has "
+                         f"{jax.device_count()} ({cli.devices_hint(max(sizes))})")
+  rows = machine_rows(_MODELS.value, contexts, batches, meshes)
+  if not rows:
+    raise app.UsageError(f"--meshes={','.join(meshes)}: no mesh fits {_MODELS.value} "
+                         "(each was skipped above)")
   summary = {}
   for phase in ("prefill", "decode"):
     for mode in ("roofline", "calibrated"):
@@ -293,9 +320,20 @@ def sample_rows(rows, per_group: int):
           for i in sorted(rng.choice(len(g), min(per_group, len(g)), replace=False))]
 
 
+MACHINE_FLAGS = ("quick", "models", "batches", "meshes")
+PUBLISHED_FLAGS = ("sample", "csv", "aic")
+
+
 def main(argv):
   del argv  # cli.run refuses positional arguments
   cli.check_output_paths(json_out=_JSON_OUT.value, plot_out=_PLOT_OUT.value)
+  # A flag of the other kind of run would be silently ignored: refuse it.
+  stray = [f for f in (PUBLISHED_FLAGS if _MACHINE.value else MACHINE_FLAGS)
+           if flags.FLAGS[f].present]
+  if stray:
+    raise app.UsageError(
+        f"--{', --'.join(stray)} {'apply' if len(stray) > 1 else 'applies'} to "
+        f"{'published rows (without --machine)' if _MACHINE.value else '--machine runs'} only")
   if _MACHINE.value:
     return machine_main()
   if _SAMPLE.value < 0:
@@ -333,7 +371,8 @@ def main(argv):
     groups[(r["hardware"], r["backend"], r["tp"])].append(r)
   table = []
   for metric in ("tpot", "ttft", "ttft_burst"):
-    print(f"{metric.upper()}{' (users arriving together)' if metric == 'ttft_burst' else ''}:")
+    print(f"{metric.upper()}"
+          f"{' (users arriving together; AIConfigurator: its own TTFT)' if metric == 'ttft_burst' else ''}:")
     print(f"  {'hardware':9s} {'backend':7s} {'tp':>2s} {'n':>4s}  " + "  ".join(
         f"{MODE_LABELS[m]:>20s}" for m in MODES))
     for (hw, backend, tp), rs in sorted(groups.items()) + [(("all", "all", 0), predicted)]:

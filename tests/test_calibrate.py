@@ -48,14 +48,14 @@ def same_numbers(a: Calibration, b: Calibration) -> bool:
 
 def test_cache_round_trip(fake_measure, tmp_path):
   first = calibrate.load_or_measure(CPU_SPEC)
-  path = calibrate.cache_path()
-  assert path == tmp_path / "cache" / "calibration" / f"{calibrate.machine_key()}.json"
+  path = calibrate.cache_path(hardware=CPU_SPEC.name)
+  assert path == tmp_path / "cache" / "calibration" / f"{calibrate.machine_key()}--cpu-local.json"
   assert fake_measure == ["cpu-local"] and same_numbers(first, FAKE)
   assert first.source == f"fake measurement [cached in {path}]"
   record = json.loads(path.read_text())
   assert set(record) == {"version", "machine_key", "hardware", "created", "jax_version",
                          "calibration", "probes"}
-  assert record["machine_key"] == path.stem and record["hardware"] == "cpu-local"
+  assert record["machine_key"] == calibrate.machine_key() and record["hardware"] == "cpu-local"
   assert record["calibration"] == FAKE.to_dict() and record["probes"] == {"gemm_flop_per_s": 1.0}
   assert not list(path.parent.glob("*.tmp"))  # the atomic write left no temporary behind
 
@@ -82,7 +82,7 @@ def test_refresh_measures_again(fake_measure):
 ])
 def test_unusable_cache_is_measured_again_with_a_warning(fake_measure, caplog, content, reason):
   calibrate.load_or_measure(CPU_SPEC)
-  path = calibrate.cache_path()
+  path = calibrate.cache_path(hardware=CPU_SPEC.name)
   record = json.loads(path.read_text())
   if content is None:
     path.write_text(json.dumps(dict(record, hardware="h100-sxm")))
@@ -118,6 +118,7 @@ def test_machine_key_and_cache_dir(monkeypatch, tmp_path):
   assert calibrate.cache_dir() == tmp_path / ".cache" / "lctx"
   monkeypatch.setenv(calibrate.CACHE_ENV, str(tmp_path / "c"))
   assert calibrate.cache_path("k") == tmp_path / "c" / "calibration" / "k.json"
+  assert calibrate.cache_path("k", "my spec") == tmp_path / "c" / "calibration" / "k--my-spec.json"
 
 
 def test_presets_for_device_kinds(monkeypatch):
@@ -198,13 +199,13 @@ def test_experiment_prints_the_cached_calibration(fake_measure, tmp_path):
   out = tmp_path / "cal.json"
   proc = run_calibrate(f"--json_out={out}", cache=tmp_path / "cache")
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert f"read from {calibrate.cache_path()}" in proc.stdout
+  assert f"read from {calibrate.cache_path(hardware=CPU_SPEC.name)}" in proc.stdout
   assert re.search(r"matmul_efficiency\s+0\.500\s+none", proc.stdout)
   assert re.search(r"collective_latency_s\s+30 us\s+none", proc.stdout)
   result = json.loads(out.read_text())
   assert result["from_cache"] and result["calibration"] == FAKE.to_dict()
   assert result["hardware_calibration"] is None and result["cache_path"] == str(
-      calibrate.cache_path())
+      calibrate.cache_path(hardware=CPU_SPEC.name))
 
   proc = run_calibrate("--hardware=h100-sxm", cache=tmp_path / "cache")
   assert proc.returncode == 2

@@ -199,10 +199,9 @@ def test_fp8_weights_are_read_in_fp8():
 
 
 def test_decode_costs_interpolate_exactly_in_the_cache_length():
-  from experiments.validate_cost import _interpolate
   config = lctx.ModelConfig.from_preset("tiny")
   lo, mid, hi = (metrics.program_costs(config, "model:2", T, 2, "decode") for T in (64, 128, 256))
-  got = _interpolate(lo, hi, 64, 256, 128)
+  got = metrics.interpolate_costs(lo, hi, 64, 256, 128)
   assert got is not None and got.kernels == mid.kernels
   spec = load_hardware("h100-sxm")
   for cal in (ROOFLINE, spec.calibration):

@@ -187,9 +187,13 @@ def cache_dir() -> Path:
   return Path(env).expanduser() if env else Path.home() / ".cache" / "lctx"
 
 
-def cache_path(key: str | None = None) -> Path:
-  """<cache_dir()>/calibration/<key or machine_key()>.json."""
-  return cache_dir() / "calibration" / f"{key or machine_key()}.json"
+def cache_path(key: str | None = None, hardware: str | None = None) -> Path:
+  """<cache_dir()>/calibration/<key or machine_key()>[--<hardware>].json: one
+  file per machine (device count included) and spec measured against."""
+  name = key or machine_key()
+  if hardware:
+    name += "--" + re.sub(r"[^A-Za-z0-9._-]+", "-", hardware)
+  return cache_dir() / "calibration" / f"{name}.json"
 
 
 def read_record(hw, path: Path) -> dict | None:
@@ -203,7 +207,7 @@ def read_record(hw, path: Path) -> dict | None:
     record = json.loads(path.read_text())
     if not isinstance(record, dict):
       raise ValueError("not a JSON object")
-    for field, want in (("version", CACHE_VERSION), ("machine_key", path.stem),
+    for field, want in (("version", CACHE_VERSION), ("machine_key", path.stem.split("--")[0]),
                         ("hardware", hw.name)):
       if record.get(field) != want:
         raise ValueError(f"{field} is {record.get(field)!r}, not {want!r}")
@@ -243,7 +247,7 @@ def load_or_measure_record(hw, refresh: bool = False) -> tuple[dict, Path, bool]
   measurement is still returned."""
   import jax
   key = machine_key()
-  path = cache_path(key)
+  path = cache_path(key, hw.name)
   if not refresh:
     record = read_record(hw, path)
     if record is not None:
@@ -258,6 +262,7 @@ def load_or_measure_record(hw, refresh: bool = False) -> tuple[dict, Path, bool]
     _write_atomic(path, record)
   except OSError as e:
     logger.warning("could not write the calibration cache %s (%s): using it uncached", path, e)
+    record["not_cached"] = str(e)
   return record, path, False
 
 
@@ -267,8 +272,9 @@ def load_or_measure(hw, refresh: bool = False) -> Calibration:
   cache file."""
   record, path, cached = load_or_measure_record(hw, refresh)
   cal = Calibration.from_dict(record["calibration"])
-  return dataclasses.replace(
-      cal, source=f"{cal.source} [{'read from' if cached else 'cached in'} {path}]")
+  status = ("read from" if cached else
+            "not cached: could not write" if "not_cached" in record else "cached in")
+  return dataclasses.replace(cal, source=f"{cal.source} [{status} {path}]")
 
 
 # ---- the probes -------------------------------------------------------------------------------

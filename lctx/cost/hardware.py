@@ -18,6 +18,7 @@ import dataclasses
 import datetime
 import json
 import math
+import numbers
 import os
 import time
 from pathlib import Path
@@ -33,6 +34,15 @@ REQUIRED_FIELDS = ("name", "kind", "peak_flops") + NUMERIC_FIELDS
 CPU_LOCAL = "cpu-local"  # measured at load time, see calibrate_cpu
 CPU_DTYPES = ("float32", "bfloat16", "float16")  # what calibrate_cpu can measure
 CPU_COLLECTIVE_LATENCY = 1e-5  # s; cpu-local's stand-in when it has one CPU device only
+
+
+def np_bool_types() -> tuple[type, ...]:
+  """numpy's bool scalar type (a number to numbers.Real checks), if numpy is here."""
+  try:
+    import numpy as np
+    return (np.bool_,)
+  except ImportError:
+    return ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,15 +75,17 @@ class Calibration:
       v = getattr(self, f)
       if v is None and f == "float8_matmul_efficiency":
         continue
-      if isinstance(v, bool) or not (isinstance(v, (int, float)) and 0 < v <= 1):
+      if isinstance(v, (bool, np_bool_types())) or not (isinstance(v, numbers.Real) and 0 < v <= 1):
         raise ValueError(f"Calibration.{f}={v!r}; allowed: a number in (0, 1]")
     for f in CALIBRATION_FLOORS + ("collective_latency_s",):
       v = getattr(self, f)
       if v is None and f == "collective_latency_s":
         continue
-      if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
-          or v < 0):
+      if (isinstance(v, (bool, np_bool_types())) or not isinstance(v, numbers.Real)
+          or not math.isfinite(v) or v < 0):
         raise ValueError(f"Calibration.{f}={v!r}; allowed: a finite number of seconds >= 0")
+    if isinstance(self.compiled_kernels, np_bool_types()):
+      object.__setattr__(self, "compiled_kernels", bool(self.compiled_kernels))
     if not isinstance(self.compiled_kernels, bool):
       raise ValueError(f"Calibration.compiled_kernels={self.compiled_kernels!r}; "
                        "allowed: True, False")
@@ -93,6 +105,8 @@ class Calibration:
   def from_dict(cls, d: Mapping[str, Any]) -> "Calibration":
     """Raises ValueError naming unknown keys."""
     allowed = tuple(f.name for f in dataclasses.fields(cls))
+    if not isinstance(d, Mapping):
+      raise ValueError(f"calibration must be a mapping of {allowed}, got {d!r}")
     unknown = sorted(set(d) - set(allowed))
     if unknown:
       raise ValueError(f"calibration has unknown field(s) {unknown}; allowed: {allowed}")
@@ -237,6 +251,14 @@ def load_hardware(name_or_path: str | os.PathLike,
   if not isinstance(d, dict):
     raise ValueError(f"hardware file {path} must hold a JSON object")
   spec = HardwareSpec.from_dict(d)
+  if spec.calibration is not None:  # say which file, and how much of it is cited
+    block = spec.to_dict().get("calibration", {})
+    cited = [f for f in block if f"calibration.{f}" in spec.sources_dict]
+    what = ("every value the default (the roofline)" if not block else
+            f"{len(cited)} of its {len(block)} values cited in the file's sources")
+    shown = f"configs/hardware/{path.name}" if path.parent == PRESET_DIR else str(path)
+    spec = spec.replace(calibration=dataclasses.replace(
+        spec.calibration, source=f"{shown} calibration block: {what}"))
   for dtype in dtypes:
     spec.flops(dtype)  # ValueError listing the dtypes it has
   return spec

@@ -59,7 +59,8 @@ class Metrics:
   # The calibrated mode (lctx.cost.calibrated; calibration: calibrated.for_hardware):
   # hlo rows charge the compiled programs' ops at the calibration's efficiencies
   # plus kernel floors and collective latencies; analytic rows divide the
-  # closed form by the efficiencies only (it has no kernels).
+  # closed form's prefill by the GEMM efficiency and its decode by the memory
+  # efficiency only (it has no kernels and does not split out attention).
   prefill_s_calibrated: float = 0.0
   decode_step_s_calibrated: float = 0.0
   calibration_source: str = ""
@@ -225,6 +226,29 @@ def program_costs(config: ModelConfig, mesh: str, T: int, B: int, kind: str,
   cache = abstract_cache(config, B, T)
   step = engine.sharded_step(kind, plan, params, cache)
   return hlo.analyze(step.lower(params, *step_args(kind, B, T), cache))
+
+
+def interpolate_costs(a: hlo.Costs, b: hlo.Costs, Ta: int, Tb: int,
+                      T: int) -> hlo.Costs | None:
+  """hlo.Costs at cache length T from the same program compiled at Ta < T < Tb:
+  a decode step's per-op FLOPs and bytes are affine in the cache length (its
+  attention reads and scores grow with it; nothing else does), so the line
+  through the two ends is exact when the two programs have the same ops,
+  kernels and collectives; None otherwise (the caller compiles T itself)."""
+  if (set(a.ops) != set(b.ops) or a.kernels != b.kernels
+      or a.kernels_compiled != b.kernels_compiled
+      or [(k, p, n) for k, _, p, n in a.collective_ops]
+      != [(k, p, n) for k, _, p, n in b.collective_ops]):
+    return None
+  w = (T - Ta) / (Tb - Ta)
+  out = hlo.Costs()
+  out.ops = {k: a.ops[k] + w * (b.ops[k] - a.ops[k]) for k in a.ops}
+  out.kernels, out.kernels_compiled = dict(a.kernels), dict(a.kernels_compiled)
+  out.collective_ops = [(k, x + w * (y[1] - x), p, n)
+                        for (k, x, p, n), y in zip(a.collective_ops, b.collective_ops)]
+  for f in ("flops", "bytes_ideal", "copy_bytes"):
+    setattr(out, f, getattr(a, f) + w * (getattr(b, f) - getattr(a, f)))
+  return out
 
 
 @functools.lru_cache(maxsize=None)
