@@ -163,7 +163,6 @@ def machine_rows(models, contexts, batches, meshes=("model:1",), repeats: int = 
   import lctx
   from lctx import engine, sharding
   from lctx.cost import calibrate, calibrated, hardware, metrics
-  from lctx.cost.hardware import median_time
   # This machine: cpu-local on a CPU (fp32), the preset of its device kind on
   # a GPU / TPU (bf16); calibrated with this machine's measured calibration
   # (lctx's own program here), and on a GPU also with the hardware file's
@@ -196,10 +195,16 @@ def machine_rows(models, contexts, batches, meshes=("model:1",), repeats: int = 
           cache = engine.new_cache(config, params, B, T, plan)
           prefill = engine.sharded_step("prefill", plan, params, cache)
           if kind == "prefill":
-            def run():
-              fresh = engine.new_cache(config, params, 1, T, plan)
-              return prefill(params, tokens[:1], np.full((1,), T, np.int32), fresh)[0]
-            measured = median_time(run, repeats=repeats)
+            # Each run takes (and donates) a fresh cache, made before its clock starts.
+            times = []
+            for i in range(repeats + 1):
+              fresh = jax.block_until_ready(engine.new_cache(config, params, 1, T, plan))
+              start = time.perf_counter()
+              jax.block_until_ready(prefill(params, tokens[:1], np.full((1,), T, np.int32),
+                                            fresh)[0])
+              if i:  # the first run compiles
+                times.append(time.perf_counter() - start)
+            measured = float(np.median(times))
           else:
             _, cache = prefill(params, tokens[:B, :T], np.full((B,), T - steps, np.int32),
                                cache)
@@ -252,9 +257,10 @@ def machine_main() -> None:
       sizes.append(math.prod(sharding.parse_mesh_spec(m).values()))
     except ValueError as e:
       raise app.UsageError(f"--meshes={m}: {e}") from e
-  # At least 8 CPU devices, as peak_analysis and experiments.calibrate use:
-  # one cached calibration serves them all (lctx.cost.calibrate.machine_key).
-  cli.want_cpu_devices(max(sizes + [8]))
+  # Only the devices the meshes need: XLA:CPU splits its threads among fake
+  # devices, so more of them would slow the very runs measured here (the
+  # calibration is measured, and cached, for this device count too).
+  cli.want_cpu_devices(max(sizes))
   import jax
   if max(sizes) > jax.device_count():
     raise app.UsageError(f"--meshes: {max(sizes)} devices needed, this process has "
