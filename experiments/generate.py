@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -72,6 +73,9 @@ _BATCH = flags.DEFINE_integer(
 _MAX_NEW_TOKENS = flags.DEFINE_integer(
     "max_new_tokens", 16, "Tokens generated per row (at most, when the row stops at EOS).",
     lower_bound=1)
+_PREFILL_CHUNK = flags.DEFINE_integer(
+    "prefill_chunk", 0, "Prefill the prompt this many tokens at a time through all layers "
+    "(chunked prefill); 0 = one pass. Not yet on meshes with a seq axis.", lower_bound=0)
 _SEED = flags.DEFINE_integer(
     "seed", 0, "Seeds random weights, random prompts and sampling.", lower_bound=0,
     upper_bound=2**63 - 1)  # jax.random.key takes a signed 64-bit seed
@@ -327,7 +331,8 @@ def run_generate(config, params, prompt: np.ndarray, lengths: np.ndarray, sampli
   eos, pad = stop if stop else (None, None)
   if plan is None:
     return lctx.generate(config, params, prompt, lengths=lengths, max_new_tokens=new,
-                         sampling=sampling, key=key, eos_token_id=eos, pad_token_id=pad)
+                         sampling=sampling, key=key, eos_token_id=eos, pad_token_id=pad,
+                         prefill_chunk=_PREFILL_CHUNK.value)
   B, T = prompt.shape
   padded = np.zeros((rows, width), np.int32)
   padded[:B, :T] = prompt
@@ -337,7 +342,7 @@ def run_generate(config, params, prompt: np.ndarray, lengths: np.ndarray, sampli
   try:
     out = lctx.generate(config, params, padded, lengths=padded_lengths, max_new_tokens=new,
                         sampling=sampling, key=key, capacity=capacity, plan=plan,
-                        eos_token_id=eos, pad_token_id=pad)
+                        eos_token_id=eos, pad_token_id=pad, prefill_chunk=_PREFILL_CHUNK.value)
   except ValueError as e:
     raise app.UsageError(f"--mesh={_MESH.value}: {e}") from e
   return plan.to_host(out)[:B]
@@ -402,6 +407,10 @@ def main(argv):
         lctx.sharding.parse_mesh_spec(_MESH.value)
       except ValueError as e:
         raise app.UsageError(f"--mesh={_MESH.value}: {e}") from e
+    if _PREFILL_CHUNK.value and "seq:" in _MESH.value.replace(" ", "") and not re.search(
+        r"seq:1(\D|$)", _MESH.value.replace(" ", "")):
+      raise app.UsageError(f"--prefill_chunk={_PREFILL_CHUNK.value} with --mesh={_MESH.value}: "
+                           "chunked prefill on a mesh with a seq axis is not supported yet")
     if not flags.FLAGS["distributed"].value:  # multi-process: each sets its own devices
       cli.want_cpu_devices(cli.mesh_size(_MESH.value) or 1)
   distributed.maybe_initialize()

@@ -24,7 +24,7 @@ from lctx.sharding import Plan
 
 PREFILL_BLOCK = transformer.PREFILL_BLOCK
 
-prefill_jit = jax.jit(transformer.prefill, static_argnames=("config", "block"),
+prefill_jit = jax.jit(transformer.prefill, static_argnames=("config", "block", "chunk"),
                       donate_argnames=("cache",))
 decode_jit = jax.jit(transformer.decode, static_argnames=("config",), donate_argnames=("cache",))
 
@@ -62,17 +62,18 @@ _SHARDED_STEPS: dict = {}
 
 
 def sharded_step(kind: str, plan: Plan, params: Params, cache: KVCache,
-                 block: int = PREFILL_BLOCK):
+                 block: int = PREFILL_BLOCK, chunk: int | None = None):
   """The jitted prefill or decode step with explicit in/out shardings for `plan`.
 
   The cache keeps one sharding from prefill to decode (out = in, donated), so
   no step reshards it. Works with concrete or ShapeDtypeStruct arguments.
   """
-  key = (kind, plan, jax.tree.structure(params), jax.tree.structure(cache), block)
+  key = (kind, plan, jax.tree.structure(params), jax.tree.structure(cache), block, chunk)
   if key not in _SHARDED_STEPS:
     ps, cs = plan.param_shardings(params), plan.cache_shardings(cache)
     if kind == "prefill":
-      fn = functools.partial(transformer.prefill, plan.config, block=block, plan=plan)
+      fn = functools.partial(transformer.prefill, plan.config, block=block, plan=plan,
+                             chunk=chunk)
       in_shardings = (ps, plan.tokens_sharding("prefill"), plan.batch_sharding(), cs)
     elif kind == "decode":
       fn = functools.partial(transformer.decode, plan.config, plan=plan)
@@ -201,14 +202,18 @@ def forward(config: ModelConfig, params: Params, tokens, block: int = PREFILL_BL
 
 
 def prefill(config: ModelConfig, params: Params, tokens, cache: KVCache, lengths=None,
-            block: int = PREFILL_BLOCK, plan: Plan | None = None) -> tuple[jax.Array, KVCache]:
+            block: int = PREFILL_BLOCK, plan: Plan | None = None,
+            chunk: int | None = None) -> tuple[jax.Array, KVCache]:
   """Prompts tokens [B, T], right-padded where lengths[b] < T. Donates `cache`.
 
   Returns (logits [B, V] of each row's last prompt token, filled cache). With a
   plan, runs sharded on its mesh (params from shard_params, cache from
-  new_cache(..., plan=plan)).
+  new_cache(..., plan=plan)). chunk: prefill C tokens at a time
+  (transformer.prefill; None or 0: one pass). Raises ValueError for a bad
+  chunk, before compiling.
   """
   check_params(config, params)
+  _check_chunk(chunk, plan)
   tokens, lengths = _check_tokens(config, tokens, lengths)
   if tokens.shape[0] != cache.batch:
     raise ValueError(f"batch of tokens ({tokens.shape[0]}) != cache batch ({cache.batch})")
@@ -218,8 +223,18 @@ def prefill(config: ModelConfig, params: Params, tokens, cache: KVCache, lengths
   if plan is not None:
     _check_plan(config, plan, batch=cache.batch, capacity=cache.capacity,
                 prompt_len=tokens.shape[1])
-    return sharded_step("prefill", plan, params, cache, block)(params, tokens, lengths, cache)
-  return prefill_jit(config, params, tokens, lengths, cache, block=block)
+    return sharded_step("prefill", plan, params, cache, block, chunk)(params, tokens, lengths,
+                                                                      cache)
+  return prefill_jit(config, params, tokens, lengths, cache, block=block, chunk=chunk)
+
+
+def _check_chunk(chunk, plan: Plan | None) -> None:
+  """ValueError naming the allowed values for a bad prefill chunk."""
+  if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0):
+    raise ValueError(f"prefill chunk={chunk!r}; allowed: None or an int >= 0 (0: one pass)")
+  if chunk and plan is not None and plan.seq_parallel:
+    raise ValueError("chunked prefill on a mesh with a seq axis is not supported yet; "
+                     "use chunk=0 (one pass) or a mesh without seq")
 
 
 def decode_step(config: ModelConfig, params: Params, tokens, cache: KVCache,
@@ -246,7 +261,7 @@ def generate(config: ModelConfig, params: Params, tokens, *, max_new_tokens: int
              lengths=None, sampling: SamplingConfig = SamplingConfig(), key=None,
              capacity: int | None = None, block: int = PREFILL_BLOCK,
              plan: Plan | None = None, eos_token_id=None,
-             pad_token_id: int | None = None) -> jax.Array:
+             pad_token_id: int | None = None, prefill_chunk: int | None = None) -> jax.Array:
   """Prefill then up to `max_new_tokens` tokens per row, the token loop inside one jit.
 
   tokens: [B, T] right-padded prompts, lengths [B] (default: all T).
@@ -256,9 +271,11 @@ def generate(config: ModelConfig, params: Params, tokens, *, max_new_tokens: int
   eos_token_id: an id or ids that end a row: the row keeps its EOS token and
   every later slot holds pad_token_id (default: the first EOS id); the loop
   stops once every row has ended. None: always max_new_tokens tokens.
-  Returns the new tokens [B, max_new_tokens] int32.
+  prefill_chunk: prefill the prompt C tokens at a time (prefill; None or 0:
+  one pass). Returns the new tokens [B, max_new_tokens] int32.
   """
   check_params(config, params)
+  _check_chunk(prefill_chunk, plan)
   tokens, lengths = _check_tokens(config, tokens, lengths)
   T = tokens.shape[1]
   if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
@@ -279,7 +296,8 @@ def generate(config: ModelConfig, params: Params, tokens, *, max_new_tokens: int
     tokens = plan.put(tokens, plan.tokens_sharding("prefill"))
     lengths = plan.put(lengths, plan.batch_sharding())
   return _generate_jit(config, params, tokens, lengths, key, max_new_tokens=int(max_new_tokens),
-                       capacity=int(capacity), sampling=sampling, block=block, plan=plan, eos=eos)
+                       capacity=int(capacity), sampling=sampling, block=block, plan=plan, eos=eos,
+                       chunk=prefill_chunk or None)
 
 
 def _stop_ids(config: ModelConfig, eos_token_id, pad_token_id) -> tuple[tuple[int, ...], int] | None:
@@ -302,13 +320,14 @@ def _stop_ids(config: ModelConfig, eos_token_id, pad_token_id) -> tuple[tuple[in
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "capacity",
-                                             "sampling", "block", "plan", "eos"))
+                                             "sampling", "block", "plan", "eos", "chunk"))
 def _generate_jit(config, params, tokens, lengths, key, *, max_new_tokens, capacity, sampling,
-                  block, plan, eos):
+                  block, plan, eos, chunk=None):
   cache = new_cache(config, params, tokens.shape[0], capacity)
   if plan is not None:  # built in place, in the same layout as the sharded steps use
     cache = plan.constrain(cache, plan.cache_shardings(cache))
-  logits, cache = transformer.prefill(config, params, tokens, lengths, cache, block, plan)
+  logits, cache = transformer.prefill(config, params, tokens, lengths, cache, block, plan,
+                                      chunk)
   key, sub = jax.random.split(key)
   first = sample(logits, sub, sampling)
 

@@ -99,6 +99,18 @@ def _cache_write_prefix(kv, l, new):
   return jax.lax.dynamic_update_slice(kv, new[None], (l, 0, 0, 0, 0))
 
 
+def _cache_write_slots(kv, l, new, start, seq_axis: int):
+  """Writes slots [start, start + n) of layer l (every row) in place; new is
+  laid out as one layer of the cache with n slots along seq_axis (3 for keys
+  [B, K, H, S], 2 for values [B, K, S, H]); start may be traced, and
+  start + n must not exceed the capacity (dynamic_update_slice would clamp)."""
+  index = [0, 0, 0, 0]
+  index[seq_axis] = start
+  if isinstance(kv, tuple):
+    return kv[:l] + (jax.lax.dynamic_update_slice(kv[l], new, tuple(index)),) + kv[l + 1:]
+  return jax.lax.dynamic_update_slice(kv, new[None], (l, *index))
+
+
 def _cache_write_token(kv, l, slots_b, new_bkh, seq_axis):
   """Writes row b's new token at slot slots_b[b] of layer l, in place.
 
@@ -214,18 +226,74 @@ def _prefill_attention(config: ModelConfig, k_cache, v_cache, l, q, k, v, block:
                             (q_axes, kv_axes, kv_axes), q_axes)
 
 
+def _chunked_prefill(config: ModelConfig, params: Params, tokens: jax.Array,
+                     lengths: jax.Array, cache: KVCache, block: int, chunk: int):
+  """prefill in chunks of `chunk` tokens (see prefill). Every chunk runs all
+  layers: at each layer it writes its K/V into the cache slots
+  [start, start + C), then its queries attend causally over the cache slots
+  [0, start + C) at their offset (keys past the chunk are after every query,
+  so causality hides them, whatever the slots hold). A scan walks the full
+  chunks (one traced body, the offset a loop variable) and a last, shorter
+  chunk is traced once more: one compiled program, at most two chunk bodies."""
+  B, T = tokens.shape
+  D = config.hidden_size
+  full, tail = divmod(T, chunk)
+  last_row = lengths - 1  # the position whose logits each row returns
+
+  def run(carry, start, size):
+    k_cache, v_cache, last = carry
+    x0 = _embed(config, params, jax.lax.dynamic_slice_in_dim(tokens, start, size, axis=1))
+    rope = rope_cos_sin(config, jnp.broadcast_to(start + jnp.arange(size), (B, size)))
+
+    def body(lp, l, c):
+      x, kc, vc = c
+      q, k, v = _qkv(config, lp, x, rope)
+      kc = _cache_write_slots(kc, l, k.transpose(0, 2, 3, 1).astype(config.dtype), start, 3)
+      vc = _cache_write_slots(vc, l, v.transpose(0, 2, 1, 3).astype(config.dtype), start, 2)
+      k_all = _cache_layer(kc, l).transpose(0, 3, 1, 2)  # [B, S, K, H]
+      v_all = _cache_layer(vc, l).transpose(0, 2, 1, 3)
+      attn = attention.causal_attention(q, k_all, v_all, block, q_offset=start)
+      return _out_and_mlp(config, lp, x, attn), kc, vc
+
+    x, k_cache, v_cache = _layer_loop(params["layers"], (x0, k_cache, v_cache), body)
+    inside = (last_row >= start) & (last_row < start + size)
+    row = x[jnp.arange(B), jnp.clip(last_row - start, 0, size - 1)]
+    return k_cache, v_cache, jnp.where(inside[:, None], row, last)
+
+  carry = (cache.k, cache.v, jnp.zeros((B, D), config.dtype))
+  if full:
+    carry, _ = jax.lax.scan(lambda c, i: (run(c, i * chunk, chunk), None), carry,
+                            jnp.arange(full))
+  if tail:
+    carry = run(carry, full * chunk, tail)
+  k_cache, v_cache, last = carry
+  return _logits(config, params, last), KVCache(k_cache, v_cache, lengths.astype(jnp.int32))
+
+
 def prefill(config: ModelConfig, params: Params, tokens: jax.Array, lengths: jax.Array,
-            cache: KVCache, block: int = PREFILL_BLOCK, plan=None) -> tuple[jax.Array, KVCache]:
+            cache: KVCache, block: int = PREFILL_BLOCK, plan=None,
+            chunk: int | None = None) -> tuple[jax.Array, KVCache]:
   """Runs right-padded prompts tokens [B, T] (row b valid up to lengths[b]).
 
   Returns the logits [B, V] of each row's last prompt token and the cache with
   slots [0, T) written and `lengths` set. Padding slots beyond lengths[b] are
   overwritten by decode before anything attends to them. plan: an
   lctx.sharding.Plan when running sharded (sequence parallelism needs it).
+  chunk: prefill C tokens at a time through all layers (_chunked_prefill);
+  None, 0 or C >= T: one pass. Raises ValueError for a prompt longer than the
+  cache, a chunk that is not a non-negative int, or a chunk on a mesh with a
+  `seq` axis (not supported yet).
   """
   B, T = tokens.shape
   if T > cache.capacity:
     raise ValueError(f"prompt length {T} exceeds the cache capacity {cache.capacity}")
+  if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0):
+    raise ValueError(f"prefill chunk={chunk!r}; allowed: None or an int >= 0 (0: one pass)")
+  if chunk and chunk < T:
+    if plan is not None and plan.seq_parallel:
+      raise ValueError("chunked prefill on a mesh with a seq axis is not supported yet; "
+                       "use chunk=0 (one pass) or a mesh without seq")
+    return _chunked_prefill(config, params, tokens, lengths, cache, block, chunk)
   rope = rope_cos_sin(config, jnp.broadcast_to(jnp.arange(T), (B, T)))  # one table, all layers
 
   def body(lp, l, carry):
