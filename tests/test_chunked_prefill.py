@@ -99,3 +99,19 @@ def test_bad_chunks_are_refused_before_compiling():
                    chunk=8)
   with pytest.raises(ValueError, match="prefill chunk=-2"):
     engine.generate(CONFIG, params, tokens, lengths=lengths, max_new_tokens=2, prefill_chunk=-2)
+
+
+def test_chunked_prefill_temporaries_grow_by_one_layers_cache_only():
+  """The compiled chunked prefill's peak temporaries (lctx.cost.hlo) from T to
+  4T grow by one layer's K/V for the added slots (the transposed copy each
+  chunk attends over; issue 12 removes it), where the one-pass prefill's
+  grow with the whole residual stream."""
+  from lctx.cost import metrics
+  config = lctx.ModelConfig.from_preset("small")
+  temps = {(T, chunk): metrics.program_costs(config, "model:2", T, 1, "prefill", None,
+                                             chunk).temp_bytes
+           for T in (2048, 8192) for chunk in (None, 512)}
+  # K and V of one layer for 6144 more slots, per device (model:2 splits the KV heads).
+  layer_kv = 2 * 6144 * config.num_kv_heads // 2 * config.head_dim * 4
+  assert temps[(8192, 512)] - temps[(2048, 512)] == pytest.approx(layer_kv, rel=0.10)
+  assert temps[(8192, None)] - temps[(2048, None)] > 10 * layer_kv

@@ -213,18 +213,20 @@ def _with_weight_dtype(params, weight_dtype: str | None):
 
 @functools.lru_cache(maxsize=None)
 def program_costs(config: ModelConfig, mesh: str, T: int, B: int, kind: str,
-                  weight_dtype: str | None = None) -> hlo.Costs:
+                  weight_dtype: str | None = None, chunk: int | None = None) -> hlo.Costs:
   """Per-device costs of lctx's `kind` step for B users at cache capacity T on
   `mesh`, from abstract shapes. Compiled once per shape: a sweep reuses them.
   weight_dtype 'float8': the linear layers' weights are stored in fp8 e4m3
   (cost only: the model converts them to its compute dtype, which XLA fuses
   into the matmul's read, so bytes are the fp8 bytes; FLOPs are the same).
-  Raises ValueError for another weight_dtype."""
+  chunk: a prefill run C tokens at a time (transformer.prefill). Raises
+  ValueError for another weight_dtype."""
   plan = sharding.Plan(config, sharding.make_mesh(mesh))
   plan.check(batch=B, capacity=T, prompt_len=T if kind == "prefill" else None)
   params = _with_weight_dtype(abstract_params(config), weight_dtype)
   cache = abstract_cache(config, B, T)
-  step = engine.sharded_step(kind, plan, params, cache)
+  step = engine.sharded_step(kind, plan, params, cache,
+                             chunk=chunk if kind == "prefill" else None)
   return hlo.analyze(step.lower(params, *step_args(kind, B, T), cache))
 
 
