@@ -37,6 +37,14 @@ _BATCH = flags.DEFINE_integer("batch", 1, "Users in the decode step (decode ms/t
                               lower_bound=1)
 _GENERATED = flags.DEFINE_integer("generated_tokens", 1000, "Tokens each session generates "
                                   "(sessions per hour).", lower_bound=1)
+# vLLM's, SGLang's and TensorRT-LLM's default prefill token budget on 80 GB
+# GPUs: a chunk that long keeps prefill compute-bound (its GEMMs do 8192 FLOPs
+# per weight byte read, against an A100's 153 or an H100's 295 FLOP/byte).
+DEFAULT_PREFILL_CHUNK = 8192
+_PREFILL_CHUNK = flags.DEFINE_integer(
+    "prefill_chunk", DEFAULT_PREFILL_CHUNK, "Prefill chunk (tokens) a server runs long prompts "
+    "in: the hlo concurrency counts the chunked prefill's temporaries; 0 = one pass. Meshes "
+    "with a seq axis prefill in one pass.", lower_bound=0)
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16", "float32"],
                            "Weights and KV cache dtype.")
 _CONVENTION = flags.DEFINE_enum("convention", "exact", ["exact", "paper"],
@@ -233,7 +241,8 @@ def main(argv):
   meshes = list(flag_of)
   print(f"model {config.name} ({config.num_params / 1e9:.3f}B params, {_DTYPE.value}), "
         f"hardware {hw.name}, meshes {meshes}, contexts {contexts}, batch {_BATCH.value}, "
-        f"convention {_CONVENTION.value}", flush=True)
+        f"convention {_CONVENTION.value}, prefill chunk "
+        f"{_PREFILL_CHUNK.value or 'none (one pass)'}", flush=True)
   cli.warn_beyond_positions(config, contexts)
   for mesh in meshes:
     note = costing.kv_replication_note(config, mesh)
@@ -246,7 +255,8 @@ def main(argv):
   workers = 1 if jax.process_count() > 1 else (_WORKERS.value or os.cpu_count())  # same order
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
     compiled = {(T, mesh): pool.submit(metrics.programs, config, mesh, T, _BATCH.value,
-                                       _DTYPE.value) for T in contexts for mesh in meshes}
+                                       _DTYPE.value, _PREFILL_CHUNK.value)
+                for T in contexts for mesh in meshes}
     for i, T in enumerate(contexts):
       for mesh in meshes:
         try:
@@ -254,7 +264,7 @@ def main(argv):
           rows.append(metrics.from_closed_form(config, hw, mesh, T, _BATCH.value, _DTYPE.value,
                                                _CONVENTION.value, _GENERATED.value))
           rows.append(metrics.from_hlo(config, hw, mesh, T, _BATCH.value, _DTYPE.value,
-                                       _GENERATED.value))
+                                       _GENERATED.value, _PREFILL_CHUNK.value))
         except ValueError as e:
           for f in compiled.values():
             f.cancel()

@@ -31,9 +31,12 @@ def test_peak_analysis_rows_and_plot(tmp_path):
   assert len(rows) == 2 * 2 * 2 and FIELDS <= set(rows[0])
   by = {(r["context"], r["num_devices"], r["source"]): r for r in rows}
   # FRAMEWORK.md T11: 20 users of 50K tokens fit on 4 A100s (decimal GB, exact
-  # params); the HLO also reserves the one-pass prefill's activations.
+  # params); the HLO also reserves the prefill's activations: those of the
+  # default 8192-token chunk (0.68 GB per device) leave room for all 20.
   assert by[(50000, 4, "analytic")]["concurrency"] == 20
-  assert by[(50000, 4, "hlo")]["concurrency"] == 19
+  assert by[(50000, 4, "hlo")]["concurrency"] == 20
+  assert by[(50000, 4, "hlo")]["prefill_chunk"] == 8192
+  assert by[(50000, 4, "hlo")]["prefill_temp_bytes_per_device"] < 1e9
   for (T, g, source), r in by.items():
     if source == "analytic":
       continue
@@ -49,6 +52,18 @@ def test_peak_analysis_rows_and_plot(tmp_path):
   assert "decode ms/tok" in proc.stdout and "sessions/hour" in proc.stdout
   # 50K on one A100: 80 GB - 68.78 GB of weights < 12.29 GB of cache.
   assert "context 50000 on model:1: analytic 1.07 GB short per device" in proc.stdout
+  assert "prefill chunk 8192" in proc.stdout
+
+
+def test_one_pass_prefill_reserves_its_activations(tmp_path):
+  """--prefill_chunk=0: the one-pass prefill's temporaries (2.92 GB per device
+  at 50K on model:4) cost one user."""
+  out = tmp_path / "rows.json"
+  proc = _run("--contexts=50000", "--num_devices=4", "--prefill_chunk=0", f"--json_out={out}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  by = {r["source"]: r for r in json.loads(out.read_text())}
+  assert by["hlo"]["concurrency"] == 19 and by["hlo"]["prefill_chunk"] == 0
+  assert "prefill chunk none (one pass)" in proc.stdout
 
 
 def test_peak_analysis_meshes_and_op_table(tmp_path):

@@ -64,6 +64,7 @@ class Metrics:
   prefill_s_calibrated: float = 0.0
   decode_step_s_calibrated: float = 0.0
   calibration_source: str = ""
+  prefill_chunk: int = 0  # the chunk whose program's temporaries bound the prefill (0: one pass)
 
 
 def mesh_label(mesh: str | int) -> str:
@@ -271,20 +272,36 @@ def swap_costs(config: ModelConfig, mesh: str, T: int) -> hlo.Costs:
   return hlo.analyze(step.lower(kv, kv))
 
 
-def programs(config: ModelConfig, mesh: str | int, T: int, B: int,
-             dtype: str) -> dict[str, tuple[str, int, hlo.Costs]]:
+def chunk_used(mesh: str | int, T: int, prefill_chunk: int | None) -> int:
+  """The prefill chunk a row on `mesh` at context T uses: 0 (one pass) when
+  none is asked, when it covers the prompt, or on a replica with a seq axis
+  (chunked prefill does not run there yet)."""
+  if not prefill_chunk or prefill_chunk >= T:
+    return 0
+  return 0 if sharding.parse_mesh_spec(replica_mesh(mesh))["seq"] > 1 else prefill_chunk
+
+
+def programs(config: ModelConfig, mesh: str | int, T: int, B: int, dtype: str,
+             prefill_chunk: int | None = None) -> dict[str, tuple[str, int, hlo.Costs]]:
   """kind -> (mesh, batch, costs) of the programs behind a row: one user's
   prefill on its replica, a decode step of B users on the whole mesh, and a
-  context switch (one user's cache out to host memory, another's in)."""
+  context switch (one user's cache out to host memory, another's in); with a
+  prefill chunk (chunk_used), also 'prefill_chunked': the same prefill run C
+  tokens at a time."""
   config = config.replace(param_dtype=dtype, dtype=dtype)
   label, replica = mesh_label(mesh), replica_mesh(mesh)
   d = sharding.parse_mesh_spec(label)["data"]
   if B % d:
     raise ValueError(f"batch {B} must be a multiple of the mesh's data size {d} "
                      f"(mesh {label})")
-  return {"prefill": (replica, 1, program_costs(config, replica, T, 1, "prefill")),
-          "decode": (label, B, program_costs(config, label, T, B, "decode")),
-          "swap": (replica, 1, swap_costs(config, replica, T))}
+  out = {"prefill": (replica, 1, program_costs(config, replica, T, 1, "prefill")),
+         "decode": (label, B, program_costs(config, label, T, B, "decode")),
+         "swap": (replica, 1, swap_costs(config, replica, T))}
+  chunk = chunk_used(mesh, T, prefill_chunk)
+  if chunk:
+    out["prefill_chunked"] = (replica, 1, program_costs(config, replica, T, 1, "prefill",
+                                                        None, chunk))
+  return out
 
 
 def per_device_bytes(tree, shardings) -> float:
@@ -294,12 +311,18 @@ def per_device_bytes(tree, shardings) -> float:
 
 
 def from_hlo(config: ModelConfig, hw, mesh: str | int, T: int, B: int = 1,
-             dtype: str = "bfloat16", generated_tokens: int = 1000) -> Metrics:
+             dtype: str = "bfloat16", generated_tokens: int = 1000,
+             prefill_chunk: int | None = None) -> Metrics:
   """Metrics of the programs lctx compiles for `mesh` (abstract shapes only).
-  B must be a multiple of the mesh's data size."""
+  B must be a multiple of the mesh's data size. prefill_chunk: a server's
+  prefill chunk (chunk_used): the prefill's temporaries, which bound
+  concurrency, are the chunked program's; its time stays the one-pass
+  program's (the same causal work: the chunked program's static walk also
+  counts the masked key blocks its loop skips at run time)."""
   from lctx.cost import calibrated  # it builds on this module
-  runs = programs(config, mesh, T, B, dtype)
+  runs = programs(config, mesh, T, B, dtype, prefill_chunk)
   prefill, decode, swap = (runs[kind][2] for kind in ("prefill", "decode", "swap"))
+  prefill_temp = runs.get("prefill_chunked", runs["prefill"])[2].temp_bytes
   cal = calibrated.for_hardware(hw)
   config = config.replace(param_dtype=dtype, dtype=dtype)
   label = mesh_label(mesh)
@@ -314,7 +337,7 @@ def from_hlo(config: ModelConfig, hw, mesh: str | int, T: int, B: int = 1,
   # its matmuls (see hlo.peak_bytes); measured at B users, split by that rule.
   per_user = kv / config.num_layers
   fixed = max(decode.temp_bytes - (B // d) * per_user, 0.0)
-  users, shortfall = _fit(hw.hbm_bytes, weights, kv, fixed, per_user, prefill.temp_bytes)
+  users, shortfall = _fit(hw.hbm_bytes, weights, kv, fixed, per_user, prefill_temp)
   step_s = roofline_seconds(decode, hw, dtype)
   # Another user in the batch reads its cache once more (the measured step is at B).
   step = lambda b: step_s + (b - B) / d * kv / hw.hbm_bandwidth
@@ -326,7 +349,7 @@ def from_hlo(config: ModelConfig, hw, mesh: str | int, T: int, B: int = 1,
       kv_bytes_per_user_total=sum(x.size * x.dtype.itemsize for x in (one_user.k, one_user.v)),
       weight_bytes_per_device=weights,
       decode_temp_bytes_per_device=decode.temp_bytes,
-      prefill_temp_bytes_per_device=prefill.temp_bytes,
+      prefill_temp_bytes_per_device=prefill_temp,
       concurrency=users * d, shortfall_bytes_per_device=shortfall,
       prefill_flops_per_device=prefill.flops, prefill_s=prefill_s,
       decode_bytes_per_device=decode.bytes_ideal, decode_step_s=step_s,
@@ -336,7 +359,7 @@ def from_hlo(config: ModelConfig, hw, mesh: str | int, T: int, B: int = 1,
       sessions_per_hour=sessions_h,
       prefill_s_calibrated=calibrated.calibrated_seconds(prefill, hw, dtype, cal),
       decode_step_s_calibrated=calibrated.calibrated_seconds(decode, hw, dtype, cal),
-      calibration_source=cal.source)
+      calibration_source=cal.source, prefill_chunk=chunk_used(mesh, T, prefill_chunk))
 
 
 RATIO_FIELDS = ("kv_bytes_per_user_per_device", "weight_bytes_per_device", "concurrency", "prefill_s",
