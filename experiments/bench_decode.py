@@ -21,6 +21,7 @@ output and the JSON say so ("weights": "random (seed N)" or the file).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -33,6 +34,8 @@ flags.DEFINE_string("model", "small", "Preset name, config.json path, smollm2-13
                     "weights) or a .gguf file.")
 flags.DEFINE_integer("context", 4096, "Prompt tokens per row (the KV cache the decode reads).")
 flags.DEFINE_integer("batch", 1, "Rows decoded together.")
+flags.DEFINE_integer("prefill_chunk", 0, "lctx prefills the prompt this many tokens at a time "
+                     "(chunked prefill); 0 = one pass.", lower_bound=0)
 flags.DEFINE_integer("decode_steps", 16, "Decode steps timed per round.")
 flags.DEFINE_integer("rounds", 3, "Alternating lctx / reference rounds (prefill + decode each).")
 flags.DEFINE_integer("threads", os.cpu_count(), "torch threads (XLA's CPU pool uses all cores).")
@@ -69,9 +72,11 @@ def main(argv):
   setup = bench.Setup.create(FLAGS.model, FLAGS.context, FLAGS.batch, FLAGS.seed,
                              scan_layers=FLAGS.scan_layers, threads=FLAGS.threads,
                              reference=FLAGS.reference)
+  setup = dataclasses.replace(setup, prefill_chunk=FLAGS.prefill_chunk)
   versions = bench.versions()
   print(f"model {setup.config.name}: {setup.config.num_params / 1e6:.1f}M params fp32, "
-        f"context {FLAGS.context}, batch {FLAGS.batch}, backend {jax.default_backend()}, "
+        f"context {FLAGS.context}, batch {FLAGS.batch}, prefill chunk "
+        f"{FLAGS.prefill_chunk or 'none (one pass)'}, backend {jax.default_backend()}, "
         f"{os.cpu_count()} cores, torch threads {FLAGS.threads}")
   weights = setup.weights
   checkpoint = os.path.isdir(FLAGS.model) and any(
@@ -87,7 +92,8 @@ def main(argv):
       FLAGS.threads, FLAGS.read_buffer_mb << 20)
   results["bandwidth_fraction"] = results["achieved_gb_s"] / results["machine_read_gb_s"]
   results.update(model=setup.config.name, context=FLAGS.context, batch=FLAGS.batch,
-                 scan_layers=FLAGS.scan_layers, backend=jax.default_backend(),
+                 scan_layers=FLAGS.scan_layers, prefill_chunk=FLAGS.prefill_chunk,
+                 backend=jax.default_backend(),
                  cpu_count=os.cpu_count(), torch_threads=FLAGS.threads,
                  jax_version=jax.__version__, versions=versions, weights=weights)
   print(bench.format_results(results))

@@ -28,6 +28,7 @@ class Setup:
   reference: Any  # a transformers model (Llama/Qwen2/Qwen3) with the same weights, or None
 
   weights: str = "random"  # "random (seed N)" or the GGUF file the weights came from
+  prefill_chunk: int = 0  # lctx's prefill chunk (engine.prefill chunk=; 0: one pass)
 
   @classmethod
   def create(cls, model: str, context: int, batch: int, seed: int, *, scan_layers: bool,
@@ -122,7 +123,8 @@ def _lctx_round(setup: Setup, decode_steps: int) -> tuple[float, list[float], np
   cache = engine.new_cache(config, params, B, T + decode_steps)
   jax.block_until_ready(cache)
   (logits, cache), prefill_s = _time(
-      lambda: jax.block_until_ready(engine.prefill(config, params, setup.tokens, cache)))
+      lambda: jax.block_until_ready(engine.prefill(config, params, setup.tokens, cache,
+                                                   chunk=setup.prefill_chunk or None)))
   first_logits = np.asarray(logits)
   steps = []
   for _ in range(decode_steps):
