@@ -62,26 +62,32 @@ def _is_plumbing(module: hlo.Module, instr: hlo.Instr) -> bool:
       i.opcode in _PLUMBING for i in module.computations[name]) for name in names)
 
 
-_ATTENTION_MATH = {"while", "dot", "convolution", "reduce"}
+_ATTENTION_MATH = frozenset({"while", "dot", "convolution", "reduce"})
+_MATMUL = frozenset({"dot", "convolution"})
 
 
-def _does_attention_math(module: hlo.Module, instr: hlo.Instr) -> bool:
-  """A loop, contraction or reduction (softmax), or a fusion holding one: what
-  makes an attention call (a mask or index table hoisted out of a loop does not;
-  XLA may rewrite a small dot as a multiply and a reduce)."""
-  if instr.opcode in _ATTENTION_MATH:
-    return True
+def _calls_any(module: hlo.Module, instr: hlo.Instr, opcodes: frozenset, memo: dict) -> bool:
+  """A fusion (or call) whose computations, or those they call, hold one of
+  `opcodes`. memo: (computation, opcodes) -> whether it holds one itself."""
   stack, seen = list(hlo._called(instr, "calls")), set()  # pylint: disable=protected-access
   while stack:
     name = stack.pop()
     if name in seen or name not in module.computations:
       continue
     seen.add(name)
-    for i in module.computations[name]:
-      if i.opcode in _ATTENTION_MATH:
-        return True
-      stack += hlo._called(i, "calls")  # pylint: disable=protected-access
+    if (name, opcodes) not in memo:
+      memo[(name, opcodes)] = any(i.opcode in opcodes for i in module.computations[name])
+    if memo[(name, opcodes)]:
+      return True
+    stack += [c for i in module.computations[name] for c in hlo._called(i, "calls")]  # pylint: disable=protected-access
   return False
+
+
+def _does_attention_math(module: hlo.Module, instr: hlo.Instr, memo: dict) -> bool:
+  """A loop, contraction or reduction (softmax), or a fusion holding one: what
+  makes an attention call (a mask or index table hoisted out of a loop does not;
+  XLA may rewrite a small dot as a multiply and a reduce)."""
+  return instr.opcode in _ATTENTION_MATH or _calls_any(module, instr, _ATTENTION_MATH, memo)
 
 
 def _is_scalar(instr: hlo.Instr) -> bool:
@@ -94,27 +100,11 @@ def _in_attention(instr: hlo.Instr) -> bool:
   return f"/{SCOPE}/" in instr.op_name or instr.op_name.endswith(f"/{SCOPE}")
 
 
-def _fusion_has_dot(module: hlo.Module, instr: hlo.Instr, memo: dict) -> bool:
-  """A fusion whose computation (or a computation it calls) holds a dot or convolution."""
-  stack = hlo._called(instr, "calls")  # pylint: disable=protected-access
-  seen = set()
-  while stack:
-    name = stack.pop()
-    if name in seen or name not in module.computations:
-      continue
-    seen.add(name)
-    if name not in memo:
-      memo[name] = any(i.opcode in ("dot", "convolution") for i in module.computations[name])
-    if memo[name]:
-      return True
-    stack += [c for i in module.computations[name] for c in hlo._called(i, "calls")]  # pylint: disable=protected-access
-  return False
-
-
-def _count(module: hlo.Module, name: str, memo: dict, dots: dict,
+def _count(module: hlo.Module, name: str, memo: dict, holds: dict,
            fused: bool = True) -> collections.Counter:
   """Kernels of computation `name`; fused=False counts what XLA itself
-  launches (attention's and XLA's own loops trip by trip)."""
+  launches (attention's and XLA's own loops trip by trip). memo: per
+  (computation, fused); holds: _calls_any's memo."""
   if (name, fused) in memo:
     return memo[(name, fused)]
   total: collections.Counter = collections.Counter()
@@ -131,11 +121,11 @@ def _count(module: hlo.Module, name: str, memo: dict, dots: dict,
       # One fused kernel per computation doing attention's arithmetic
       # (counted below; index tables hoisted out of a loop are not a call);
       # its collectives still count.
-      attention |= _does_attention_math(module, instr)
+      attention |= _does_attention_math(module, instr, holds)
       if op == "while":
         for callee in hlo._called(instr, "body"):  # pylint: disable=protected-access
           total["collective"] += ((hlo._trip_count(module, instr) or 1)  # pylint: disable=protected-access
-                                  * _count(module, callee, memo, dots, fused)["collective"])
+                                  * _count(module, callee, memo, holds, fused)["collective"])
       continue
     if fused and op == "while" and instr.op_name and not instr.op_name.endswith("while"):
       total["other"] += 1  # a loop XLA made of one op (module docstring)
@@ -144,23 +134,23 @@ def _count(module: hlo.Module, name: str, memo: dict, dots: dict,
       trips = 1 if trips is None else trips
       for key in ("body", "condition"):
         for callee in hlo._called(instr, key):  # pylint: disable=protected-access
-          for k, v in _count(module, callee, memo, dots, fused).items():
+          for k, v in _count(module, callee, memo, holds, fused).items():
             total[k] += trips * v
     elif op == "call":
       for callee in hlo._called(instr, "to_apply"):  # pylint: disable=protected-access
-        total.update(_count(module, callee, memo, dots, fused))
+        total.update(_count(module, callee, memo, holds, fused))
     elif op == "conditional":  # the branch that launches most (an upper estimate)
       branches = (hlo._called(instr, "branch_computations")  # pylint: disable=protected-access
                   or hlo._called(instr, "true_computation")  # pylint: disable=protected-access
                   + hlo._called(instr, "false_computation"))  # pylint: disable=protected-access
-      counts = [_count(module, b, memo, dots, fused) for b in branches]
+      counts = [_count(module, b, memo, holds, fused) for b in branches]
       if counts:
         total.update(max(counts, key=lambda c: sum(c.values())))
     elif op.removesuffix("-start") in hlo.COLLECTIVES:
       total["collective"] += 1
     elif op == "custom-call" and _MARKERS.search(instr.attrs):
       continue
-    elif op in ("dot", "convolution") or (op == "fusion" and _fusion_has_dot(module, instr, dots)):
+    elif op in _MATMUL or (op == "fusion" and _calls_any(module, instr, _MATMUL, holds)):
       total["matmul"] += 1
     elif _is_scalar(instr):
       continue  # loop bookkeeping
@@ -183,9 +173,9 @@ def kernel_profile(text: str) -> tuple[dict[str, float], dict[str, float], float
   per execution: twice their outputs, loop trips multiplied). Raises
   ValueError for text without an ENTRY computation."""
   module = hlo.parse(text)
-  memo, dots = {}, {}
-  fused = _count(module, module.entry, memo, dots, True)
-  unfused = _count(module, module.entry, memo, dots, False)
+  memo, holds = {}, {}
+  fused = _count(module, module.entry, memo, holds, True)
+  unfused = _count(module, module.entry, memo, holds, False)
   return ({k: float(fused.get(k, 0)) for k in CLASSES},
           {k: float(unfused.get(k, 0)) for k in CLASSES},
           float(unfused.get("convert_bytes", 0)))
