@@ -213,7 +213,7 @@ def prefill(config: ModelConfig, params: Params, tokens, cache: KVCache, lengths
   chunk, before compiling.
   """
   check_params(config, params)
-  _check_chunk(chunk, plan)
+  transformer.check_chunk(chunk, plan)
   tokens, lengths = _check_tokens(config, tokens, lengths)
   if tokens.shape[0] != cache.batch:
     raise ValueError(f"batch of tokens ({tokens.shape[0]}) != cache batch ({cache.batch})")
@@ -226,15 +226,6 @@ def prefill(config: ModelConfig, params: Params, tokens, cache: KVCache, lengths
     return sharded_step("prefill", plan, params, cache, block, chunk)(params, tokens, lengths,
                                                                       cache)
   return prefill_jit(config, params, tokens, lengths, cache, block=block, chunk=chunk)
-
-
-def _check_chunk(chunk, plan: Plan | None) -> None:
-  """ValueError naming the allowed values for a bad prefill chunk."""
-  if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0):
-    raise ValueError(f"prefill chunk={chunk!r}; allowed: None or an int >= 0 (0: one pass)")
-  if chunk and plan is not None and plan.seq_parallel:
-    raise ValueError("chunked prefill on a mesh with a seq axis is not supported yet; "
-                     "use chunk=0 (one pass) or a mesh without seq")
 
 
 def decode_step(config: ModelConfig, params: Params, tokens, cache: KVCache,
@@ -275,7 +266,7 @@ def generate(config: ModelConfig, params: Params, tokens, *, max_new_tokens: int
   one pass). Returns the new tokens [B, max_new_tokens] int32.
   """
   check_params(config, params)
-  _check_chunk(prefill_chunk, plan)
+  transformer.check_chunk(prefill_chunk, plan)
   tokens, lengths = _check_tokens(config, tokens, lengths)
   T = tokens.shape[1]
   if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:

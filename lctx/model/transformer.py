@@ -270,6 +270,17 @@ def _chunked_prefill(config: ModelConfig, params: Params, tokens: jax.Array,
   return _logits(config, params, last), KVCache(k_cache, v_cache, lengths.astype(jnp.int32))
 
 
+def check_chunk(chunk, plan=None) -> None:
+  """ValueError naming the allowed values for a prefill chunk that is not
+  None or an int >= 0, or for a chunk on a mesh with a `seq` axis (chunked
+  prefill does not run there yet)."""
+  if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0):
+    raise ValueError(f"prefill chunk={chunk!r}; allowed: None or an int >= 0 (0: one pass)")
+  if chunk and plan is not None and plan.seq_parallel:
+    raise ValueError("chunked prefill on a mesh with a seq axis is not supported yet; "
+                     "use chunk=0 (one pass) or a mesh without seq")
+
+
 def prefill(config: ModelConfig, params: Params, tokens: jax.Array, lengths: jax.Array,
             cache: KVCache, block: int = PREFILL_BLOCK, plan=None,
             chunk: int | None = None) -> tuple[jax.Array, KVCache]:
@@ -287,12 +298,8 @@ def prefill(config: ModelConfig, params: Params, tokens: jax.Array, lengths: jax
   B, T = tokens.shape
   if T > cache.capacity:
     raise ValueError(f"prompt length {T} exceeds the cache capacity {cache.capacity}")
-  if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0):
-    raise ValueError(f"prefill chunk={chunk!r}; allowed: None or an int >= 0 (0: one pass)")
+  check_chunk(chunk, plan)
   if chunk and chunk < T:
-    if plan is not None and plan.seq_parallel:
-      raise ValueError("chunked prefill on a mesh with a seq axis is not supported yet; "
-                       "use chunk=0 (one pass) or a mesh without seq")
     return _chunked_prefill(config, params, tokens, lengths, cache, block, chunk)
   rope = rope_cos_sin(config, jnp.broadcast_to(jnp.arange(T), (B, T)))  # one table, all layers
 
