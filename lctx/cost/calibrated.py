@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from lctx.cost import hlo
 from lctx.cost.hardware import Calibration
-from lctx.cost.metrics import RING_FACTORS
+from lctx.cost.metrics import collective_seconds
 
 
 ROOFLINE = Calibration(source="the roofline: datasheet peaks, no floors")
@@ -62,10 +62,9 @@ def calibrated_seconds(costs: hlo.Costs, hw, dtype: str, cal: Calibration) -> fl
             + cal.program_floor_s)
   if cal.compiled_kernels:
     compute += costs.copy_bytes / (cal.memory_efficiency * bw)
-  latency = hw.collective_latency if cal.collective_latency_s is None else cal.collective_latency_s
-  comm = sum(count * (latency + RING_FACTORS[kind](p) * nbytes
-                      / (cal.collective_efficiency * hw.interconnect_bandwidth))
-             for kind, nbytes, p, count in costs.collective_ops if p > 1)
+  comm = sum(count * collective_seconds(kind, nbytes, p, hw, cal.collective_latency_s,
+                                        cal.collective_efficiency)
+             for kind, nbytes, p, count in costs.collective_ops)
   return compute + launch + comm
 
 

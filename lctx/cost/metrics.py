@@ -151,16 +151,19 @@ RING_FACTORS = {
 }
 
 
-def collective_seconds(kind: str, nbytes: float, participants: int, hw) -> float:
+def collective_seconds(kind: str, nbytes: float, participants: int, hw,
+                       latency: float | None = None, efficiency: float = 1.0) -> float:
   """One collective of `kind` over `participants` devices, counted by `nbytes`
-  (see RING_FACTORS): hw.collective_latency + factor(p) x nbytes /
-  hw.interconnect_bandwidth (per direction); nothing when p = 1."""
+  (see RING_FACTORS): latency (default hw.collective_latency) + factor(p) x
+  nbytes / (efficiency x hw.interconnect_bandwidth) (per direction; the
+  calibrated mode passes its own latency and efficiency); nothing when p = 1."""
   if kind not in RING_FACTORS:
     raise ValueError(f"unknown collective kind {kind!r}; known: {sorted(RING_FACTORS)}")
   if participants <= 1:
     return 0.0
-  return (hw.collective_latency
-          + RING_FACTORS[kind](participants) * nbytes / hw.interconnect_bandwidth)
+  bandwidth = efficiency * hw.interconnect_bandwidth
+  return ((hw.collective_latency if latency is None else latency)
+          + RING_FACTORS[kind](participants) * nbytes / bandwidth)
 
 
 def roofline_seconds(costs: hlo.Costs, hw, dtype: str) -> float:
