@@ -66,6 +66,15 @@ class ProgramCosts:
       self.contexts[(r.model, r.tp, r.concurrency, r.weight_dtype)].add(
           serving.decode_context(r.isl, r.osl))
     self.configs: dict = {}
+    self.specs: dict = {}
+
+  def hardware(self, name: str):
+    """(HardwareSpec, its calibration), read once per preset."""
+    from lctx.cost import calibrated, hardware
+    if name not in self.specs:
+      hw = hardware.load_hardware(name)
+      self.specs[name] = hw, calibrated.for_hardware(hw)
+    return self.specs[name]
 
   def config(self, model: str):
     from lctx import ModelConfig
@@ -100,9 +109,8 @@ def predict(row, programs: ProgramCosts) -> dict:
   serving model (lctx.cost.serving): the closed form (the framework's
   roofline at datasheet peaks), and the compiled programs' costs as a roofline
   and calibrated with the hardware file's sourced constants."""
-  from lctx.cost import analytic, calibrated, hardware, metrics, serving
-  config, hw = programs.config(row.model), hardware.load_hardware(row.hardware)
-  cal = calibrated.for_hardware(hw)
+  from lctx.cost import analytic, calibrated, metrics, serving
+  config, (hw, cal) = programs.config(row.model), programs.hardware(row.hardware)
   ctx = serving.decode_context(row.isl, row.osl)
   wd, kv = row.weight_dtype, row.kv_dtype
   # The closed form: weights in wd, the cache in kv, compute at wd's peak.
