@@ -94,6 +94,13 @@ def mesh_size(spec: str) -> int | None:
   return math.prod(sizes) if sizes else None
 
 
+def mesh_axis_size(spec: str, axis: str) -> int:
+  """The size of one axis of a mesh spec that mesh_size parses (1 when the
+  spec does not name it). jax-free."""
+  sizes = [part.strip().partition(":") for part in str(spec).split(",") if part.strip()]
+  return math.prod(int(size) for name, _, size in sizes if name.strip() == axis)
+
+
 def want_cpu_devices(n: int) -> None:
   """Lets the host (CPU) platform show `n` devices, by adding
   --xla_force_host_platform_device_count to XLA_FLAGS, unless XLA_FLAGS already

@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 import time
 from pathlib import Path
 
@@ -75,7 +74,8 @@ _MAX_NEW_TOKENS = flags.DEFINE_integer(
     lower_bound=1)
 _PREFILL_CHUNK = flags.DEFINE_integer(
     "prefill_chunk", 0, "Prefill the prompt this many tokens at a time through all layers "
-    "(chunked prefill); 0 = one pass. Not yet on meshes with a seq axis.", lower_bound=0)
+    "(chunked prefill); 0 = one pass. On a mesh with a seq axis, a multiple of its size.",
+    lower_bound=0)
 _SEED = flags.DEFINE_integer(
     "seed", 0, "Seeds random weights, random prompts and sampling.", lower_bound=0,
     upper_bound=2**63 - 1)  # jax.random.key takes a signed 64-bit seed
@@ -407,10 +407,11 @@ def main(argv):
         lctx.sharding.parse_mesh_spec(_MESH.value)
       except ValueError as e:
         raise app.UsageError(f"--mesh={_MESH.value}: {e}") from e
-    if _PREFILL_CHUNK.value and "seq:" in _MESH.value.replace(" ", "") and not re.search(
-        r"seq:1(\D|$)", _MESH.value.replace(" ", "")):
+    seq = cli.mesh_axis_size(_MESH.value, "seq")
+    if _PREFILL_CHUNK.value % seq:
       raise app.UsageError(f"--prefill_chunk={_PREFILL_CHUNK.value} with --mesh={_MESH.value}: "
-                           "chunked prefill on a mesh with a seq axis is not supported yet")
+                           f"allowed: 0 (one pass) or a multiple of the seq size {seq} (each "
+                           f"device holds chunk/{seq} of a chunk's tokens)")
     if not flags.FLAGS["distributed"].value:  # multi-process: each sets its own devices
       cli.want_cpu_devices(cli.mesh_size(_MESH.value) or 1)
   distributed.maybe_initialize()

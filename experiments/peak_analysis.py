@@ -43,8 +43,8 @@ _GENERATED = flags.DEFINE_integer("generated_tokens", 1000, "Tokens each session
 DEFAULT_PREFILL_CHUNK = 8192
 _PREFILL_CHUNK = flags.DEFINE_integer(
     "prefill_chunk", DEFAULT_PREFILL_CHUNK, "Prefill chunk (tokens) a server runs long prompts "
-    "in: the hlo concurrency counts the chunked prefill's temporaries; 0 = one pass. Meshes "
-    "with a seq axis prefill in one pass.", lower_bound=0)
+    "in: the hlo prefill time, FLOPs and temporaries (hence concurrency) are the chunked "
+    "program's; 0 = one pass. A mesh's seq size must divide it.", lower_bound=0)
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16", "float32"],
                            "Weights and KV cache dtype.")
 _CONVENTION = flags.DEFINE_enum("convention", "exact", ["exact", "paper"],
@@ -197,13 +197,19 @@ def _mesh_flags() -> list[tuple[str, str]]:
           for g in _ints("num_devices", _NUM_DEVICES.value)]
 
 
-def _check_meshes(config, meshes, contexts, batch) -> None:
-  """Every mesh fits the model, the batch and each context, before anything
-  compiles: a UsageError naming the flag otherwise."""
+def _check_meshes(config, meshes, contexts, batch, chunk) -> None:
+  """Every mesh fits the model, the batch, the prefill chunk and each context,
+  before anything compiles: a UsageError naming the flag otherwise."""
   from lctx import sharding
   from lctx.cost import metrics
+  from lctx.model import transformer
   for mesh, flag in meshes:
     try:
+      try:
+        transformer.check_chunk(chunk, sharding.Plan(config, sharding.make_mesh(
+            metrics.replica_mesh(mesh))), max(contexts))
+      except ValueError as e:
+        raise ValueError(f"--prefill_chunk: {e}") from e
       d = sharding.parse_mesh_spec(mesh)["data"]
       if batch % d:
         raise ValueError(f"batch {batch} must be a multiple of the mesh's data size {d} "
@@ -235,7 +241,7 @@ def main(argv):
   costing.require_devices(max(metrics.num_devices(m) for m, _ in meshes),
                           max(meshes, key=lambda mf: metrics.num_devices(mf[0]))[1])
   config = costing.model(_MODEL.value, _DTYPE.value)
-  _check_meshes(config, meshes, contexts, _BATCH.value)
+  _check_meshes(config, meshes, contexts, _BATCH.value, _PREFILL_CHUNK.value)
   hw = costing.hardware(_HARDWARE.value, _DTYPE.value)  # cpu-local measures: after the checks
   flag_of = dict(meshes)
   meshes = list(flag_of)

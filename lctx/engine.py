@@ -213,8 +213,8 @@ def prefill(config: ModelConfig, params: Params, tokens, cache: KVCache, lengths
   chunk, before compiling.
   """
   check_params(config, params)
-  transformer.check_chunk(chunk, plan)
   tokens, lengths = _check_tokens(config, tokens, lengths)
+  transformer.check_chunk(chunk, plan, tokens.shape[1])
   if tokens.shape[0] != cache.batch:
     raise ValueError(f"batch of tokens ({tokens.shape[0]}) != cache batch ({cache.batch})")
   if tokens.shape[1] > cache.capacity:
@@ -266,9 +266,9 @@ def generate(config: ModelConfig, params: Params, tokens, *, max_new_tokens: int
   one pass). Returns the new tokens [B, max_new_tokens] int32.
   """
   check_params(config, params)
-  transformer.check_chunk(prefill_chunk, plan)
   tokens, lengths = _check_tokens(config, tokens, lengths)
   T = tokens.shape[1]
+  transformer.check_chunk(prefill_chunk, plan, T)
   if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
   eos = _stop_ids(config, eos_token_id, pad_token_id)

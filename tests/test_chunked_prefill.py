@@ -1,6 +1,7 @@
-"""Chunked prefill (lctx.model.transformer._chunked_prefill, issue 12's first
-part): C tokens at a time through all layers equals the one-pass prefill, on
-one device and on meshes without a seq axis, in one compiled program."""
+"""Chunked prefill (lctx.model.transformer._chunked_prefill): C tokens at a
+time through all layers equals the one-pass prefill, on one device and on
+every mesh (seq meshes included), in one compiled program whose temporaries
+are bounded by the chunk and whose FLOPs are the causal count."""
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ from lctx.model.params import unstack_layers
 
 CONFIG = lctx.ModelConfig.from_preset("tiny")
 T, CAPACITY = 37, 48  # a prompt length no chunk below divides
+T_SEQ = 40  # seq meshes split the prompt: 8 divides it, the chunks below do not
 
 
 def _prompts(B=3):
@@ -55,20 +57,39 @@ def test_generate_with_chunks_gives_the_same_tokens():
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("mesh", ["model:8", "data:2,model:4", "model:2"])
-def test_sharded_chunked_equals_unsharded(mesh):
+@pytest.mark.parametrize("mesh", ["model:8", "data:2,model:4", "model:2", "seq:8",
+                                  "data:2,seq:2,model:2", "seq:2"])
+@pytest.mark.parametrize("layout", ["stacked", "unrolled"])
+def test_sharded_chunked_equals_unsharded(mesh, layout):
+  """Chunks of 16 over a 40-token prompt (a last chunk of 8), and chunks of 8
+  on the seq meshes too, where a chunk (16) spans several devices' cache
+  slices (6 slots each on seq:8) and the prompt ends inside one."""
   params = lctx.init_params(CONFIG, 0)
-  tokens, lengths = _prompts(B=2 if "data" not in mesh else 4)
-  B = tokens.shape[0]
+  B = 4 if "data" in mesh else 2
+  tokens = np.random.default_rng(1).integers(0, CONFIG.vocab_size, (B, T_SEQ))
+  lengths = np.array([T_SEQ, 20, 5, 33][:B], np.int32)
   want_logits, want = engine.prefill(CONFIG, params, tokens,
                                      engine.new_cache(CONFIG, params, B, CAPACITY), lengths)
   plan = sharding.Plan(CONFIG, sharding.make_mesh(mesh))
-  placed = engine.shard_params(params, plan)
-  logits, got = engine.prefill(CONFIG, placed, tokens,
-                               engine.new_cache(CONFIG, placed, B, CAPACITY, plan), lengths,
-                               plan=plan, chunk=5)
-  assert float(jnp.max(jnp.abs(np.asarray(logits) - want_logits))) < 1e-5
-  assert _max_diff((np.asarray(got.k), np.asarray(got.v)), (want.k, want.v)) < 1e-6
+  placed = engine.shard_params(params if layout == "stacked" else unstack_layers(params), plan)
+  for chunk in (16, 8):
+    logits, got = engine.prefill(CONFIG, placed, tokens,
+                                 engine.new_cache(CONFIG, placed, B, CAPACITY, plan), lengths,
+                                 plan=plan, chunk=chunk)
+    assert float(jnp.max(jnp.abs(np.asarray(logits) - want_logits))) < 1e-5, chunk
+    k, v = (np.asarray(x) if layout == "stacked" else np.stack(x) for x in (got.k, got.v))
+    assert _max_diff((k, v), (want.k, want.v)) < 1e-6, chunk
+
+
+def test_generate_with_chunks_on_a_seq_mesh():
+  params = lctx.init_params(CONFIG, 0)
+  tokens = np.random.default_rng(2).integers(0, CONFIG.vocab_size, (2, T_SEQ))
+  lengths = np.array([T_SEQ, 13], np.int32)
+  want = engine.generate(CONFIG, params, tokens, lengths=lengths, max_new_tokens=8)
+  plan = sharding.Plan(CONFIG, sharding.make_mesh("seq:4,model:2"))
+  got = engine.generate(CONFIG, params, tokens, lengths=lengths, max_new_tokens=8, plan=plan,
+                        prefill_chunk=12, capacity=CAPACITY)
+  np.testing.assert_array_equal(got, want)
 
 
 def test_one_compile_serves_every_chunk():
@@ -92,26 +113,66 @@ def test_bad_chunks_are_refused_before_compiling():
     with pytest.raises(ValueError, match=r"prefill chunk=.*; allowed: None or an int >= 0"):
       engine.prefill(CONFIG, params, tokens, engine.new_cache(CONFIG, params, 3, CAPACITY),
                      lengths, chunk=chunk)
-  plan = sharding.Plan(CONFIG, sharding.make_mesh("seq:2"))
-  with pytest.raises(ValueError, match="chunked prefill on a mesh with a seq axis"):
-    engine.prefill(CONFIG, engine.shard_params(params, plan), tokens[:1],
-                   engine.new_cache(CONFIG, params, 1, CAPACITY, plan), lengths[:1], plan=plan,
-                   chunk=8)
+  plan = sharding.Plan(CONFIG, sharding.make_mesh("seq:4"))
+  with pytest.raises(ValueError, match=r"prefill chunk=6 on a mesh with seq:4: allowed: 0 "
+                                       r"\(one pass\) or a multiple of 4"):
+    engine.prefill(CONFIG, engine.shard_params(params, plan), tokens[:1, :T_SEQ - 8],
+                   engine.new_cache(CONFIG, params, 1, CAPACITY, plan), lengths[:1] - 8,
+                   plan=plan, chunk=6)
   with pytest.raises(ValueError, match="prefill chunk=-2"):
     engine.generate(CONFIG, params, tokens, lengths=lengths, max_new_tokens=2, prefill_chunk=-2)
 
 
-def test_chunked_prefill_temporaries_grow_by_one_layers_cache_only():
-  """The compiled chunked prefill's peak temporaries (lctx.cost.hlo) from T to
-  4T grow by one layer's K/V for the added slots (the transposed copy each
-  chunk attends over; issue 12 removes it), where the one-pass prefill's
-  grow with the whole residual stream."""
+def test_chunked_prefill_temporaries_are_bounded_by_the_chunk():
+  """The compiled chunked prefill's peak temporaries (lctx.cost.hlo) at T and
+  4T agree within 10% for a fixed chunk (blocks are read from the cache in
+  place), where the one-pass prefill's grow with the residual stream."""
   from lctx.cost import metrics
   config = lctx.ModelConfig.from_preset("small")
-  temps = {(T, chunk): metrics.program_costs(config, "model:2", T, 1, "prefill", None,
-                                             chunk).temp_bytes
-           for T in (2048, 8192) for chunk in (None, 512)}
-  # K and V of one layer for 6144 more slots, per device (model:2 splits the KV heads).
-  layer_kv = 2 * 6144 * config.num_kv_heads // 2 * config.head_dim * 4
-  assert temps[(8192, 512)] - temps[(2048, 512)] == pytest.approx(layer_kv, rel=0.10)
-  assert temps[(8192, None)] - temps[(2048, None)] > 10 * layer_kv
+  for mesh in ("model:2", "seq:2"):
+    temps = {(T, chunk): metrics.program_costs(config, mesh, T, 1, "prefill", None,
+                                               chunk).temp_bytes
+             for T in (2048, 8192) for chunk in (None, 512)}
+    assert temps[(8192, 512)] == pytest.approx(temps[(2048, 512)], rel=0.10), mesh
+    assert temps[(8192, None)] > 1.5 * temps[(2048, None)], mesh
+
+
+def _causal_prefill_flops(config, T) -> float:
+  """2 x params-in-matmuls per token, plus attention's QK^T and PV over the
+  causal pairs T (T + 1) / 2 (numpy-free closed form, lctx.cost.analytic's
+  'exact' convention)."""
+  from lctx.cost import analytic
+  return analytic.prefill_flops(config, T, "exact")
+
+
+@pytest.mark.parametrize("mesh,T,chunk", [("model:2", 8192, 1024), ("model:2", 6000, 1024),
+                                          ("model:1", 4096, 512)])
+def test_chunked_prefill_flops_are_the_causal_count(mesh, T, chunk):
+  """No attention over empty or masked cache blocks is charged: the walker's
+  FLOPs of the chunked program (its cache loops at their declared trip
+  counts) are within 5% of the causal closed form, and within 2% of the
+  one-pass program's (which pads the prompt to whole 512-token blocks: 6000
+  tokens walk 6144)."""
+  from lctx.cost import metrics
+  config = lctx.ModelConfig.from_preset("small")
+  g = metrics.num_devices(mesh)
+  want = _causal_prefill_flops(config, T) / g
+  chunked = metrics.program_costs(config, mesh, T, 1, "prefill", None, chunk)
+  one_pass = metrics.program_costs(config, mesh, T, 1, "prefill")
+  assert chunked.unknown_trip_counts == 0
+  assert chunked.flops == pytest.approx(want, rel=0.05)
+  assert chunked.flops == pytest.approx(one_pass.flops, rel=0.02)
+
+
+def test_declared_trip_counts():
+  """chunk_trips: cache blocks per layer before each chunk (the mean over the
+  scanned chunks, then the last chunk's), and on seq meshes the most any
+  device runs."""
+  from lctx.model import transformer
+  # Chunks at 0, 1024, ..., 7168 over blocks of 512: 0, 2, ..., 14 blocks; no tail.
+  assert transformer.chunk_trips(8192, 1024, 8192) == (7.0, 16)
+  # 6000 = 5 x 1024 + 880: chunks at 0..4096 (0, 2, 4, 6, 8), the tail at 5120 (10).
+  assert transformer.chunk_trips(6000, 1024, 6000) == (4.0, 10)
+  # seq:4 over 8192 slots: 2048 per device, so at most 4 blocks on any device.
+  assert transformer.chunk_trips(8192, 1024, 8192, seq=4) == (sum(
+      min(i * 1024, 2048) // 512 for i in range(8)) / 8, 4)

@@ -21,7 +21,9 @@ Counting conventions (per device):
                   whose output reaches the next through a softmax: the scores
                   stay on chip, see _flash_chains); dot operands that JAX's
                   CPU lowering widens (bf16 -> f32) count in their native dtype
-  while loops     body x trip count (read from the loop condition's bound)
+  while loops     body x trip count (XLA's known_trip_count, else the count the
+                  model declares for a run-time bound (TRIPS_SCOPE), else the
+                  loop condition's constant bound)
   conditionals    the branch moving the fewest bytes (lctx writes a finished
                   row of attention output once per row, not on every pair),
                   unless another computes markedly more FLOPs (then that one:
@@ -56,6 +58,8 @@ from collections import defaultdict
 from typing import Any
 
 import numpy as np
+
+from lctx.model.attention import TRIPS_SCOPE
 
 DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2,
                "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
@@ -319,12 +323,18 @@ def _participants(attrs: str, kind: str = "all-reduce", replica_count: int = 1,
   return (group or replica_count) * num_partitions  # cross-replica-and-partition
 
 
-def _trip_count(module: Module, instr: Instr) -> int | None:
-  """A while loop's trip count: XLA's known_trip_count when present, else the
-  integer bound its condition compares against (JAX loops count from 0)."""
+def _trip_count(module: Module, instr: Instr) -> float | None:
+  """A while loop's trip count: XLA's known_trip_count when present; else the
+  count the model declares for a loop bounded at run time (the name scope
+  lctx.model.attention.TRIPS_SCOPE on the while op, a mean over the loop's
+  executions, so possibly fractional); else the integer bound its condition
+  compares against (JAX loops count from 0)."""
   m = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', instr.attrs)
   if m:
     return int(m.group(1))
+  m = re.search(r'op_name="[^"]*' + TRIPS_SCOPE + r'=([0-9.e+\-]+)/while"', instr.attrs)
+  if m:
+    return float(m.group(1))
   cond = re.search(r"condition=%?([\w.\-]+)", instr.attrs)
   bounds = [int(i.args) for i in module.computations.get(cond.group(1), []) if cond
             and i.opcode == "constant" and re.fullmatch(r"-?\d+", i.args.strip())]

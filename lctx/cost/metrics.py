@@ -64,7 +64,7 @@ class Metrics:
   prefill_s_calibrated: float = 0.0
   decode_step_s_calibrated: float = 0.0
   calibration_source: str = ""
-  prefill_chunk: int = 0  # the chunk whose program's temporaries bound the prefill (0: one pass)
+  prefill_chunk: int = 0  # the prefill's chunk (0: one pass)
 
 
 def mesh_label(mesh: str | int) -> str:
@@ -276,35 +276,27 @@ def swap_costs(config: ModelConfig, mesh: str, T: int) -> hlo.Costs:
 
 
 def chunk_used(mesh: str | int, T: int, prefill_chunk: int | None) -> int:
-  """The prefill chunk a row on `mesh` at context T uses: 0 (one pass) when
-  none is asked, when it covers the prompt, or on a replica with a seq axis
-  (chunked prefill does not run there yet)."""
-  if not prefill_chunk or prefill_chunk >= T:
-    return 0
-  return 0 if sharding.parse_mesh_spec(replica_mesh(mesh))["seq"] > 1 else prefill_chunk
+  """The prefill chunk a row at context T uses: 0 (one pass) when none is
+  asked or when it covers the prompt."""
+  return prefill_chunk if prefill_chunk and prefill_chunk < T else 0
 
 
 def programs(config: ModelConfig, mesh: str | int, T: int, B: int, dtype: str,
              prefill_chunk: int | None = None) -> dict[str, tuple[str, int, hlo.Costs]]:
   """kind -> (mesh, batch, costs) of the programs behind a row: one user's
-  prefill on its replica, a decode step of B users on the whole mesh, and a
-  context switch (one user's cache out to host memory, another's in); with a
-  prefill chunk (chunk_used), also 'prefill_chunked': the same prefill run C
-  tokens at a time."""
+  prefill on its replica (run prefill_chunk tokens at a time: chunk_used),
+  a decode step of B users on the whole mesh, and a context switch (one
+  user's cache out to host memory, another's in)."""
   config = config.replace(param_dtype=dtype, dtype=dtype)
   label, replica = mesh_label(mesh), replica_mesh(mesh)
   d = sharding.parse_mesh_spec(label)["data"]
   if B % d:
     raise ValueError(f"batch {B} must be a multiple of the mesh's data size {d} "
                      f"(mesh {label})")
-  out = {"prefill": (replica, 1, program_costs(config, replica, T, 1, "prefill")),
-         "decode": (label, B, program_costs(config, label, T, B, "decode")),
-         "swap": (replica, 1, swap_costs(config, replica, T))}
-  chunk = chunk_used(mesh, T, prefill_chunk)
-  if chunk:
-    out["prefill_chunked"] = (replica, 1, program_costs(config, replica, T, 1, "prefill",
-                                                        None, chunk))
-  return out
+  chunk = chunk_used(mesh, T, prefill_chunk) or None
+  return {"prefill": (replica, 1, program_costs(config, replica, T, 1, "prefill", None, chunk)),
+          "decode": (label, B, program_costs(config, label, T, B, "decode")),
+          "swap": (replica, 1, swap_costs(config, replica, T))}
 
 
 def per_device_bytes(tree, shardings) -> float:
@@ -318,14 +310,12 @@ def from_hlo(config: ModelConfig, hw, mesh: str | int, T: int, B: int = 1,
              prefill_chunk: int | None = None) -> Metrics:
   """Metrics of the programs lctx compiles for `mesh` (abstract shapes only).
   B must be a multiple of the mesh's data size. prefill_chunk: a server's
-  prefill chunk (chunk_used): the prefill's temporaries, which bound
-  concurrency, are the chunked program's; its time stays the one-pass
-  program's (the same causal work: the chunked program's static walk also
-  counts the masked key blocks its loop skips at run time)."""
+  prefill chunk (chunk_used): the prefill's FLOPs, time and temporaries (which
+  bound concurrency) are the chunked program's."""
   from lctx.cost import calibrated  # it builds on this module
   runs = programs(config, mesh, T, B, dtype, prefill_chunk)
   prefill, decode, swap = (runs[kind][2] for kind in ("prefill", "decode", "swap"))
-  prefill_temp = runs.get("prefill_chunked", runs["prefill"])[2].temp_bytes
+  prefill_temp = prefill.temp_bytes
   cal = calibrated.for_hardware(hw)
   config = config.replace(param_dtype=dtype, dtype=dtype)
   label = mesh_label(mesh)

@@ -1,13 +1,46 @@
-"""Grouped-query attention as partial softmaxes merged with the online-softmax rule.
+"""Grouped-query attention over key segments, merged with the online-softmax rule.
 
 Every attention here produces a `Partial`: the unnormalised output, the running
-max and the running sum of exponentials. Partials over disjoint key sets (key
-blocks in prefill; later, cache segments or sequence shards) merge exactly, so
-compression policies and context parallelism compose without special cases.
+max and the running sum of exponentials. Partials over disjoint key sets merge
+exactly (`merge`; across devices `merge_across`), so a query's keys may come
+from several *segments*, each attended on its own and merged once (`attend`).
+This is the one seam where KV-cache layouts plug in: the dense cache is one
+segment, the chunk being prefilled another; quantized blocks, full-precision
+residual windows, host-resident blocks and evicted-and-compacted buffers are
+further segment types, with nothing special inside the attention code.
+
+The segment contract. A segment is any object with
+
+    partial(q_btnh) -> Partial
+
+  q_btnh  [B, T, N, H] queries (RoPE applied, not yet scaled), the compute dtype;
+  returns Partial(out [B, T, N, H] fp32, max [B, T, N] fp32, sum [B, T, N] fp32),
+          query head n reading KV head n // (N / K) (grouped-query attention).
+
+It owns its keys and values (or whatever yields scores: a quantized segment
+dequantizes a block, or scores it directly) and decides which of its keys
+each query may see: from a validity mask (filled slots), the keys' original
+positions (causality; an evicted-and-compacted buffer stores them), or both.
+Rules: scores are q . k / sqrt(H) accumulated in fp32 (keys cast to q's dtype
+for the product, `preferred_element_type` fp32); probabilities are cast to
+the values' dtype for the second product, accumulated in fp32; a key a query
+may not see contributes exactly 0 (MASKED before the max, and a zeroed
+probability), so a segment with no visible key for a query yields
+(0, MASKED, 0) for it, the identity of `merge`. Every query must see at least
+one key over all segments (causal attention always sees itself).
+
+Two segment types exist:
+  CacheSegment  slots [0, length) of a dense cache layer ([B, K, H, S] keys,
+                [B, K, S, H] values), read block by block straight from the
+                cache buffer (no copy of the layer); length may be traced,
+                then the block loop's trip count is too (see TRIPS_SCOPE).
+  ChunkSegment  the keys of the queries' own tokens, causally: the lower
+                triangle of block pairs (causal_attention).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import NamedTuple
@@ -54,45 +87,149 @@ def merge(a: Partial, b: Partial) -> Partial:
   return Partial(a.out * ca[..., None] + b.out * cb[..., None], m, a.sum * ca + b.sum * cb)
 
 
-def merge_across(p: Partial, axis_name: str) -> Partial:
+def merge_across(p: Partial, axis_name: str, scatter_axis: int | None = None) -> Partial:
   """The online-softmax merge of the partials held by every device along a
   mesh axis (flash-decoding across devices): rescale each to the global max,
-  then sum. Called inside shard_map."""
+  then sum. Called inside shard_map. scatter_axis: a query axis of p.max
+  (and of p.out) split evenly over the devices after the merge: device r
+  keeps its r-th block of queries (a reduce-scatter instead of an all-reduce,
+  for queries gathered from every device)."""
   m = jax.lax.pmax(p.max, axis_name)
   scale = jnp.exp(p.max - m)
-  return Partial(jax.lax.psum(p.out * scale[..., None], axis_name), m,
-                 jax.lax.psum(p.sum * scale, axis_name))
+  out, total = p.out * scale[..., None], p.sum * scale
+  if scatter_axis is None:
+    return Partial(jax.lax.psum(out, axis_name), m, jax.lax.psum(total, axis_name))
+  n = m.shape[scatter_axis] // jax.lax.axis_size(axis_name)
+  scatter = lambda x: jax.lax.psum_scatter(x, axis_name, scatter_dimension=scatter_axis,
+                                           tiled=True)
+  return Partial(scatter(out), jax.lax.dynamic_slice_in_dim(
+      m, jax.lax.axis_index(axis_name) * n, n, scatter_axis), scatter(total))
 
 
 def finalize(p: Partial, dtype) -> jax.Array:
   return (p.out / p.sum[..., None]).astype(dtype)
 
 
-@_scoped
-def decode_attention(q_bkgh: jax.Array, k_bkhs: jax.Array, v_bksh: jax.Array,
-                     valid_bs: jax.Array) -> Partial:
-  """One query token per row against a cache of keys [B, K, H, S], values [B, K, S, H].
+# Loops whose trip count is only known at run time (a CacheSegment's block
+# loop over a traced length) declare the trip count the cost model should
+# charge, averaged over the program's executions of the loop, as the name
+# scope "lctx_trips=<n>" around the loop: lctx.cost.hlo reads it from the
+# while op's op_name when XLA has no known_trip_count. Costs are linear in a
+# loop's trips, so the mean gives the exact total.
+TRIPS_SCOPE = "lctx_trips"
 
-  Both products are then plain batched matmuls over (b, k) whose large operand
-  is contiguous along the output: on CPU, keys laid out [B, K, S, H] made
-  q @ k^T about 2x slower (measured in experiments/bench_decode).
-  valid_bs: [B, S] bool, which cache slots this row may attend to.
+
+@dataclasses.dataclass(frozen=True)
+class CacheSegment:
+  """Slots [0, length) of one layer of a dense KV cache, as a segment.
+
+  k: keys [B, K, H, S], or the stacked cache [L, B, K, H, S] with `layer`.
+  v: values [B, K, S, H], or [L, B, K, S, H] with `layer`.
+  length: [B] or scalar int32, the visible slots of each row (the first ones).
+  layer: the layer to read from a stacked cache (int or traced), else None.
+  block: keys scored per step (at most S); blocks are read from the cache
+    buffer in place, so nothing here grows with S but the loop's trip count.
+  trips: the trip count to charge when length is traced and more than one
+    block may run (TRIPS_SCOPE); a ValueError otherwise, so the cost model
+    never silently charges one trip.
   """
-  H = q_bkgh.shape[-1]
-  s = jnp.einsum("bkgh,bkhs->bkgs", q_bkgh, k_bkhs.astype(q_bkgh.dtype),
-                 preferred_element_type=jnp.float32) * (H ** -0.5)
-  s = jnp.where(valid_bs[:, None, None, :], s, MASKED)
-  m = s.max(axis=-1)
-  p = jnp.exp(s - m[..., None])
-  out = jnp.einsum("bkgs,bksh->bkgh", p.astype(v_bksh.dtype), v_bksh,
-                   preferred_element_type=jnp.float32)
-  return Partial(out, m, p.sum(axis=-1))
+  k: jax.Array
+  v: jax.Array
+  length: jax.Array | int
+  layer: jax.Array | int | None = None
+  block: int = 512
+  trips: float | None = None
+
+  @_scoped
+  def partial(self, q_btnh: jax.Array) -> Partial:
+    B, T, N, H = q_btnh.shape
+    K, S = self.v.shape[-3], self.v.shape[-2]
+    G, blk = N // K, min(self.block, S)
+    q = q_btnh.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H)
+    length = jnp.broadcast_to(jnp.asarray(self.length, jnp.int32), (B,))
+
+    def read(x, lo, axis):  # slots [lo, lo + blk) of one layer (axis: its slot axis)
+      if self.layer is None:
+        return jax.lax.dynamic_slice_in_dim(x, lo, blk, axis)
+      starts, size = [self.layer, 0, 0, 0, 0], list(x.shape)
+      starts[axis + 1], size[0], size[axis + 1] = lo, 1, blk
+      return jax.lax.dynamic_slice(x, starts, size)[0]
+
+    def one_block(j):
+      # The last block may overlap the one before it (S not a multiple of blk):
+      # its start is clamped and the slots already seen are hidden.
+      lo = jnp.minimum(j * blk, S - blk)
+      slot = lo + jnp.arange(blk)
+      visible = ((slot >= j * blk)[None, :] & (slot[None, :] < length[:, None]))[:, None, None]
+      s = jnp.einsum("bkmh,bkhs->bkms", q, read(self.k, lo, 3).astype(q.dtype),
+                     preferred_element_type=jnp.float32) * (H ** -0.5)
+      s = jnp.where(visible, s, MASKED)
+      m = s.max(axis=-1)
+      p = jnp.where(visible, jnp.exp(s - m[..., None]), 0.0)
+      v = read(self.v, lo, 2)
+      out = jnp.einsum("bkms,bksh->bkmh", p.astype(v.dtype), v,
+                       preferred_element_type=jnp.float32)
+      return Partial(out, m, p.sum(axis=-1))
+
+    n_blocks = -(-S // blk)
+    static = isinstance(self.length, int)
+    if static:
+      n_blocks = -(-min(max(self.length, 0), S) // blk)
+    if n_blocks == 1:
+      part = one_block(0)
+    else:
+      if static:
+        bound = n_blocks
+      else:
+        if self.trips is None:
+          raise ValueError("CacheSegment over a traced length with more than one block "
+                           "needs trips= (the block count the cost model charges)")
+        bound = jnp.minimum((length.max() + blk - 1) // blk, n_blocks)
+      acc = Partial(jnp.zeros((B, K, T * G, H), jnp.float32),
+                    jnp.full((B, K, T * G), MASKED, jnp.float32),
+                    jnp.zeros((B, K, T * G), jnp.float32))
+      with jax.named_scope(f"{TRIPS_SCOPE}={float(self.trips if not static else n_blocks)!r}"):
+        part = jax.lax.fori_loop(0, bound, lambda j, acc: merge(acc, one_block(j)), acc)
+    # [B, K, (t, g), ...] -> [B, T, N = (k, g), ...]
+    out = part.out.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)
+    rows = lambda x: x.reshape(B, K, T, G).transpose(0, 2, 1, 3).reshape(B, T, N)
+    return Partial(out, rows(part.max), rows(part.sum))
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkSegment:
+  """The keys of the queries' own tokens, causally: k, v [B, Tk, K, H].
+
+  q_offset None: the queries are exactly these Tk tokens (the triangle walk of
+  causal_attention, exact causal FLOPs). Otherwise the queries are a shard of
+  them starting at token q_offset (sequence parallelism: the rectangle walk,
+  hidden block pairs skipped at run time by a cond).
+  """
+  k: jax.Array
+  v: jax.Array
+  block: int = 512
+  q_offset: jax.Array | int | None = None
+
+  def partial(self, q_btnh: jax.Array) -> Partial:
+    return causal_attention(q_btnh, self.k, self.v, self.block, self.q_offset,
+                            normalize=False)
+
+
+def attend(q_btnh: jax.Array, segments) -> Partial:
+  """Attention of queries [B, T, N, H] over the union of `segments` (see the
+  module docstring): each segment's Partial, merged once."""
+  if not segments:
+    raise ValueError("attend needs at least one segment")
+  return functools.reduce(merge, (seg.partial(q_btnh) for seg in segments))
 
 
 @_scoped
 def causal_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
-                     block: int = 512, q_offset: jax.Array | None = None) -> jax.Array:
-  """Causal attention, blockwise with an online softmax. Returns [B, Tq, N, H].
+                     block: int = 512, q_offset: jax.Array | None = None,
+                     normalize: bool = True) -> jax.Array | Partial:
+  """Causal attention, blockwise with an online softmax. Returns [B, Tq, N, H]
+  in q's dtype, or with normalize=False the Partial (out [B, Tq, N, H], max and
+  sum [B, Tq, N], fp32) for merging with other segments.
 
   Self-attention (q_offset None, Tq = Tk): only the lower-triangular (query
   block, key block) pairs are computed: one scan walks them row by row with a
@@ -162,19 +299,25 @@ def causal_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
     else:
       hidden = j * block > q_offset + i * block + block - 1
       acc = jax.lax.cond(hidden, lambda a: a, lambda a: attend(a, i, j), acc)
-    done = finalize(acc, out.dtype)  # outside the cond: its branches differ only in bytes
-    out = jax.lax.cond(is_last, lambda out: jax.lax.dynamic_update_index_in_dim(
-        out, done, i, axis=2), lambda out: out, out)
+    done = finalize(acc, q.dtype) if normalize else acc  # outside the cond: same FLOPs
+    out = jax.lax.cond(is_last, lambda out: jax.tree.map(
+        lambda o, d: jax.lax.dynamic_update_index_in_dim(o, d, i, axis=2), out, done),
+        lambda out: out, out)
     i, j = jnp.where(is_last, i + 1, i), jnp.where(is_last, 0, j + 1)
     return (acc, out, i, j), None
 
   acc0 = Partial(jnp.zeros((B, K, M, H), jnp.float32), jnp.full((B, K, M), MASKED, jnp.float32),
                  jnp.zeros((B, K, M), jnp.float32))
   zero = jnp.zeros((), jnp.int32)
-  (_, out, _, _), _ = jax.lax.scan(step, (acc0, jnp.zeros_like(q), zero, zero), None,
-                                   length=steps)
-  out = out.reshape(B, K, nbq, G, block, H).transpose(0, 2, 4, 1, 3, 5)
-  return out.reshape(B, Tq_pad, N, H)[:, :Tq]
+  out0 = jnp.zeros_like(q) if normalize else jax.tree.map(
+      lambda a: jnp.zeros((B, K, nbq, *a.shape[2:]), a.dtype), acc0)
+  (_, out, _, _), _ = jax.lax.scan(step, (acc0, out0, zero, zero), None, length=steps)
+  # [B, K, nbq, (g, t), ...] -> [B, Tq, N = (k, g), ...]
+  rows = lambda x: x.reshape(B, K, nbq, G, block, -1).transpose(0, 2, 4, 1, 3, 5).reshape(
+      B, Tq_pad, N, -1)[:, :Tq]
+  if normalize:
+    return rows(out)
+  return Partial(rows(out.out), rows(out.max[..., None])[..., 0], rows(out.sum[..., None])[..., 0])
 
 
 def _block_pairs(Tq: int, Tk: int, block: int, triangle: bool) -> int:

@@ -111,6 +111,18 @@ def _cache_write_slots(kv, l, new, start, seq_axis: int):
   return jax.lax.dynamic_update_slice(kv, new[None], (l, *index))
 
 
+def _cache_slots(kv, l, start, n: int, seq_axis: int):
+  """Slots [start, start + n) of layer l (every row), laid out as one layer
+  of the cache; start may be traced."""
+  if isinstance(kv, tuple):
+    return jax.lax.dynamic_slice_in_dim(kv[l], start, n, seq_axis)
+  index = [l, 0, 0, 0, 0]
+  index[seq_axis + 1] = start
+  size = list(kv.shape)
+  size[0], size[seq_axis + 1] = 1, n
+  return jax.lax.dynamic_slice(kv, index, size)[0]
+
+
 def _cache_write_token(kv, l, slots_b, new_bkh, seq_axis):
   """Writes row b's new token at slot slots_b[b] of layer l, in place.
 
@@ -133,6 +145,14 @@ def _cache_write_token(kv, l, slots_b, new_bkh, seq_axis):
     layer = kv[l].at[tuple(index)].set(new_bkh, mode="drop")
     return kv[:l] + (layer,) + kv[l + 1:]
   return kv.at[(l, *index)].set(new_bkh, mode="drop")
+
+
+def _segment(kv_k, kv_v, l, length, block: int, trips: float | None = None):
+  """Layer l's cache slots [0, length) as an attention segment, read from the
+  cache buffers in place, for either layout."""
+  if isinstance(kv_k, tuple):
+    return attention.CacheSegment(kv_k[l], kv_v[l], length, None, block, trips)
+  return attention.CacheSegment(kv_k, kv_v, length, l, block, trips)
 
 
 # ---- embedding and head ----------------------------------------------------------
@@ -226,33 +246,99 @@ def _prefill_attention(config: ModelConfig, k_cache, v_cache, l, q, k, v, block:
                             (q_axes, kv_axes, kv_axes), q_axes)
 
 
+def _chunk_attention(config: ModelConfig, k_cache, v_cache, l, q, k, v, start,
+                     block: int, trips: float | None, plan):
+  """One prefill chunk's attention at layer l: writes its K/V into the cache
+  slots [start, start + C), then merges two segments, the cache slots
+  [0, start) (CacheSegment) and the chunk itself (ChunkSegment, causal).
+
+  With a `seq` mesh axis the cache stays split along its slots and the
+  chunk's tokens along seq (C/s per device); per device (shard_map): the
+  chunk's Q, K and V are all-gathered (small next to the cache: one chunk),
+  the device writes the chunk slots it owns, attends all C queries over its
+  own slice (its filled slots before start), and the per-device partials are
+  merged and reduce-scattered back to each device's C/s queries
+  (flash-decoding across seq); its own queries then attend the chunk's keys
+  causally. Nothing of the cache moves between devices.
+  """
+  dtype = config.dtype
+  if plan is None or not plan.seq_parallel:
+    k_cache = _cache_write_slots(k_cache, l, k.transpose(0, 2, 3, 1).astype(dtype), start, 3)
+    v_cache = _cache_write_slots(v_cache, l, v.transpose(0, 2, 1, 3).astype(dtype), start, 2)
+    part = attention.attend(q, [_segment(k_cache, v_cache, l, start, block, trips),
+                                attention.ChunkSegment(k, v, block)])
+    return attention.finalize(part, q.dtype), k_cache, v_cache
+
+  def local(kc, vc, l, start, q, k, v):
+    r, n = jax.lax.axis_index("seq"), q.shape[1]
+    gather = lambda x: jax.lax.all_gather(x, "seq", axis=1, tiled=True)
+    q_all, k_all, v_all = gather(q), gather(k), gather(v)  # [B, C, heads, H]
+    C = k_all.shape[1]
+    S = (vc[l] if isinstance(vc, tuple) else vc).shape[-2]  # this device's slots
+    # The chunk covers local slots [a, a + C); write the window of W slots
+    # that holds this device's share in place (slots outside the chunk keep theirs).
+    a, W = start - r * S, min(C, S)
+    p = jnp.clip(a, 0, S - W)
+    inside = (p + jnp.arange(W) >= a) & (p + jnp.arange(W) < a + C)
+    rows = jnp.clip(p + jnp.arange(W) - a, 0, C - 1)
+    for axis, new, cache_ax in ((3, k_all[:, rows].transpose(0, 2, 3, 1), "k"),
+                                (2, v_all[:, rows].transpose(0, 2, 1, 3), "v")):
+      buf = kc if cache_ax == "k" else vc
+      old = _cache_slots(buf, l, p, W, axis)
+      mask = inside if axis == 3 else inside[:, None]
+      buf = _cache_write_slots(buf, l, jnp.where(mask, new.astype(old.dtype), old), p, axis)
+      kc, vc = (buf, vc) if cache_ax == "k" else (kc, buf)
+    prefix = _segment(kc, vc, l, jnp.clip(a, 0, S), block, trips).partial(q_all)
+    prefix = attention.merge_across(prefix, "seq", scatter_axis=1)
+    own = attention.ChunkSegment(k_all, v_all, block, q_offset=r * n).partial(q)
+    return attention.finalize(attention.merge(prefix, own), q.dtype), kc, vc
+
+  # Every device holds whole GQA groups: its query heads and the KV head they read.
+  q_axes, kv_axes = ("batch", "seq", "heads", None), ("batch", "seq", "kv_heads", None)
+  return _manual_over_cache(plan, "prefill", local, k_cache, v_cache, l, (start, q, k, v),
+                            ((), q_axes, kv_axes, kv_axes), q_axes)
+
+
+def chunk_trips(T: int, chunk: int, capacity: int, seq: int = 1,
+                block: int = PREFILL_BLOCK) -> tuple[float, int]:
+  """Cache blocks the chunked prefill's CacheSegment loop runs per layer:
+  (the mean over the scanned full chunks, the last shorter chunk's). On a
+  seq mesh, the most any device runs (the one holding the earliest slots):
+  the devices meet at every layer's merge, so the slowest sets the pace."""
+  S = capacity // seq
+  blk = min(block, S)
+  trips = lambda start: -(-min(start, S) // blk)
+  full = T // chunk
+  mean = sum(trips(i * chunk) for i in range(full)) / full if full else 0.0
+  return mean, trips(full * chunk)
+
+
 def _chunked_prefill(config: ModelConfig, params: Params, tokens: jax.Array,
-                     lengths: jax.Array, cache: KVCache, block: int, chunk: int):
+                     lengths: jax.Array, cache: KVCache, block: int, chunk: int, plan):
   """prefill in chunks of `chunk` tokens (see prefill). Every chunk runs all
-  layers: at each layer it writes its K/V into the cache slots
-  [start, start + C), then its queries attend causally over the cache slots
-  [0, start + C) at their offset (keys past the chunk are after every query,
-  so causality hides them, whatever the slots hold). A scan walks the full
-  chunks (one traced body, the offset a loop variable) and a last, shorter
-  chunk is traced once more: one compiled program, at most two chunk bodies."""
+  layers; at each, _chunk_attention writes its K/V into the cache and attends
+  the cache slots before it plus the chunk itself, causally. A scan walks the
+  full chunks (one traced body, the offset a loop variable; the cache loop's
+  trip count declared by chunk_trips) and a last, shorter chunk is traced
+  once more: one compiled program, at most two chunk bodies."""
   B, T = tokens.shape
   D = config.hidden_size
   full, tail = divmod(T, chunk)
+  seq = plan.size("seq") if plan is not None else 1
+  mean_trips, tail_trips = chunk_trips(T, chunk, cache.capacity, seq, block)
   last_row = lengths - 1  # the position whose logits each row returns
 
-  def run(carry, start, size):
+  def run(carry, start, size, trips):
     k_cache, v_cache, last = carry
     x0 = _embed(config, params, jax.lax.dynamic_slice_in_dim(tokens, start, size, axis=1))
+    if plan is not None:  # the chunk's tokens split over seq, as a one-pass prompt's
+      x0 = plan.constrain(x0, plan.sharding(("batch", "seq", "embed"), "prefill"))
     rope = rope_cos_sin(config, jnp.broadcast_to(start + jnp.arange(size), (B, size)))
 
     def body(lp, l, c):
       x, kc, vc = c
       q, k, v = _qkv(config, lp, x, rope)
-      kc = _cache_write_slots(kc, l, k.transpose(0, 2, 3, 1).astype(config.dtype), start, 3)
-      vc = _cache_write_slots(vc, l, v.transpose(0, 2, 1, 3).astype(config.dtype), start, 2)
-      k_all = _cache_layer(kc, l).transpose(0, 3, 1, 2)  # [B, S, K, H]
-      v_all = _cache_layer(vc, l).transpose(0, 2, 1, 3)
-      attn = attention.causal_attention(q, k_all, v_all, block, q_offset=start)
+      attn, kc, vc = _chunk_attention(config, kc, vc, l, q, k, v, start, block, trips, plan)
       return _out_and_mlp(config, lp, x, attn), kc, vc
 
     x, k_cache, v_cache = _layer_loop(params["layers"], (x0, k_cache, v_cache), body)
@@ -262,23 +348,26 @@ def _chunked_prefill(config: ModelConfig, params: Params, tokens: jax.Array,
 
   carry = (cache.k, cache.v, jnp.zeros((B, D), config.dtype))
   if full:
-    carry, _ = jax.lax.scan(lambda c, i: (run(c, i * chunk, chunk), None), carry,
+    carry, _ = jax.lax.scan(lambda c, i: (run(c, i * chunk, chunk, mean_trips), None), carry,
                             jnp.arange(full))
   if tail:
-    carry = run(carry, full * chunk, tail)
+    # Its offset is static: on one seq shard its cache loop runs a known trip count.
+    carry = run(carry, full * chunk if seq == 1 else jnp.int32(full * chunk), tail, tail_trips)
   k_cache, v_cache, last = carry
   return _logits(config, params, last), KVCache(k_cache, v_cache, lengths.astype(jnp.int32))
 
 
-def check_chunk(chunk, plan=None) -> None:
+def check_chunk(chunk, plan=None, prompt_len: int | None = None) -> None:
   """ValueError naming the allowed values for a prefill chunk that is not
-  None or an int >= 0, or for a chunk on a mesh with a `seq` axis (chunked
-  prefill does not run there yet)."""
+  None or an int >= 0, or, on a mesh with a `seq` axis of size s, for a
+  chunk shorter than the prompt that s does not divide (each device holds C/s
+  of a chunk's tokens)."""
   if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0):
     raise ValueError(f"prefill chunk={chunk!r}; allowed: None or an int >= 0 (0: one pass)")
-  if chunk and plan is not None and plan.seq_parallel:
-    raise ValueError("chunked prefill on a mesh with a seq axis is not supported yet; "
-                     "use chunk=0 (one pass) or a mesh without seq")
+  s = plan.size("seq") if plan is not None else 1
+  if chunk and chunk % s and (prompt_len is None or chunk < prompt_len):
+    raise ValueError(f"prefill chunk={chunk} on a mesh with seq:{s}: allowed: 0 (one pass) or "
+                     f"a multiple of {s} (each device holds chunk/{s} of a chunk's tokens)")
 
 
 def prefill(config: ModelConfig, params: Params, tokens: jax.Array, lengths: jax.Array,
@@ -292,15 +381,15 @@ def prefill(config: ModelConfig, params: Params, tokens: jax.Array, lengths: jax
   lctx.sharding.Plan when running sharded (sequence parallelism needs it).
   chunk: prefill C tokens at a time through all layers (_chunked_prefill);
   None, 0 or C >= T: one pass. Raises ValueError for a prompt longer than the
-  cache, a chunk that is not a non-negative int, or a chunk on a mesh with a
-  `seq` axis (not supported yet).
+  cache, a chunk that is not a non-negative int, or a chunk shorter than the
+  prompt that a `seq` mesh axis does not divide (check_chunk).
   """
   B, T = tokens.shape
   if T > cache.capacity:
     raise ValueError(f"prompt length {T} exceeds the cache capacity {cache.capacity}")
-  check_chunk(chunk, plan)
+  check_chunk(chunk, plan, T)
   if chunk and chunk < T:
-    return _chunked_prefill(config, params, tokens, lengths, cache, block, chunk)
+    return _chunked_prefill(config, params, tokens, lengths, cache, block, chunk, plan)
   rope = rope_cos_sin(config, jnp.broadcast_to(jnp.arange(T), (B, T)))  # one table, all layers
 
   def body(lp, l, carry):
@@ -324,19 +413,17 @@ def _decode_attention(config: ModelConfig, k_cache, v_cache, l, lengths, q, k, v
   of the sequence: the token is written only by the shard owning its slot, and
   the per-shard partial softmaxes are merged across devices.
   """
-  B, _, N, H = q.shape  # local shapes: a shard may hold a subset of rows and heads
-  K = k.shape[2]
-  G = N // K
-  S = _cache_layer(v_cache, l).shape[-2]
+  # Local shapes: a shard may hold a subset of rows, heads and slots.
+  S = (v_cache[l] if isinstance(v_cache, tuple) else v_cache).shape[-2]
   offset = 0 if seq_axis is None else jax.lax.axis_index(seq_axis) * S
   k_cache = _cache_write_token(k_cache, l, lengths - offset, k[:, 0].astype(config.dtype), 3)
   v_cache = _cache_write_token(v_cache, l, lengths - offset, v[:, 0].astype(config.dtype), 2)
-  valid_bs = (offset + jnp.arange(S))[None, :] <= lengths[:, None]
-  part = attention.decode_attention(q.reshape(B, K, G, H), _cache_layer(k_cache, l),
-                                    _cache_layer(v_cache, l), valid_bs)
+  # One block of the whole slice: a decode step scores all S slots in one product.
+  local = jnp.clip(lengths + 1 - offset, 0, S)  # this slice's slots up to the new token
+  part = _segment(k_cache, v_cache, l, local, block=S).partial(q)
   if seq_axis is not None:
     part = attention.merge_across(part, seq_axis)
-  return attention.finalize(part, q.dtype).reshape(B, 1, K * G, H), k_cache, v_cache
+  return attention.finalize(part, q.dtype), k_cache, v_cache
 
 
 def decode(config: ModelConfig, params: Params, tokens: jax.Array, cache: KVCache,
