@@ -138,13 +138,20 @@ def format_throughput(rows, metrics) -> str:
   return "\n".join(lines)
 
 
-def op_table(config, meshes, contexts, batch, hw, dtype, n) -> list[dict]:
+def _decode_span(contexts) -> tuple[int, int]:
+  """The contexts decode steps are compiled at; those between are interpolated
+  (metrics.programs)."""
+  return min(contexts), max(contexts)
+
+
+def op_table(config, meshes, contexts, batch, hw, dtype, n, chunk) -> list[dict]:
   """The top ops of every program the sweep compiled (cached: nothing recompiles)."""
   from lctx.cost import metrics
   return [{"context": T, "mesh": spec, "kind": kind, "batch": B,
            "ops": costs.top_ops(hw.flops(dtype), hw.hbm_bandwidth, n)}
           for T in contexts for mesh in meshes
-          for kind, (spec, B, costs) in metrics.programs(config, mesh, T, batch, dtype).items()
+          for kind, (spec, B, costs) in metrics.programs(
+              config, mesh, T, batch, dtype, chunk, _decode_span(contexts)).items()
           if kind != "swap"]  # host copies only: nothing for an HBM roofline to rank
 
 
@@ -261,7 +268,7 @@ def main(argv):
   workers = 1 if jax.process_count() > 1 else (_WORKERS.value or os.cpu_count())  # same order
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
     compiled = {(T, mesh): pool.submit(metrics.programs, config, mesh, T, _BATCH.value,
-                                       _DTYPE.value, _PREFILL_CHUNK.value)
+                                       _DTYPE.value, _PREFILL_CHUNK.value, _decode_span(contexts))
                 for T in contexts for mesh in meshes}
     for i, T in enumerate(contexts):
       for mesh in meshes:
@@ -270,7 +277,8 @@ def main(argv):
           rows.append(metrics.from_closed_form(config, hw, mesh, T, _BATCH.value, _DTYPE.value,
                                                _CONVENTION.value, _GENERATED.value))
           rows.append(metrics.from_hlo(config, hw, mesh, T, _BATCH.value, _DTYPE.value,
-                                       _GENERATED.value, _PREFILL_CHUNK.value))
+                                       _GENERATED.value, _PREFILL_CHUNK.value,
+                                       _decode_span(contexts)))
         except ValueError as e:
           for f in compiled.values():
             f.cancel()
@@ -305,7 +313,8 @@ def main(argv):
       json.dump(report, f, indent=1)
     print(f"wrote {_JSON_OUT.value}")
   if _OP_TABLE_OUT.value:
-    table = op_table(config, meshes, contexts, _BATCH.value, hw, _DTYPE.value, _TOP_OPS.value)
+    table = op_table(config, meshes, contexts, _BATCH.value, hw, _DTYPE.value, _TOP_OPS.value,
+                     _PREFILL_CHUNK.value)
     with open(_OP_TABLE_OUT.value, "w") as f:
       json.dump(table, f, indent=1)
     print(f"wrote {_OP_TABLE_OUT.value}")

@@ -82,22 +82,47 @@ def test_yi34b_decode_bytes_match_closed_form(context, tp):
   assert costs.unknown_trip_counts == 0
 
 
-def test_yi34b_prefill_flops_are_causal():
-  """Prefill at 50K tokens on model:8: per-device FLOPs from the HLO within 5% of
-  the causal closed form / 8 (a full-square attention would be 38% over)."""
+@pytest.mark.parametrize("T,chunk", [(50_000, None), (50_000, 8192), (1_000_000, 8192)])
+def test_yi34b_prefill_flops_are_causal(T, chunk):
+  """Prefill on model:8, in one pass and in chunks of 8192: per-device FLOPs
+  from the HLO within 5% of the causal closed form / 8 (a full-square
+  attention would be 38% over at 50K; a chunked prefill charged for the whole
+  cache at every chunk, about 2x the attention)."""
   import lctx
   from lctx import engine
   from lctx.cache import abstract_cache
   from lctx.cost import analytic
-  T = 50_000
   config = lctx.ModelConfig.from_preset("yi-34b", param_dtype="bfloat16", dtype="bfloat16")
   plan = sharding.Plan(config, sharding.make_mesh("model:8"))
   params, cache = lctx.abstract_params(config), abstract_cache(config, 1, T)
-  lowered = engine.sharded_step("prefill", plan, params, cache).lower(
+  lowered = engine.sharded_step("prefill", plan, params, cache, chunk=chunk).lower(
       params, jax.ShapeDtypeStruct((1, T), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32), cache)
   costs = hlo.analyze(lowered)
   assert costs.unknown_trip_counts == 0
   assert costs.flops == pytest.approx(analytic.prefill_flops(config, T, "exact") / 8, rel=0.05)
+
+
+def test_a_loop_bounded_at_run_time_is_charged_its_declared_trips():
+  """A while loop with a traced bound has no known_trip_count: the walker
+  charges the trip count declared in its name scope (TRIPS_SCOPE), here a
+  mean of 2.5 over the 4 runs of an outer scan (trips 1, 2, 3, 4), which
+  makes the total exact; undeclared, it counts one trip and says so."""
+  from lctx.model.attention import TRIPS_SCOPE
+  x = jax.ShapeDtypeStruct((64, 64), jnp.float32)
+
+  def program(declared):
+    def f(x):
+      def outer(c, i):
+        with jax.named_scope(f"{TRIPS_SCOPE}=2.5" if declared else "plain"):
+          return jax.lax.fori_loop(0, i + 1, lambda j, c: c @ x, c), None
+      return jax.lax.scan(outer, x, jnp.arange(4))[0]
+    return hlo.analyze(jax.jit(f).lower(x))
+
+  matmul = 2 * 64 ** 3
+  declared, plain = program(True), program(False)
+  assert declared.unknown_trip_counts == 0
+  assert declared.flops == pytest.approx((1 + 2 + 3 + 4) * matmul, rel=0.01)
+  assert plain.unknown_trip_counts == 1
 
 
 # ---- peak temporaries (liveness over the listed order) ----------------------------------

@@ -122,22 +122,79 @@ def test_blockwise_attention_visits_only_lower_triangle():
   assert f"{T},{T}]" not in hlo  # no T x T score matrix anywhere
 
 
+def _np_attention_over_slots(q, k, v, length):
+  """q [B, T, N, H] over the first length[b] slots of k, v [B, K, S, H] (numpy)."""
+  B, T, N, H = q.shape
+  G = N // k.shape[1]
+  kk, vv = np.repeat(k, G, axis=1), np.repeat(v, G, axis=1)  # [B, N, S, H]
+  s = np.einsum("btnh,bnsh->btns", q, kk) / math.sqrt(H)
+  s = np.where(np.arange(k.shape[2])[None, None, None] < length[:, None, None, None], s, -np.inf)
+  p = np.exp(s - s.max(-1, keepdims=True))
+  return np.einsum("btns,bnsh->btnh", p / p.sum(-1, keepdims=True), vv)
+
+
+@pytest.mark.parametrize("block", [4, 5, 10, 512])
+def test_cache_segment_matches_numpy(block):
+  """Slots [0, length[b]) of a cache layer, in blocks (5 and 10: the last block
+  overlaps the one before it; 512: one block), per-row lengths."""
+  rng = np.random.default_rng(block)
+  q = rng.normal(size=(2, 3, 4, 8)).astype(np.float32)  # [B, T, N, H], G = 2
+  k = rng.normal(size=(2, 2, 12, 8)).astype(np.float32)  # [B, K, S, H]
+  v = rng.normal(size=(2, 2, 12, 8)).astype(np.float32)
+  length = np.array([12, 7], np.int32)
+  kt = k.transpose(0, 1, 3, 2)  # the cache's key layout [B, K, H, S]
+  seg = attention.CacheSegment(jnp.asarray(kt), jnp.asarray(v), jnp.asarray(length),
+                               block=block, trips=3.0)
+  got = attention.finalize(seg.partial(jnp.asarray(q)), jnp.float32)
+  np.testing.assert_allclose(got, _np_attention_over_slots(q, k, v, length), rtol=1e-5,
+                             atol=1e-6)
+  # The stacked layout reads layer 1 of [L, ...] in place, to the same result.
+  stacked = attention.CacheSegment(jnp.stack([kt * 0, kt]), jnp.stack([v * 0, v]),
+                                   jnp.asarray(length), layer=1, block=block, trips=3.0)
+  np.testing.assert_allclose(attention.finalize(stacked.partial(jnp.asarray(q)), jnp.float32),
+                             got, rtol=1e-6, atol=1e-6)
+
+
+def test_cache_segment_over_a_traced_length_needs_declared_trips():
+  kt, v = jnp.zeros((1, 1, 8, 32)), jnp.zeros((1, 1, 32, 8))
+  seg = attention.CacheSegment(kt, v, jnp.array([9]), block=8)
+  with pytest.raises(ValueError, match="needs trips="):
+    seg.partial(jnp.zeros((1, 1, 2, 8)))
+
+
 def test_merge_of_partials_equals_attention_over_union():
+  """Two segments over disjoint slots (and a segment with no visible key, the
+  identity of merge) give the attention over their union."""
   rng = np.random.default_rng(3)
-  q = rng.normal(size=(1, 2, 4, 8)).astype(np.float32)  # [B, K, G, H]
+  q = rng.normal(size=(1, 2, 4, 8)).astype(np.float32)  # [B, T, N, H]
   k = rng.normal(size=(1, 2, 10, 8)).astype(np.float32)  # [B, K, S, H]
   v = rng.normal(size=(1, 2, 10, 8)).astype(np.float32)
-  valid = np.ones((1, 10), bool)
-  kt = k.transpose(0, 1, 3, 2)  # the cache's key layout [B, K, H, S]
-  whole = attention.decode_attention(q, kt, v, valid)
-  left = attention.decode_attention(q, kt[..., :6], v[:, :, :6], valid[:, :6])
-  right = attention.decode_attention(q, kt[..., 6:], v[:, :, 6:], valid[:, 6:])
-  np.testing.assert_allclose(attention.finalize(attention.merge(left, right), jnp.float32),
+  kt = k.transpose(0, 1, 3, 2)
+  seg = lambda a, b, n: attention.CacheSegment(jnp.asarray(kt[..., a:b]),
+                                               jnp.asarray(v[:, :, a:b]), n)
+  whole = attention.attend(jnp.asarray(q), [seg(0, 10, 10)])
+  parts = attention.attend(jnp.asarray(q), [seg(0, 6, 6), seg(6, 10, 4), seg(0, 10, 0)])
+  np.testing.assert_allclose(attention.finalize(parts, jnp.float32),
                              attention.finalize(whole, jnp.float32), rtol=1e-6, atol=1e-6)
-  s = np.einsum("bkgh,bksh->bkgs", q, k) / math.sqrt(8)
-  p = np.exp(s - s.max(-1, keepdims=True))
-  ref = np.einsum("bkgs,bksh->bkgh", p / p.sum(-1, keepdims=True), v)
-  np.testing.assert_allclose(attention.finalize(whole, jnp.float32), ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(attention.finalize(whole, jnp.float32),
+                             _np_attention_over_slots(q, k, v, np.array([10])), rtol=1e-5,
+                             atol=1e-6)
+
+
+def test_chunk_segment_partial_merges_with_a_cache_prefix():
+  """A chunk's causal attention (ChunkSegment) merged with the cache slots
+  before it (CacheSegment) equals causal attention over the whole sequence."""
+  rng = np.random.default_rng(4)
+  T, start = 24, 16
+  q = rng.normal(size=(2, T, 4, 8)).astype(np.float32)
+  k = rng.normal(size=(2, T, 2, 8)).astype(np.float32)
+  v = rng.normal(size=(2, T, 2, 8)).astype(np.float32)
+  prefix = attention.CacheSegment(jnp.asarray(k.transpose(0, 2, 3, 1)),
+                                  jnp.asarray(v.transpose(0, 2, 1, 3)), start, block=8)
+  chunk = attention.ChunkSegment(jnp.asarray(k[:, start:]), jnp.asarray(v[:, start:]), 8)
+  got = attention.finalize(attention.attend(jnp.asarray(q[:, start:]), [prefix, chunk]),
+                           jnp.float32)
+  np.testing.assert_allclose(got, np_causal_attention(q, k, v)[:, start:], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("T,shards,block", [(64, 4, 8), (40, 2, 8), (48, 8, 512)])

@@ -177,3 +177,24 @@ def test_yi34b_prefill_all_reduces_its_activations():
   assert {p for _, _, p, _ in costs.collective_ops} == {8}
   assert comm_seconds(costs) == pytest.approx(
       121 * (1.5e-5 + 2 * 7 / 8 * 50000 * 7168 * 2 / 3e11), rel=1e-9)
+
+
+@pytest.mark.parametrize("mesh", ["model:2", "data:2,model:2"])
+def test_sweep_decode_steps_between_the_ends_are_interpolated_exactly(mesh):
+  """programs(decode_span=(lo, hi)) interpolates a decode step between the
+  sweep's ends: every field equals the step compiled at that context (peak
+  temporaries included) on meshes without seq."""
+  config = lctx.ModelConfig.from_preset("small")
+  got = metrics.programs(config, mesh, 3000, 2, "float32", None, (512, 8192))["decode"][2]
+  want = metrics.program_costs(config.replace(param_dtype="float32", dtype="float32"), mesh,
+                               3000, 2, "decode")
+  assert got is not want  # interpolated, not the compiled program
+  for f in ("flops", "bytes_ideal", "bytes_upper", "temp_bytes", "copy_bytes", "transcendentals"):
+    assert getattr(got, f) == pytest.approx(getattr(want, f), rel=1e-9), f
+  assert got.kernels == want.kernels and got.collectives == pytest.approx(want.collectives)
+
+
+def test_seq_mesh_decode_steps_are_compiled_not_interpolated():
+  config = lctx.ModelConfig.from_preset("small").replace(param_dtype="float32", dtype="float32")
+  got = metrics.programs(config, "seq:2", 2048, 1, "float32", None, (512, 8192))["decode"][2]
+  assert got is metrics.program_costs(config, "seq:2", 2048, 1, "decode")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -215,7 +216,25 @@ def _with_weight_dtype(params, weight_dtype: str | None):
   return {**params, "layers": layers}
 
 
-@functools.lru_cache(maxsize=None)
+def _once(fn):
+  """Memoizes fn (hashable arguments) so that each key is computed once, even
+  when several threads ask for it together (a sweep compiles on a thread
+  pool, and rows share programs: functools.lru_cache would compile twice)."""
+  results, locks, guard = {}, {}, threading.Lock()
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    key = (args, tuple(sorted(kwargs.items())))
+    with guard:
+      lock = locks.setdefault(key, threading.Lock())
+    with lock:
+      if key not in results:
+        results[key] = fn(*args, **kwargs)
+    return results[key]
+  return wrapped
+
+
+@_once
 def program_costs(config: ModelConfig, mesh: str, T: int, B: int, kind: str,
                   weight_dtype: str | None = None, chunk: int | None = None) -> hlo.Costs:
   """Per-device costs of lctx's `kind` step for B users at cache capacity T on
@@ -237,27 +256,32 @@ def program_costs(config: ModelConfig, mesh: str, T: int, B: int, kind: str,
 def interpolate_costs(a: hlo.Costs, b: hlo.Costs, Ta: int, Tb: int,
                       T: int) -> hlo.Costs | None:
   """hlo.Costs at cache length T from the same program compiled at Ta < T < Tb:
-  a decode step's per-op FLOPs and bytes are affine in the cache length (its
+  a decode step's per-op FLOPs and bytes, its collectives' bytes and its peak
+  temporaries (a layer's cache slice) are affine in the cache length (its
   attention reads and scores grow with it; nothing else does), so the line
   through the two ends is exact when the two programs have the same ops,
   kernels and collectives; None otherwise (the caller compiles T itself)."""
   if (set(a.ops) != set(b.ops) or a.kernels != b.kernels
-      or a.kernels_compiled != b.kernels_compiled
+      or a.kernels_compiled != b.kernels_compiled or set(a.collectives) != set(b.collectives)
       or [(k, p, n) for k, _, p, n in a.collective_ops]
       != [(k, p, n) for k, _, p, n in b.collective_ops]):
     return None
   w = (T - Ta) / (Tb - Ta)
+  line = lambda x, y: x + w * (y - x)
   out = hlo.Costs()
-  out.ops = {k: a.ops[k] + w * (b.ops[k] - a.ops[k]) for k in a.ops}
+  out.ops = {k: line(a.ops[k], b.ops[k]) for k in a.ops}
   out.kernels, out.kernels_compiled = dict(a.kernels), dict(a.kernels_compiled)
-  out.collective_ops = [(k, x + w * (y[1] - x), p, n)
+  out.collective_ops = [(k, line(x, y[1]), p, n)
                         for (k, x, p, n), y in zip(a.collective_ops, b.collective_ops)]
-  for f in ("flops", "bytes_ideal", "copy_bytes"):
-    setattr(out, f, getattr(a, f) + w * (getattr(b, f) - getattr(a, f)))
+  out.collectives.update({k: line(a.collectives[k], b.collectives[k]) for k in a.collectives})
+  for f in ("flops", "transcendentals", "bytes_upper", "bytes_ideal", "host_transfer_bytes",
+            "temp_bytes", "copy_bytes"):
+    setattr(out, f, line(getattr(a, f), getattr(b, f)))
+  out.unknown_trip_counts = max(a.unknown_trip_counts, b.unknown_trip_counts)
   return out
 
 
-@functools.lru_cache(maxsize=None)
+@_once
 def swap_costs(config: ModelConfig, mesh: str, T: int) -> hlo.Costs:
   """Per-device costs of a context switch on `mesh` (no data axis): one user's
   cache of capacity T copied from device to pinned host memory while another's
@@ -282,11 +306,17 @@ def chunk_used(mesh: str | int, T: int, prefill_chunk: int | None) -> int:
 
 
 def programs(config: ModelConfig, mesh: str | int, T: int, B: int, dtype: str,
-             prefill_chunk: int | None = None) -> dict[str, tuple[str, int, hlo.Costs]]:
+             prefill_chunk: int | None = None,
+             decode_span: tuple[int, int] | None = None) -> dict[str, tuple[str, int, hlo.Costs]]:
   """kind -> (mesh, batch, costs) of the programs behind a row: one user's
   prefill on its replica (run prefill_chunk tokens at a time: chunk_used),
   a decode step of B users on the whole mesh, and a context switch (one
-  user's cache out to host memory, another's in)."""
+  user's cache out to host memory, another's in). decode_span (lo, hi): a
+  sweep's shortest and longest context; on a mesh without a seq axis, a
+  decode step in between is interpolated from the steps compiled at lo and hi
+  (interpolate_costs; exact there, tests/test_metrics.py), compiled itself
+  when those two differ in structure. On seq meshes the decode step's peak
+  temporaries are not affine in T (the chord ran 5-9% high), so it compiles."""
   config = config.replace(param_dtype=dtype, dtype=dtype)
   label, replica = mesh_label(mesh), replica_mesh(mesh)
   d = sharding.parse_mesh_spec(label)["data"]
@@ -294,8 +324,14 @@ def programs(config: ModelConfig, mesh: str | int, T: int, B: int, dtype: str,
     raise ValueError(f"batch {B} must be a multiple of the mesh's data size {d} "
                      f"(mesh {label})")
   chunk = chunk_used(mesh, T, prefill_chunk) or None
+  decode_at = lambda t: program_costs(config, label, t, B, "decode")
+  decode = None
+  seq = sharding.parse_mesh_spec(label)["seq"]
+  if decode_span is not None and seq == 1 and decode_span[0] < T < decode_span[1]:
+    lo, hi = decode_span
+    decode = interpolate_costs(decode_at(lo), decode_at(hi), lo, hi, T)
   return {"prefill": (replica, 1, program_costs(config, replica, T, 1, "prefill", None, chunk)),
-          "decode": (label, B, program_costs(config, label, T, B, "decode")),
+          "decode": (label, B, decode or decode_at(T)),
           "swap": (replica, 1, swap_costs(config, replica, T))}
 
 
@@ -307,13 +343,14 @@ def per_device_bytes(tree, shardings) -> float:
 
 def from_hlo(config: ModelConfig, hw, mesh: str | int, T: int, B: int = 1,
              dtype: str = "bfloat16", generated_tokens: int = 1000,
-             prefill_chunk: int | None = None) -> Metrics:
+             prefill_chunk: int | None = None,
+             decode_span: tuple[int, int] | None = None) -> Metrics:
   """Metrics of the programs lctx compiles for `mesh` (abstract shapes only).
   B must be a multiple of the mesh's data size. prefill_chunk: a server's
   prefill chunk (chunk_used): the prefill's FLOPs, time and temporaries (which
-  bound concurrency) are the chunked program's."""
+  bound concurrency) are the chunked program's. decode_span: see programs."""
   from lctx.cost import calibrated  # it builds on this module
-  runs = programs(config, mesh, T, B, dtype, prefill_chunk)
+  runs = programs(config, mesh, T, B, dtype, prefill_chunk, decode_span)
   prefill, decode, swap = (runs[kind][2] for kind in ("prefill", "decode", "swap"))
   prefill_temp = prefill.temp_bytes
   cal = calibrated.for_hardware(hw)
