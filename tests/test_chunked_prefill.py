@@ -99,7 +99,7 @@ def test_one_compile_serves_every_chunk():
   engine.prefill(CONFIG, params, tokens, engine.new_cache(CONFIG, params, 3, CAPACITY),
                  lengths, chunk=7)
   assert engine.prefill_jit._cache_size() == before + 1  # pylint: disable=protected-access
-  # Its program holds the 2-token first chunk once and the full-chunk body once (in a loop).
+  # Its program holds the full-chunk body once (in a loop) and the 2-token tail once.
   text = engine.prefill_jit.lower(CONFIG, params, tokens, lengths,
                                   engine.new_cache(CONFIG, params, 3, CAPACITY),
                                   chunk=7).as_text()
@@ -165,14 +165,14 @@ def test_chunked_prefill_flops_are_the_causal_count(mesh, T, chunk):
 
 
 def test_declared_trip_counts():
-  """chunk_trips: the mean number of cache blocks per layer before each
-  scanned chunk (the T mod C tokens go first), and on seq meshes the most any
+  """chunk_trips: cache blocks per layer before each chunk (the mean over the
+  scanned chunks, then the last chunk's), and on seq meshes the most any
   device runs."""
   from lctx.model import transformer
-  # Chunks at 0, 1024, ..., 7168 over blocks of 512: 0, 2, ..., 14 blocks.
-  assert transformer.chunk_trips(8192, 1024, 8192) == 7.0
-  # 6000 = 880 + 5 x 1024: chunks at 880, 1904, 2928, 3952, 4976: 2, 4, 6, 8, 10 blocks.
-  assert transformer.chunk_trips(6000, 1024, 6000) == 6.0
+  # Chunks at 0, 1024, ..., 7168 over blocks of 512: 0, 2, ..., 14 blocks; no tail.
+  assert transformer.chunk_trips(8192, 1024, 8192) == (7.0, 16)
+  # 6000 = 5 x 1024 + 880: chunks at 0..4096 (0, 2, 4, 6, 8), the tail at 5120 (10).
+  assert transformer.chunk_trips(6000, 1024, 6000) == (4.0, 10)
   # seq:4 over 8192 slots: 2048 per device, so at most 4 blocks on any device.
-  assert transformer.chunk_trips(8192, 1024, 8192, seq=4) == sum(
-      min(i * 1024, 2048) // 512 for i in range(8)) / 8
+  assert transformer.chunk_trips(8192, 1024, 8192, seq=4) == (sum(
+      min(i * 1024, 2048) // 512 for i in range(8)) / 8, 4)

@@ -262,12 +262,11 @@ def _chunk_attention(config: ModelConfig, k_cache, v_cache, l, q, k, v, start,
   causally. Nothing of the cache moves between devices.
   """
   dtype = config.dtype
-  first = isinstance(start, int) and start == 0  # static: no cache segment
   if plan is None or not plan.seq_parallel:
     k_cache = _cache_write_slots(k_cache, l, k.transpose(0, 2, 3, 1).astype(dtype), start, 3)
     v_cache = _cache_write_slots(v_cache, l, v.transpose(0, 2, 1, 3).astype(dtype), start, 2)
-    segments = [] if first else [_segment(k_cache, v_cache, l, start, block, trips)]
-    part = attention.attend(q, segments + [attention.ChunkSegment(k, v, block)])
+    part = attention.attend(q, [_segment(k_cache, v_cache, l, start, block, trips),
+                                attention.ChunkSegment(k, v, block)])
     return attention.finalize(part, q.dtype), k_cache, v_cache
 
   def local(kc, vc, l, start, q, k, v):
@@ -282,17 +281,19 @@ def _chunk_attention(config: ModelConfig, k_cache, v_cache, l, q, k, v, start,
     p = jnp.clip(a, 0, S - W)
     inside = (p + jnp.arange(W) >= a) & (p + jnp.arange(W) < a + C)
     rows = jnp.clip(p + jnp.arange(W) - a, 0, C - 1)
-    for axis, new, cache_ax in ((3, k_all[:, rows].transpose(0, 2, 3, 1), "k"),
-                                (2, v_all[:, rows].transpose(0, 2, 1, 3), "v")):
-      buf = kc if cache_ax == "k" else vc
+
+    def write(buf, new, axis):  # the window with the chunk's slots blended in, in place
       old = _cache_slots(buf, l, p, W, axis)
       mask = inside if axis == 3 else inside[:, None]
-      buf = _cache_write_slots(buf, l, jnp.where(mask, new.astype(old.dtype), old), p, axis)
-      kc, vc = (buf, vc) if cache_ax == "k" else (kc, buf)
-    part = attention.ChunkSegment(k_all, v_all, block, q_offset=r * n).partial(q)
-    if not first:  # every query of the chunk over this device's slice, merged across seq
-      prefix = _segment(kc, vc, l, jnp.clip(a, 0, S), block, trips).partial(gather(q))
-      part = attention.merge(attention.merge_across(prefix, "seq", scatter_axis=1), part)
+      return _cache_write_slots(buf, l, jnp.where(mask, new.astype(old.dtype), old), p, axis)
+
+    kc = write(kc, k_all[:, rows].transpose(0, 2, 3, 1), 3)
+    vc = write(vc, v_all[:, rows].transpose(0, 2, 1, 3), 2)
+    # Every query of the chunk over this device's slice, merged across seq and
+    # handed back to the device holding it; then its own queries over the chunk.
+    prefix = _segment(kc, vc, l, jnp.clip(a, 0, S), block, trips).partial(gather(q))
+    part = attention.merge(attention.merge_across(prefix, "seq", scatter_axis=1),
+                           attention.ChunkSegment(k_all, v_all, block, q_offset=r * n).partial(q))
     return attention.finalize(part, q.dtype), kc, vc
 
   # Every device holds whole GQA groups: its query heads and the KV head they read.
@@ -302,36 +303,39 @@ def _chunk_attention(config: ModelConfig, k_cache, v_cache, l, q, k, v, start,
 
 
 def chunk_trips(T: int, chunk: int, capacity: int, seq: int = 1,
-                block: int = PREFILL_BLOCK) -> float:
-  """Cache blocks the chunked prefill's CacheSegment loop runs per layer, as
-  the mean over the scanned full chunks (at offsets T mod C + i C; see
-  _chunked_prefill). On a seq mesh, the most any device runs (the one holding
+                block: int = PREFILL_BLOCK) -> tuple[float, int]:
+  """Cache blocks the chunked prefill's CacheSegment loop runs per layer:
+  (the mean over the scanned full chunks at offsets 0, C, 2C, ..., the last
+  shorter chunk's). On a seq mesh, the most any device runs (the one holding
   the earliest slots): the devices meet at every layer's merge, so the
-  slowest sets the pace."""
+  slowest sets the pace. With C a multiple of the block, no block is partly
+  empty, so the loop's FLOPs are exactly the causal prefix's."""
   S = capacity // seq
   blk = min(block, S)
-  full, tail = divmod(T, chunk)
-  return sum(-(-min(tail + i * chunk, S) // blk) for i in range(full)) / full
+  trips = lambda start: -(-min(start, S) // blk)
+  full = T // chunk
+  mean = sum(trips(i * chunk) for i in range(full)) / full if full else 0.0
+  return mean, trips(full * chunk)
 
 
 def _chunked_prefill(config: ModelConfig, params: Params, tokens: jax.Array,
                      lengths: jax.Array, cache: KVCache, block: int, chunk: int, plan):
   """prefill in chunks of `chunk` tokens (see prefill). Every chunk runs all
   layers; at each, _chunk_attention writes its K/V into the cache and attends
-  the cache slots before it plus the chunk itself, causally. The T mod C
-  tokens that do not fill a chunk go first, at the static offset 0 (nothing
-  in the cache before them: causal attention over themselves only, the
-  cheapest body to trace a second time); then a scan walks the full chunks
-  (one traced body, the offset a loop variable, the cache loop's trip count
-  declared by chunk_trips). One compiled program, at most two chunk bodies."""
+  the cache slots before it plus the chunk itself, causally. A scan walks the
+  full chunks (one traced body, the offset a loop variable, the cache loop's
+  trip count declared by chunk_trips) and a last, shorter chunk is traced once
+  more at its static offset: one compiled program, at most two chunk bodies.
+  (The short chunk goes last so that every chunk starts at a multiple of C,
+  hence of the attention block: see chunk_trips.)"""
   B, T = tokens.shape
   D = config.hidden_size
   full, tail = divmod(T, chunk)
   seq = plan.size("seq") if plan is not None else 1
-  trips = chunk_trips(T, chunk, cache.capacity, seq, block)
+  mean_trips, tail_trips = chunk_trips(T, chunk, cache.capacity, seq, block)
   last_row = lengths - 1  # the position whose logits each row returns
 
-  def run(carry, start, size):
+  def run(carry, start, size, trips):
     k_cache, v_cache, last = carry
     x0 = _embed(config, params, jax.lax.dynamic_slice_in_dim(tokens, start, size, axis=1))
     if plan is not None:  # the chunk's tokens split over seq, as a one-pass prompt's
@@ -350,10 +354,11 @@ def _chunked_prefill(config: ModelConfig, params: Params, tokens: jax.Array,
     return k_cache, v_cache, jnp.where(inside[:, None], row, last)
 
   carry = (cache.k, cache.v, jnp.zeros((B, D), config.dtype))
-  if tail:
-    carry = run(carry, 0, tail)
-  carry, _ = jax.lax.scan(lambda c, i: (run(c, tail + i * chunk, chunk), None), carry,
-                          jnp.arange(full))
+  if full:
+    carry, _ = jax.lax.scan(lambda c, i: (run(c, i * chunk, chunk, mean_trips), None), carry,
+                            jnp.arange(full))
+  if tail:  # at a static offset: one device's cache loop has a known trip count
+    carry = run(carry, full * chunk, tail, tail_trips)
   k_cache, v_cache, last = carry
   return _logits(config, params, last), KVCache(k_cache, v_cache, lengths.astype(jnp.int32))
 
