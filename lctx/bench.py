@@ -136,6 +136,15 @@ def _lctx_round(setup: Setup, decode_steps: int) -> tuple[float, list[float], np
   return prefill_s, steps, first_logits
 
 
+def _one_pass_prefill_s(setup: Setup) -> float:
+  """lctx's one-pass prefill of the same prompt, timed beside a chunked one."""
+  B, T = setup.tokens.shape
+  cache = jax.block_until_ready(engine.new_cache(setup.config, setup.params, B, T))
+  _, seconds = _time(lambda: jax.block_until_ready(
+      engine.prefill(setup.config, setup.params, setup.tokens, cache)))
+  return seconds
+
+
 def _reference_round(setup: Setup, decode_steps: int) -> tuple[float, list[float], np.ndarray]:
   import torch
   model = setup.reference
@@ -164,9 +173,11 @@ def decode_bytes(config: ModelConfig, batch: int, context: int) -> int:
 
 
 def run(setup: Setup, rounds: int, decode_steps: int) -> dict[str, Any]:
-  """rounds + 1 alternating rounds; the first (compilation, warm-up) is discarded."""
+  """rounds + 1 alternating rounds; the first (compilation, warm-up) is
+  discarded. With a prefill chunk, each round also times lctx's one-pass
+  prefill of the same prompt, so the two compare side by side."""
   B, T = setup.tokens.shape
-  lctx_prefill, lctx_steps, ref_prefill, ref_steps = [], [], [], []
+  lctx_prefill, lctx_steps, ref_prefill, ref_steps, one_pass = [], [], [], [], []
   logits_diff = None
   for r in range(rounds + 1):
     p, s, lctx_logits = _lctx_round(setup, decode_steps)
@@ -175,6 +186,11 @@ def run(setup: Setup, rounds: int, decode_steps: int) -> dict[str, Any]:
     if r:
       lctx_prefill.append(p)
       lctx_steps += s
+    if setup.prefill_chunk:
+      one = _one_pass_prefill_s(setup)
+      line += f"; lctx one-pass prefill {one:.2f} s"
+      if r:
+        one_pass.append(one)
     if setup.reference is not None:
       p, s, ref_logits = _reference_round(setup, decode_steps)
       line += f"; transformers prefill {p:.2f} s, decode {1e3 * np.median(s):.1f} ms/step"
@@ -193,6 +209,9 @@ def run(setup: Setup, rounds: int, decode_steps: int) -> dict[str, Any]:
       "decode_bytes_per_step": decode_bytes(setup.config, B, T + decode_steps // 2),
   }
   out["achieved_gb_s"] = out["decode_bytes_per_step"] / step_s / 1e9
+  if one_pass:
+    out["lctx_one_pass_prefill_s"] = float(np.median(one_pass))
+    out["chunked_over_one_pass_prefill_s"] = out["lctx_prefill_s"] / float(np.median(one_pass))
   if setup.reference is not None:
     ref_step = float(np.median(ref_steps))
     out.update(
@@ -229,6 +248,9 @@ def format_results(r: dict[str, Any]) -> str:
     ref = r.get(f"ref_{key}")
     ratio = r[f"lctx_{key}"] / ref if ref else float("nan")
     lines.append(f"{label:22s}{r[f'lctx_{key}']:12.1f}{ref or float('nan'):14.1f}{ratio:8.2f}x")
+  if r.get("lctx_one_pass_prefill_s"):
+    lines.append(f"prefill s, chunked / one pass: {r['lctx_prefill_s']:.2f} / "
+                 f"{r['lctx_one_pass_prefill_s']:.2f} = {r['chunked_over_one_pass_prefill_s']:.3f}")
   lines.append(f"decode bytes/step      {r['decode_bytes_per_step'] / 1e6:.1f} MB")
   lines.append(f"achieved bandwidth     {r['achieved_gb_s']:.1f} GB/s = "
                f"{100 * r['bandwidth_fraction']:.0f}% of the machine's {r['machine_read_gb_s']:.1f} "

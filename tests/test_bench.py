@@ -37,3 +37,21 @@ def test_bench_decode_runs_and_agrees_with_transformers(tmp_path):
   weights = cfg.num_params - (cfg.vocab_size - 1) * cfg.hidden_size
   kv = (40 + 1) * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
   assert r["decode_bytes_per_step"] == decode_bytes(cfg, 1, 41) == 4 * (weights + kv)
+
+
+def test_bench_decode_times_a_chunked_prefill_beside_the_one_pass(tmp_path):
+  """--prefill_chunk: lctx prefills in chunks (its logits still match
+  transformers) and each round also times the one-pass prefill, reported
+  side by side."""
+  out = tmp_path / "bench.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", "experiments.bench_decode", "--model=tiny", "--context=40",
+         "--prefill_chunk=16", "--decode_steps=1", "--rounds=1", "--read_buffer_mb=16",
+         f"--json_out={out}"]
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = json.loads(out.read_text())
+  assert r["prefill_chunk"] == 16 and r["lctx_one_pass_prefill_s"] > 0
+  assert r["chunked_over_one_pass_prefill_s"] == r["lctx_prefill_s"] / r["lctx_one_pass_prefill_s"]
+  assert "prefill s, chunked / one pass" in proc.stdout
+  assert r["max_abs_logit_diff"] < 1e-4

@@ -145,7 +145,13 @@ class CacheSegment:
     B, T, N, H = q_btnh.shape
     K, S = self.v.shape[-3], self.v.shape[-2]
     G, blk = N // K, min(self.block, S)
-    q = q_btnh.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H)
+    # Queries in tiles of qb tokens (all G heads of a KV head as rows of one
+    # matmul), each against the key blocks in turn: a tile's scores stay
+    # cache-sized (whole chunks against a block measured ~20% slower on CPU).
+    qb = min(self.block, T)
+    nq = -(-T // qb)
+    q = jnp.pad(q_btnh, [(0, 0), (0, nq * qb - T), (0, 0), (0, 0)])
+    q = q.reshape(B, nq, qb, K, G, H).transpose(1, 0, 3, 2, 4, 5).reshape(nq, B, K, qb * G, H)
     length = jnp.broadcast_to(jnp.asarray(self.length, jnp.int32), (B,))
 
     def read(x, lo, axis):  # slots [lo, lo + blk) of one layer (axis: its slot axis)
@@ -155,7 +161,7 @@ class CacheSegment:
       starts[axis + 1], size[0], size[axis + 1] = lo, 1, blk
       return jax.lax.dynamic_slice(x, starts, size)[0]
 
-    def one_block(j):
+    def one_block(q, j):  # q: [B, K, M, H], one tile; j: a key block
       # The last block may overlap the one before it (S not a multiple of blk):
       # its start is clamped and the slots already seen are hidden.
       lo = jnp.minimum(j * blk, S - blk)
@@ -175,25 +181,25 @@ class CacheSegment:
     static = isinstance(self.length, int)
     if static:
       n_blocks = -(-min(max(self.length, 0), S) // blk)
-    if n_blocks == 1:
-      part = one_block(0)
-    else:
-      if static:
-        bound = n_blocks
-      else:
-        if self.trips is None:
-          raise ValueError("CacheSegment over a traced length with more than one block "
-                           "needs trips= (the block count the cost model charges)")
-        bound = jnp.minimum((length.max() + blk - 1) // blk, n_blocks)
-      acc = Partial(jnp.zeros((B, K, T * G, H), jnp.float32),
-                    jnp.full((B, K, T * G), MASKED, jnp.float32),
-                    jnp.zeros((B, K, T * G), jnp.float32))
-      with jax.named_scope(f"{TRIPS_SCOPE}={float(self.trips if not static else n_blocks)!r}"):
-        part = jax.lax.fori_loop(0, bound, lambda j, acc: merge(acc, one_block(j)), acc)
-    # [B, K, (t, g), ...] -> [B, T, N = (k, g), ...]
-    out = part.out.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)
-    rows = lambda x: x.reshape(B, K, T, G).transpose(0, 2, 1, 3).reshape(B, T, N)
-    return Partial(out, rows(part.max), rows(part.sum))
+    elif n_blocks > 1 and self.trips is None:
+      raise ValueError("CacheSegment over a traced length with more than one block "
+                       "needs trips= (the block count the cost model charges)")
+    bound = n_blocks if static else jnp.minimum((length.max() + blk - 1) // blk, n_blocks)
+
+    def tile(q):
+      if n_blocks == 1:
+        return one_block(q, 0)
+      acc = Partial(jnp.zeros(q.shape, jnp.float32), jnp.full(q.shape[:-1], MASKED, jnp.float32),
+                    jnp.zeros(q.shape[:-1], jnp.float32))
+      with jax.named_scope(f"{TRIPS_SCOPE}={float(n_blocks if static else self.trips)!r}"):
+        return jax.lax.fori_loop(0, bound, lambda j, acc: merge(acc, one_block(q, j)), acc)
+
+    part = jax.tree.map(lambda x: x[None], tile(q[0])) if nq == 1 else jax.lax.map(tile, q)
+    # [nq, B, K, (t, g), ...] -> [B, T, N = (k, g), ...]
+    rows = lambda x: x.reshape(nq, B, K, qb, G, -1).transpose(1, 0, 3, 2, 4, 5).reshape(
+        B, nq * qb, N, -1)[:, :T]
+    return Partial(rows(part.out), rows(part.max[..., None])[..., 0],
+                   rows(part.sum[..., None])[..., 0])
 
 
 @dataclasses.dataclass(frozen=True)
