@@ -84,6 +84,7 @@ def test_generate_matches_library(case, tmp_path, compile_cache):
     (["--dtype=float16"], "--dtype"),
     (["--top_p=0"], "--top_p"),
     (["--prompt_len=4", "--prompt_tokens=1,2"], "mutually exclusive"),
+    (["--mesh=seq:4", "--prefill_chunk=6"], "a multiple of the seq size 4"),
 ])
 def test_bad_flags_fail_naming_the_flag(args, message):
   rc, stdout, stderr = finish(start_generate(*args))
