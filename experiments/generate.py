@@ -99,7 +99,7 @@ _MESH = flags.DEFINE_string(
 
 OWN_FLAGS = ("model", "checkpoint", "prompt", "chat", "ignore_eos", "prompt_len", "prompt_tokens",
              "batch", "max_new_tokens", "seed", "temperature", "top_k", "top_p", "dtype",
-             "scan_layers", "json_out", "mesh")
+             "scan_layers", "json_out", "mesh", "prefill_chunk")
 
 
 def _ints(values) -> bool:

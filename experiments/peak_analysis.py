@@ -212,11 +212,6 @@ def _check_meshes(config, meshes, contexts, batch, chunk) -> None:
   from lctx.model import transformer
   for mesh, flag in meshes:
     try:
-      try:
-        transformer.check_chunk(chunk, sharding.Plan(config, sharding.make_mesh(
-            metrics.replica_mesh(mesh))), max(contexts))
-      except ValueError as e:
-        raise ValueError(f"--prefill_chunk: {e}") from e
       d = sharding.parse_mesh_spec(mesh)["data"]
       if batch % d:
         raise ValueError(f"batch {batch} must be a multiple of the mesh's data size {d} "
@@ -226,6 +221,10 @@ def _check_meshes(config, meshes, contexts, batch, chunk) -> None:
       for T in contexts:
         decode.check(batch=batch, capacity=T)
         replica.check(batch=1, capacity=T, prompt_len=T)
+      try:
+        transformer.check_chunk(chunk, replica, max(contexts))
+      except ValueError as e:
+        raise ValueError(f"--prefill_chunk: {e}") from e
     except ValueError as e:
       raise app.UsageError(f"{flag}: {e}") from e
 

@@ -214,7 +214,7 @@ def prefill(config: ModelConfig, params: Params, tokens, cache: KVCache, lengths
   """
   check_params(config, params)
   tokens, lengths = _check_tokens(config, tokens, lengths)
-  transformer.check_chunk(chunk, plan, tokens.shape[1])
+  chunk = transformer.check_chunk(chunk, plan, tokens.shape[1])
   if tokens.shape[0] != cache.batch:
     raise ValueError(f"batch of tokens ({tokens.shape[0]}) != cache batch ({cache.batch})")
   if tokens.shape[1] > cache.capacity:
@@ -268,7 +268,7 @@ def generate(config: ModelConfig, params: Params, tokens, *, max_new_tokens: int
   check_params(config, params)
   tokens, lengths = _check_tokens(config, tokens, lengths)
   T = tokens.shape[1]
-  transformer.check_chunk(prefill_chunk, plan, T)
+  prefill_chunk = transformer.check_chunk(prefill_chunk, plan, T)
   if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
   eos = _stop_ids(config, eos_token_id, pad_token_id)

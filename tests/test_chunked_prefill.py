@@ -119,6 +119,12 @@ def test_bad_chunks_are_refused_before_compiling():
     engine.prefill(CONFIG, engine.shard_params(params, plan), tokens[:1, :T_SEQ - 8],
                    engine.new_cache(CONFIG, params, 1, CAPACITY, plan), lengths[:1] - 8,
                    plan=plan, chunk=6)
+  # numpy integers are ints (as max_new_tokens accepts them).
+  logits, _ = engine.prefill(CONFIG, params, tokens, engine.new_cache(CONFIG, params, 3, CAPACITY),
+                             lengths, chunk=np.int64(16))
+  want, _ = engine.prefill(CONFIG, params, tokens, engine.new_cache(CONFIG, params, 3, CAPACITY),
+                           lengths, chunk=16)
+  np.testing.assert_array_equal(logits, want)
   with pytest.raises(ValueError, match="prefill chunk=-2"):
     engine.generate(CONFIG, params, tokens, lengths=lengths, max_new_tokens=2, prefill_chunk=-2)
 

@@ -148,8 +148,8 @@ class CacheSegment:
     # Queries in tiles of qb tokens (all G heads of a KV head as rows of one
     # matmul), each against the key blocks in turn: a tile's scores stay
     # cache-sized (whole chunks against a block measured ~20% slower on CPU).
-    qb = min(self.block, T)
-    nq = -(-T // qb)
+    nq = -(-T // self.block)
+    qb = min(_round_up(-(-T // nq), 8), T)  # even tiles: a short chunk pads at most 7 rows a tile
     q = jnp.pad(q_btnh, [(0, 0), (0, nq * qb - T), (0, 0), (0, 0)])
     q = q.reshape(B, nq, qb, K, G, H).transpose(1, 0, 3, 2, 4, 5).reshape(nq, B, K, qb * G, H)
     length = jnp.broadcast_to(jnp.asarray(self.length, jnp.int32), (B,))

@@ -18,6 +18,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lctx.cache.dense import KVCache
 from lctx.config import ModelConfig
@@ -363,17 +364,22 @@ def _chunked_prefill(config: ModelConfig, params: Params, tokens: jax.Array,
   return _logits(config, params, last), KVCache(k_cache, v_cache, lengths.astype(jnp.int32))
 
 
-def check_chunk(chunk, plan=None, prompt_len: int | None = None) -> None:
-  """ValueError naming the allowed values for a prefill chunk that is not
-  None or an int >= 0, or, on a mesh with a `seq` axis of size s, for a
-  chunk shorter than the prompt that s does not divide (each device holds C/s
-  of a chunk's tokens)."""
-  if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0):
+def check_chunk(chunk, plan=None, prompt_len: int | None = None) -> int | None:
+  """The prefill chunk as an int (numpy integers accepted) or None; ValueError
+  naming the allowed values for one that is not None or an int >= 0, or, on a
+  mesh with a `seq` axis of size s, for a chunk shorter than the prompt that
+  s does not divide (each device holds C/s of a chunk's tokens)."""
+  if chunk is None:
+    return None
+  if isinstance(chunk, (bool, np.bool_)) or not isinstance(chunk, (int, np.integer)) or chunk < 0:
     raise ValueError(f"prefill chunk={chunk!r}; allowed: None or an int >= 0 (0: one pass)")
+  chunk = int(chunk)
   s = plan.size("seq") if plan is not None else 1
   if chunk and chunk % s and (prompt_len is None or chunk < prompt_len):
     raise ValueError(f"prefill chunk={chunk} on a mesh with seq:{s}: allowed: 0 (one pass) or "
-                     f"a multiple of {s} (each device holds chunk/{s} of a chunk's tokens)")
+                     f"a multiple of {s} (each device holds chunk/{s} of a chunk's tokens; a "
+                     f"chunk as long as the prompt runs in one pass)")
+  return chunk
 
 
 def prefill(config: ModelConfig, params: Params, tokens: jax.Array, lengths: jax.Array,
@@ -393,7 +399,7 @@ def prefill(config: ModelConfig, params: Params, tokens: jax.Array, lengths: jax
   B, T = tokens.shape
   if T > cache.capacity:
     raise ValueError(f"prompt length {T} exceeds the cache capacity {cache.capacity}")
-  check_chunk(chunk, plan, T)
+  chunk = check_chunk(chunk, plan, T)
   if chunk and chunk < T:
     return _chunked_prefill(config, params, tokens, lengths, cache, block, chunk, plan)
   rope = rope_cos_sin(config, jnp.broadcast_to(jnp.arange(T), (B, T)))  # one table, all layers
