@@ -3,7 +3,9 @@
 Three entry points share one layer body:
   forward  teacher-forced logits [B, T, V], no cache;
   prefill  fills cache slots [0, T) and returns the logits of each row's last
-           prompt token;
+           prompt token; in one pass, or C tokens at a time (chunk=C), each
+           chunk attending the cache before it and itself (two attention
+           segments, lctx.model.attention);
   decode   one token per row, written at slot `lengths[b]`, attends to slots
            [0, lengths[b]].
 The layer loop follows the params' layout: stacked layers run under
