@@ -277,7 +277,7 @@ def _chunk_attention(config: ModelConfig, k_cache, v_cache, l, q, k, v, start,
     gather = lambda x: jax.lax.all_gather(x, "seq", axis=1, tiled=True)
     k_all, v_all = gather(k), gather(v)  # [B, C, kv_heads, H]
     C = k_all.shape[1]
-    S = (vc[l] if isinstance(vc, tuple) else vc).shape[-2]  # this device's slots
+    S = _cache_layer(vc, l).shape[-2]  # this device's slots
     # The chunk covers local slots [a, a + C); write the window of W slots
     # that holds this device's share in place (slots outside the chunk keep theirs).
     a, W = start - r * S, min(C, S)
@@ -428,7 +428,7 @@ def _decode_attention(config: ModelConfig, k_cache, v_cache, l, lengths, q, k, v
   the per-shard partial softmaxes are merged across devices.
   """
   # Local shapes: a shard may hold a subset of rows, heads and slots.
-  S = (v_cache[l] if isinstance(v_cache, tuple) else v_cache).shape[-2]
+  S = _cache_layer(v_cache, l).shape[-2]
   offset = 0 if seq_axis is None else jax.lax.axis_index(seq_axis) * S
   k_cache = _cache_write_token(k_cache, l, lengths - offset, k[:, 0].astype(config.dtype), 3)
   v_cache = _cache_write_token(v_cache, l, lengths - offset, v[:, 0].astype(config.dtype), 2)
