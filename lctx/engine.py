@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lctx.cache.dense import KVCache, init_cache
+from lctx.cache import spec as spec_lib
+from lctx.cache.dense import KVCache, cache_format, init_cache
 from lctx.config import ModelConfig
 from lctx.model import transformer
 from lctx.model.params import Params, abstract_params
@@ -34,14 +35,18 @@ def layers_stacked(params: Params) -> bool:
 
 
 def new_cache(config: ModelConfig, params: Params, batch: int, capacity: int,
-              plan: Plan | None = None) -> KVCache:
+              plan: Plan | None = None, kv_compression=None) -> KVCache:
   """An empty cache in the layout (stacked or per layer) that matches the params;
-  with a plan, created directly in its sharded layout."""
+  with a plan, created directly in its sharded layout. kv_compression: a
+  compression spec (lctx.cache.spec: e.g. "int8", "kivi:bits=2"; None or "":
+  dense), parsed and checked against the model (ValueError naming the
+  policy, key and allowed values) before anything compiles."""
   stacked = layers_stacked(params)
+  spec = str(spec_lib.parse(kv_compression))
   if plan is None:
-    return init_cache(config, batch, capacity, stacked=stacked)
-  _check_plan(config, plan, batch=batch, capacity=capacity)
-  make = functools.partial(init_cache, config, batch, capacity, stacked)
+    return init_cache(config, batch, capacity, stacked=stacked, kv_compression=spec)
+  _check_plan(config, plan, batch=batch, capacity=capacity, compressed=spec)
+  make = functools.partial(init_cache, config, batch, capacity, stacked, spec)
   return jax.jit(make, out_shardings=plan.cache_shardings(jax.eval_shape(make)))()
 
 
@@ -222,6 +227,7 @@ def prefill(config: ModelConfig, params: Params, tokens, cache: KVCache, lengths
                      f"{cache.capacity}")
   if plan is not None:
     _check_plan(config, plan, batch=cache.batch, capacity=cache.capacity,
+                compressed=cache.format.spec if cache.compressed else None,
                 prompt_len=tokens.shape[1])
     return sharded_step("prefill", plan, params, cache, block, chunk)(params, tokens, lengths,
                                                                       cache)
@@ -243,7 +249,8 @@ def decode_step(config: ModelConfig, params: Params, tokens, cache: KVCache,
       raise ValueError(f"KV cache is full: a row holds {fullest} tokens and the capacity is "
                        f"{cache.capacity}; allocate a larger cache")
   if plan is not None:
-    _check_plan(config, plan, batch=cache.batch, capacity=cache.capacity)
+    _check_plan(config, plan, batch=cache.batch, capacity=cache.capacity,
+                compressed=cache.format.spec if cache.compressed else None)
     return sharded_step("decode", plan, params, cache)(params, tokens, cache)
   return decode_jit(config, params, tokens, cache)
 
@@ -252,7 +259,8 @@ def generate(config: ModelConfig, params: Params, tokens, *, max_new_tokens: int
              lengths=None, sampling: SamplingConfig = SamplingConfig(), key=None,
              capacity: int | None = None, block: int = PREFILL_BLOCK,
              plan: Plan | None = None, eos_token_id=None,
-             pad_token_id: int | None = None, prefill_chunk: int | None = None) -> jax.Array:
+             pad_token_id: int | None = None, prefill_chunk: int | None = None,
+             kv_compression=None) -> jax.Array:
   """Prefill then up to `max_new_tokens` tokens per row, the token loop inside one jit.
 
   tokens: [B, T] right-padded prompts, lengths [B] (default: all T).
@@ -263,9 +271,11 @@ def generate(config: ModelConfig, params: Params, tokens, *, max_new_tokens: int
   every later slot holds pad_token_id (default: the first EOS id); the loop
   stops once every row has ended. None: always max_new_tokens tokens.
   prefill_chunk: prefill the prompt C tokens at a time (prefill; None or 0:
-  one pass). Returns the new tokens [B, max_new_tokens] int32.
+  one pass). kv_compression: the cache's compression spec (new_cache).
+  Returns the new tokens [B, max_new_tokens] int32.
   """
   check_params(config, params)
+  kv_compression = str(spec_lib.parse(kv_compression))
   tokens, lengths = _check_tokens(config, tokens, lengths)
   T = tokens.shape[1]
   prefill_chunk = transformer.check_chunk(prefill_chunk, plan, T)
@@ -273,6 +283,10 @@ def generate(config: ModelConfig, params: Params, tokens, *, max_new_tokens: int
     raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
   eos = _stop_ids(config, eos_token_id, pad_token_id)
   capacity = T + max_new_tokens if capacity is None else capacity
+  fmt = cache_format(config, kv_compression)  # errors before compiling
+  if fmt is not None and capacity % fmt.slot_multiple:
+    raise ValueError(f"cache capacity {capacity} with kv_compression {kv_compression!r}: "
+                     f"allowed: a multiple of {fmt.slot_multiple}")
   needed = T + max_new_tokens - 1
   if needed > capacity:
     raise ValueError(f"prompt length {T} + max_new_tokens {max_new_tokens} needs {needed} cache "
@@ -282,13 +296,14 @@ def generate(config: ModelConfig, params: Params, tokens, *, max_new_tokens: int
       raise ValueError("sampling with temperature > 0 needs an explicit PRNG key (key=...)")
     key = jax.random.key(0)  # unused by greedy decoding
   if plan is not None:
-    _check_plan(config, plan, batch=tokens.shape[0], capacity=capacity, prompt_len=T)
+    _check_plan(config, plan, batch=tokens.shape[0], capacity=capacity, prompt_len=T,
+                compressed=kv_compression)
     params = shard_params(params, plan)
     tokens = plan.put(tokens, plan.tokens_sharding("prefill"))
     lengths = plan.put(lengths, plan.batch_sharding())
   return _generate_jit(config, params, tokens, lengths, key, max_new_tokens=int(max_new_tokens),
                        capacity=int(capacity), sampling=sampling, block=block, plan=plan, eos=eos,
-                       chunk=prefill_chunk or None)
+                       chunk=prefill_chunk or None, kv_compression=kv_compression)
 
 
 def _stop_ids(config: ModelConfig, eos_token_id, pad_token_id) -> tuple[tuple[int, ...], int] | None:
@@ -311,10 +326,11 @@ def _stop_ids(config: ModelConfig, eos_token_id, pad_token_id) -> tuple[tuple[in
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "capacity",
-                                             "sampling", "block", "plan", "eos", "chunk"))
+                                             "sampling", "block", "plan", "eos", "chunk",
+                                             "kv_compression"))
 def _generate_jit(config, params, tokens, lengths, key, *, max_new_tokens, capacity, sampling,
-                  block, plan, eos, chunk=None):
-  cache = new_cache(config, params, tokens.shape[0], capacity)
+                  block, plan, eos, chunk=None, kv_compression=""):
+  cache = new_cache(config, params, tokens.shape[0], capacity, kv_compression=kv_compression)
   if plan is not None:  # built in place, in the same layout as the sharded steps use
     cache = plan.constrain(cache, plan.cache_shardings(cache))
   logits, cache = transformer.prefill(config, params, tokens, lengths, cache, block, plan,

@@ -170,12 +170,27 @@ class Plan:
     return out
 
   def cache_shardings(self, cache: KVCache) -> KVCache:
+    """Shardings of a cache (either layout; dense or compressed). A
+    compressed cache's arrays split like the dense cache's, along the axes
+    they share with it: batch, and KV heads where an array has one entry per
+    KV head (a scale shared by all heads is replicated); their slot axes are
+    not split (compressed caches run on meshes without `seq`, check)."""
     lead = (LAYERS,) if cache.stacked else ()
+    batch = self.sharding((CACHE_BATCH,), "decode")
+    if cache.compressed:
+      K = self.config.num_kv_heads
+      def one(x, axes):  # x: stacked [L, B, ...] or one layer [B, ...]
+        heads = x.shape[len(lead) + 1]
+        return self.sharding(lead + (CACHE_BATCH, CACHE_KV_HEADS if heads == K else None)
+                             + (None, None), "decode")
+      side = lambda d: {name: (one(x, lead) if cache.stacked else tuple(one(y, lead) for y in x))
+                        for name, x in d.items()}
+      return cache.replace(k=side(cache.k), v=side(cache.v), lengths=batch)
     k = self.sharding(lead + K_CACHE_AXES, "decode")
     v = self.sharding(lead + V_CACHE_AXES, "decode")
     if not cache.stacked:
       k, v = tuple(k for _ in cache.k), tuple(v for _ in cache.v)
-    return KVCache(k, v, self.sharding((CACHE_BATCH,), "decode"))
+    return cache.replace(k=k, v=v, lengths=batch)
 
   def tokens_sharding(self, mode: str) -> NamedSharding:
     """[B, T] prompts for prefill, [B] tokens for decode."""
@@ -239,9 +254,15 @@ class Plan:
   # ---- validation, before anything compiles -------------------------------------------
 
   def check(self, *, batch: int | None = None, capacity: int | None = None,
-            prompt_len: int | None = None) -> None:
+            prompt_len: int | None = None, compressed: str | None = None) -> None:
     """Raises ValueError naming the axis, the dimension and the sizes when a
-    mesh axis does not divide the dimension it shards."""
+    mesh axis does not divide the dimension it shards, and for a compressed
+    cache (compressed: its spec) on a mesh with a `seq` axis (not modelled:
+    its slots would have to split over seq)."""
+    if compressed and self.seq_parallel:
+      raise ValueError(f"kv_compression {compressed!r} on a mesh with seq:{self.size('seq')}: "
+                       f"compressed caches run on meshes without a seq axis (allowed: data and "
+                       f"model axes)")
     dims = []  # the model axis is checked when the plan is made (__post_init__)
     if batch is not None:
       dims.append(("data", "batch", batch))

@@ -1,4 +1,5 @@
-"""The dense KV cache: fixed capacity, per-row fill lengths, updated in place.
+"""The KV cache: fixed capacity, per-row fill lengths, updated in place;
+dense, or compressed by a policy (lctx.cache.spec, lctx.cache.quant).
 
 Per layer, keys are [B, K, H, S] and values [B, K, S, H] (S = capacity): both
 decode-attention products are then batched matmuls over (b, k) with the
@@ -6,6 +7,11 @@ contiguous operand the CPU backend wants (see lctx.model.attention). The layers
 are either stacked into one [L, ...] array per K and V (for the scanned layer
 loop) or kept as a tuple of L arrays (for the unrolled loop, where each layer's
 buffer is read and written in place with no slicing copies).
+
+A compressed cache holds, instead of the two arrays, two dicts of arrays (its
+format's key side and value side, lctx.cache.quant.base), each entry stacked
+or a tuple of L arrays the same way, and its format as static metadata (part
+of the pytree structure, so a jitted step compiles once per format).
 """
 
 from __future__ import annotations
@@ -24,27 +30,42 @@ V_CACHE_AXES = ("cache_batch", "cache_kv_heads", "cache_seq", "head_dim")
 
 @struct.dataclass
 class KVCache:
-  k: jax.Array | tuple[jax.Array, ...]  # [L, B, K, H, S] or L x [B, K, H, S]
-  v: jax.Array | tuple[jax.Array, ...]  # [L, B, K, S, H] or L x [B, K, S, H]
+  # Dense: [L, B, K, H, S] or L x [B, K, H, S]; compressed: a dict of such arrays.
+  k: jax.Array | tuple[jax.Array, ...] | dict
+  v: jax.Array | tuple[jax.Array, ...] | dict  # dense: [L, B, K, S, H] or L x [B, K, S, H]
   lengths: jax.Array  # [B] int32: valid tokens per row; the next token goes there
+  # The compression format (lctx.cache.quant), None for dense; static.
+  format: object = struct.field(pytree_node=False, default=None)
+
+  @property
+  def compressed(self) -> bool:
+    return self.format is not None
+
+  def _first(self, side):
+    x = side["codes"] if isinstance(side, dict) else side
+    return x
 
   @property
   def stacked(self) -> bool:
-    return not isinstance(self.k, (tuple, list))
+    return not isinstance(self._first(self.k), (tuple, list))
 
   @property
   def capacity(self) -> int:
-    return (self.v if self.stacked else self.v[0]).shape[-2]
+    v = self._first(self.v)
+    return (v if self.stacked else v[0]).shape[-2]
 
   @property
   def batch(self) -> int:
     return self.lengths.shape[0]
 
   @property
-  def nbytes(self) -> int:
-    """Physical bytes: K and V payload plus the lengths."""
+  def physical_bytes(self) -> int:
+    """Physical bytes: every array the cache holds (payload, scales, zero
+    points, outliers and their indices, residual buffers) plus the lengths."""
     return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
                for x in jax.tree.leaves(self))
+
+  nbytes = physical_bytes
 
 
 def _layer_shapes(config: ModelConfig, batch: int, capacity: int):
@@ -54,10 +75,41 @@ def _layer_shapes(config: ModelConfig, batch: int, capacity: int):
   return (batch, K, H, capacity), (batch, K, capacity, H)
 
 
-def init_cache(config: ModelConfig, batch: int, capacity: int, stacked: bool = True) -> KVCache:
-  """An empty cache (zeros; never uninitialised memory) in the compute dtype."""
-  k_shape, v_shape = _layer_shapes(config, batch, capacity)
+def cache_format(config: ModelConfig, kv_compression=None, block: int | None = None,
+                 capacity: int | None = None):
+  """The format (lctx.cache.quant) of a compression spec string or parsed
+  spec for this model, None for dense. Raises ValueError (naming the policy,
+  key and allowed values) for a spec that does not parse or does not fit the
+  model (e.g. a group that does not divide head_dim), before anything compiles.
+  With a capacity, None also for a policy that keeps every slot in full
+  precision there (quant.make_format)."""
+  from lctx.cache import quant, spec as spec_lib  # quant pulls in every format
+  parsed = spec_lib.parse(kv_compression)
+  parsed.check(config.head_dim, block)
+  if parsed.quantization is None:
+    return None
+  return quant.make_format(parsed.quantization, config, capacity)
+
+
+def init_cache(config: ModelConfig, batch: int, capacity: int, stacked: bool = True,
+               kv_compression=None) -> KVCache:
+  """An empty cache (zeros; never uninitialised memory) in the compute dtype,
+  or in the format of `kv_compression` (a spec string, lctx.cache.spec; empty
+  or None: dense). ValueError for a bad spec (cache_format) or a capacity the
+  format cannot hold (e.g. not a multiple of KIVI's group)."""
+  fmt = cache_format(config, kv_compression, capacity=capacity)
   dtype, L = jnp.dtype(config.dtype), config.num_layers
+  if fmt is not None:
+    _layer_shapes(config, batch, capacity)  # the positivity checks
+    if capacity % fmt.slot_multiple:
+      raise ValueError(f"cache capacity {capacity} with kv_compression {fmt.spec!r}: allowed: "
+                       f"a multiple of {fmt.slot_multiple}")
+    layers = [fmt.init_layer(batch, capacity) for _ in range(L)]
+    side = lambda i: {name: (jnp.stack([lay[i][name] for lay in layers]) if stacked
+                             else tuple(lay[i][name] for lay in layers))
+                      for name in layers[0][i]}
+    return KVCache(side(0), side(1), jnp.zeros((batch,), jnp.int32), fmt)
+  k_shape, v_shape = _layer_shapes(config, batch, capacity)
   if stacked:
     k, v = jnp.zeros((L, *k_shape), dtype), jnp.zeros((L, *v_shape), dtype)
   else:
@@ -67,6 +119,6 @@ def init_cache(config: ModelConfig, batch: int, capacity: int, stacked: bool = T
 
 
 def abstract_cache(config: ModelConfig, batch: int, capacity: int,
-                   stacked: bool = True) -> KVCache:
+                   stacked: bool = True, kv_compression=None) -> KVCache:
   """ShapeDtypeStructs of a cache: for compiling at 1M tokens without allocating."""
-  return jax.eval_shape(lambda: init_cache(config, batch, capacity, stacked))
+  return jax.eval_shape(lambda: init_cache(config, batch, capacity, stacked, kv_compression))

@@ -49,6 +49,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lctx.cache.segments import Blocks
+
 # Finite stand-in for -inf: exp(MASKED - m) underflows to 0 without inf - inf NaNs.
 MASKED = -0.7 * float(np.finfo(np.float32).max)
 # A scan's trip count and loop counter are int32.
@@ -140,10 +142,37 @@ class CacheSegment:
   block: int = 512
   trips: float | None = None
 
+  def partial(self, q_btnh: jax.Array) -> Partial:
+    K, S = self.v.shape[-3], self.v.shape[-2]
+
+    def read(x, lo, blk, axis):  # slots [lo, lo + blk) of one layer (axis: its slot axis)
+      if self.layer is None:
+        return jax.lax.dynamic_slice_in_dim(x, lo, blk, axis)
+      starts, size = [self.layer, 0, 0, 0, 0], list(x.shape)
+      starts[axis + 1], size[0], size[axis + 1] = lo, 1, blk
+      return jax.lax.dynamic_slice(x, starts, size)[0]
+
+    source = Blocks(lambda lo, n: (read(self.k, lo, n, 3), read(self.v, lo, n, 2)),
+                    self.length, S, K)
+    return SourceSegment(source, self.block, self.trips).partial(q_btnh)
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSegment:
+  """A segment over the slots of a `Blocks` source: the queries in tiles, each
+  looping over the filled key blocks (only those below max(length) run).
+  block: keys scored per step (at most S). trips: the trip count to charge
+  when length is traced and more than one block may run (TRIPS_SCOPE); a
+  ValueError otherwise, so the cost model never silently charges one trip."""
+  source: Blocks
+  block: int = 512
+  trips: float | None = None
+
   @_scoped
   def partial(self, q_btnh: jax.Array) -> Partial:
     B, T, N, H = q_btnh.shape
-    K, S = self.v.shape[-3], self.v.shape[-2]
+    src = self.source
+    K, S = src.kv_heads, src.slots
     G, blk = N // K, min(self.block, S)
     # Queries in tiles of qb tokens (all G heads of a KV head as rows of one
     # matmul), each against the key blocks in turn: a tile's scores stay
@@ -152,37 +181,31 @@ class CacheSegment:
     qb = min(_round_up(-(-T // nq), 8), T)  # even tiles: a short chunk pads at most 7 rows a tile
     q = jnp.pad(q_btnh, [(0, 0), (0, nq * qb - T), (0, 0), (0, 0)])
     q = q.reshape(B, nq, qb, K, G, H).transpose(1, 0, 3, 2, 4, 5).reshape(nq, B, K, qb * G, H)
-    length = jnp.broadcast_to(jnp.asarray(self.length, jnp.int32), (B,))
-
-    def read(x, lo, axis):  # slots [lo, lo + blk) of one layer (axis: its slot axis)
-      if self.layer is None:
-        return jax.lax.dynamic_slice_in_dim(x, lo, blk, axis)
-      starts, size = [self.layer, 0, 0, 0, 0], list(x.shape)
-      starts[axis + 1], size[0], size[axis + 1] = lo, 1, blk
-      return jax.lax.dynamic_slice(x, starts, size)[0]
+    length = jnp.broadcast_to(jnp.asarray(src.length, jnp.int32), (B,))
 
     def one_block(q, j):  # q: [B, K, M, H], one tile; j: a key block
       # The last block may overlap the one before it (S not a multiple of blk):
       # its start is clamped and the slots already seen are hidden.
       lo = jnp.minimum(j * blk, S - blk)
       slot = lo + jnp.arange(blk)
-      visible = ((slot >= j * blk)[None, :] & (slot[None, :] < length[:, None]))[:, None, None]
-      s = jnp.einsum("bkmh,bkhs->bkms", q, read(self.k, lo, 3).astype(q.dtype),
+      shown = (slot[None, :] < length[:, None]) if src.valid is None else src.valid(slot)
+      visible = ((slot >= j * blk)[None, :] & shown)[:, None, None]
+      k, v = src.read(lo, blk)
+      s = jnp.einsum("bkmh,bkhs->bkms", q, k.astype(q.dtype),
                      preferred_element_type=jnp.float32) * (H ** -0.5)
       s = jnp.where(visible, s, MASKED)
       m = s.max(axis=-1)
       p = jnp.where(visible, jnp.exp(s - m[..., None]), 0.0)
-      v = read(self.v, lo, 2)
       out = jnp.einsum("bkms,bksh->bkmh", p.astype(v.dtype), v,
                        preferred_element_type=jnp.float32)
       return Partial(out, m, p.sum(axis=-1))
 
     n_blocks = -(-S // blk)
-    static = isinstance(self.length, int)
+    static = isinstance(src.length, int)
     if static:
-      n_blocks = -(-min(max(self.length, 0), S) // blk)
+      n_blocks = -(-min(max(src.length, 0), S) // blk)
     elif n_blocks > 1 and self.trips is None:
-      raise ValueError("CacheSegment over a traced length with more than one block "
+      raise ValueError("a segment over a traced length with more than one block "
                        "needs trips= (the block count the cost model charges)")
     bound = n_blocks if static else jnp.minimum((length.max() + blk - 1) // blk, n_blocks)
 
@@ -194,6 +217,10 @@ class CacheSegment:
       with jax.named_scope(f"{TRIPS_SCOPE}={float(n_blocks if static else self.trips)!r}"):
         return jax.lax.fori_loop(0, bound, lambda j, acc: merge(acc, one_block(q, j)), acc)
 
+    if n_blocks == 0:  # nothing visible: merge's identity
+      return Partial(jnp.zeros(q_btnh.shape, jnp.float32),
+                     jnp.full(q_btnh.shape[:-1], MASKED, jnp.float32),
+                     jnp.zeros(q_btnh.shape[:-1], jnp.float32))
     part = jax.tree.map(lambda x: x[None], tile(q[0])) if nq == 1 else jax.lax.map(tile, q)
     # [nq, B, K, (t, g), ...] -> [B, T, N = (k, g), ...]
     rows = lambda x: x.reshape(nq, B, K, qb, G, -1).transpose(1, 0, 3, 2, 4, 5).reshape(

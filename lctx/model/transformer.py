@@ -22,7 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lctx.cache import store
 from lctx.cache.dense import KVCache
+from lctx.cache.quant.base import View
 from lctx.config import ModelConfig
 from lctx.model import attention
 from lctx.model.layers import apply_rope, rms_norm, rope_cos_sin, swiglu
@@ -33,14 +35,16 @@ PREFILL_BLOCK = 512
 
 # ---- pieces of one layer -----------------------------------------------------
 
-def _qkv(config: ModelConfig, lp: Params, x_btd: jax.Array, rope: tuple[jax.Array, jax.Array]):
+def _qkv(config: ModelConfig, lp: Params, x_btd: jax.Array, rope: tuple[jax.Array, jax.Array],
+         raw_k: bool = False):
   """Q, K (rotated by the RoPE tables `rope` = (cos, sin), computed once for
   all layers) and V of one layer.
 
   With config.qkv_bias the projections add their biases (Qwen2, Llama's
   attention_bias); with config.qk_norm each head of q and k is RMS-normalised
   over head_dim with weights shared by the heads, after the bias and before
-  RoPE (Qwen3)."""
+  RoPE (Qwen3). raw_k: also return k before RoPE (a cache format that
+  stores keys unrotated, e.g. KVQuant)."""
   # Separate Q, K, V matmuls: a fused [D, N + 2K, H] projection measured 2x
   # slower in CPU prefill (slicing its output costs more than it saves).
   dtype = x_btd.dtype
@@ -56,6 +60,8 @@ def _qkv(config: ModelConfig, lp: Params, x_btd: jax.Array, rope: tuple[jax.Arra
     q = rms_norm(q, lp["q_norm"], config.rms_norm_eps)
     k = rms_norm(k, lp["k_norm"], config.rms_norm_eps)
   cos, sin = rope
+  if raw_k:
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, k
   return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
@@ -87,67 +93,16 @@ def _layer_loop(layers, carry, body: Callable):
   return carry
 
 
-# ---- cache access, for both layouts -------------------------------------------
+# ---- cache access, for both layouts (lctx.cache.store) ------------------------------
 
-def _cache_layer(kv, l):
-  if isinstance(kv, tuple):
-    return kv[l]
-  return jax.lax.dynamic_index_in_dim(kv, l, axis=0, keepdims=False)
-
-
-def _cache_write_prefix(kv, l, new):
-  """Writes slots [0, T) of layer l (every row) in place; new is laid out as the cache."""
-  if isinstance(kv, tuple):
-    return kv[:l] + (jax.lax.dynamic_update_slice(kv[l], new, (0, 0, 0, 0)),) + kv[l + 1:]
-  return jax.lax.dynamic_update_slice(kv, new[None], (l, 0, 0, 0, 0))
-
-
-def _cache_write_slots(kv, l, new, start, seq_axis: int):
-  """Writes slots [start, start + n) of layer l (every row) in place; new is
-  laid out as one layer of the cache with n slots along seq_axis (3 for keys
-  [B, K, H, S], 2 for values [B, K, S, H]); start may be traced, and
-  start + n must not exceed the capacity (dynamic_update_slice would clamp)."""
-  index = [0, 0, 0, 0]
-  index[seq_axis] = start
-  if isinstance(kv, tuple):
-    return kv[:l] + (jax.lax.dynamic_update_slice(kv[l], new, tuple(index)),) + kv[l + 1:]
-  return jax.lax.dynamic_update_slice(kv, new[None], (l, *index))
-
-
-def _cache_slots(kv, l, start, n: int, seq_axis: int):
-  """Slots [start, start + n) of layer l (every row), laid out as one layer
-  of the cache; start may be traced."""
-  if isinstance(kv, tuple):
-    return jax.lax.dynamic_slice_in_dim(kv[l], start, n, seq_axis)
-  index = [l, 0, 0, 0, 0]
-  index[seq_axis + 1] = start
-  size = list(kv.shape)
-  size[0], size[seq_axis + 1] = 1, n
-  return jax.lax.dynamic_slice(kv, index, size)[0]
+_cache_layer = store.layer
+_cache_write_prefix = store.write_prefix
+_cache_write_slots = store.write_slots
+_cache_slots = store.slots
 
 
 def _cache_write_token(kv, l, slots_b, new_bkh, seq_axis):
-  """Writes row b's new token at slot slots_b[b] of layer l, in place.
-
-  seq_axis: the slot axis of a per-layer array (3 for keys [B, K, H, S], 2 for
-  values [B, K, S, H]). Out-of-range slots are dropped, never clamped onto a
-  valid slot (callers check capacity before the step).
-  """
-  capacity = (kv[l] if isinstance(kv, tuple) else kv).shape[seq_axis - 4]
-  # Negative indices would wrap around (numpy style) before "drop" applies.
-  slots_b = jnp.where(slots_b < 0, capacity, slots_b)
-  rows = jnp.arange(slots_b.shape[0])
-  if rows.shape[0] == 1:
-    # XLA rewrites a one-update scatter into a dynamic-update-slice, which the CPU
-    # backend then duplicates into its readers and copies the whole cache layer
-    # every step. A second, identical update keeps it a scatter, updated in place.
-    rows, slots_b, new_bkh = (jnp.concatenate([a, a]) for a in (rows, slots_b, new_bkh))
-  index = [rows, slice(None), slice(None), slice(None)]
-  index[seq_axis] = slots_b
-  if isinstance(kv, tuple):
-    layer = kv[l].at[tuple(index)].set(new_bkh, mode="drop")
-    return kv[:l] + (layer,) + kv[l + 1:]
-  return kv.at[(l, *index)].set(new_bkh, mode="drop")
+  return store.write_token(kv, l, slots_b, new_bkh, seq_axis)
 
 
 def _segment(kv_k, kv_v, l, length, block: int, trips: float | None = None):
@@ -305,6 +260,71 @@ def _chunk_attention(config: ModelConfig, k_cache, v_cache, l, q, k, v, start,
                             ((), q_axes, kv_axes, kv_axes), q_axes)
 
 
+# ---- compressed caches (lctx.cache.quant): a format writes, attention reads its sources ----
+
+# Slots a decode step dequantizes and scores at a time from a compressed cache:
+# its temporaries stay a block, not a layer (a dense decode reads the layer in
+# one block, in place).
+QUANT_DECODE_BLOCK = 512
+
+
+def _rotate(config: ModelConfig):
+  """rotate(k [B, K, H, n], positions [n]) -> k with RoPE at those positions,
+  for formats that store keys before RoPE."""
+  def rotate(k_bkhn, positions):
+    cos, sin = rope_cos_sin(config, positions[None, :])
+    return apply_rope(k_bkhn.transpose(0, 3, 1, 2), cos, sin).transpose(0, 2, 3, 1)
+  return rotate
+
+
+def _qkv_stored(config, fmt, lp, x, rope):
+  """q, k, v as attention uses them, and the keys the format stores."""
+  if fmt.pre_rope:
+    q, k, v, raw = _qkv(config, lp, x, rope, raw_k=True)
+    return q, k, v, raw
+  q, k, v = _qkv(config, lp, x, rope)
+  return q, k, v, k
+
+
+def _format_prefill(fmt, kc, vc, l, q, k, v, k_store, lengths, block: int):
+  """One-pass prefill at layer l with a compressed cache: the prompt's keys
+  and values go into the format; the prompt attends itself at full precision
+  (its K/V are at hand, as in any serving kernel)."""
+  view = fmt.write_prefix(View(kc, vc, l), k_store.transpose(0, 2, 3, 1),
+                          v.transpose(0, 2, 1, 3), lengths)
+  return attention.causal_attention(q, k, v, block), view.k, view.v
+
+
+def _format_chunk(config, fmt, kc, vc, l, q, k, v, k_store, start, lengths, block: int,
+                  trips):
+  """One prefill chunk at layer l with a compressed cache: the chunk's K/V go
+  into the format, then its queries attend the format's sources for slots
+  [0, start) (dequantized block by block) and the chunk itself."""
+  view = fmt.write_chunk(View(kc, vc, l), k_store.transpose(0, 2, 3, 1),
+                         v.transpose(0, 2, 1, 3), start, lengths)
+  segments = [attention.SourceSegment(src, block, trips)
+              for src in fmt.sources(view, start, _rotate(config))]
+  part = attention.attend(q, segments + [attention.ChunkSegment(k, v, block)])
+  return attention.finalize(part, q.dtype), view.k, view.v
+
+
+def _format_decode(config, fmt, kc, vc, l, lengths, q, k_store, v, capacity: int):
+  """A decode step at layer l with a compressed cache: the token goes into
+  the format at slot lengths[b]; attention reads slots [0, lengths] block by
+  block (QUANT_DECODE_BLOCK), charging the whole capacity's blocks, as the
+  dense step reads the whole layer."""
+  view = fmt.write_token(View(kc, vc, l), k_store[:, 0], v[:, 0], lengths)
+  blk = min(QUANT_DECODE_BLOCK, capacity)
+  segments = [attention.SourceSegment(src, blk, -(-capacity // blk))
+              for src in fmt.sources(view, lengths + 1, _rotate(config))]
+  return attention.finalize(attention.attend(q, segments), q.dtype), view.k, view.v
+
+
+def _check_format_plan(cache: KVCache, plan) -> None:
+  if cache.compressed and plan is not None:
+    plan.check(compressed=cache.format.spec)
+
+
 def chunk_trips(T: int, chunk: int, capacity: int, seq: int = 1,
                 block: int = PREFILL_BLOCK) -> tuple[float, int]:
   """Cache blocks the chunked prefill's CacheSegment loop runs per layer:
@@ -337,6 +357,7 @@ def _chunked_prefill(config: ModelConfig, params: Params, tokens: jax.Array,
   seq = plan.size("seq") if plan is not None else 1
   mean_trips, tail_trips = chunk_trips(T, chunk, cache.capacity, seq, block)
   last_row = lengths - 1  # the position whose logits each row returns
+  fmt = cache.format
 
   def run(carry, start, size, trips):
     k_cache, v_cache, last = carry
@@ -347,8 +368,13 @@ def _chunked_prefill(config: ModelConfig, params: Params, tokens: jax.Array,
 
     def body(lp, l, c):
       x, kc, vc = c
-      q, k, v = _qkv(config, lp, x, rope)
-      attn, kc, vc = _chunk_attention(config, kc, vc, l, q, k, v, start, block, trips, plan)
+      if fmt is None:
+        q, k, v = _qkv(config, lp, x, rope)
+        attn, kc, vc = _chunk_attention(config, kc, vc, l, q, k, v, start, block, trips, plan)
+      else:
+        q, k, v, k_store = _qkv_stored(config, fmt, lp, x, rope)
+        attn, kc, vc = _format_chunk(config, fmt, kc, vc, l, q, k, v, k_store, start, lengths,
+                                     block, trips)
       return _out_and_mlp(config, lp, x, attn), kc, vc
 
     x, k_cache, v_cache = _layer_loop(params["layers"], (x0, k_cache, v_cache), body)
@@ -363,7 +389,8 @@ def _chunked_prefill(config: ModelConfig, params: Params, tokens: jax.Array,
   if tail:  # at a static offset: one device's cache loop has a known trip count
     carry = run(carry, full * chunk, tail, tail_trips)
   k_cache, v_cache, last = carry
-  return _logits(config, params, last), KVCache(k_cache, v_cache, lengths.astype(jnp.int32))
+  return _logits(config, params, last), cache.replace(k=k_cache, v=v_cache,
+                                                      lengths=lengths.astype(jnp.int32))
 
 
 def check_chunk(chunk, plan=None, prompt_len: int | None = None) -> int | None:
@@ -402,21 +429,30 @@ def prefill(config: ModelConfig, params: Params, tokens: jax.Array, lengths: jax
   if T > cache.capacity:
     raise ValueError(f"prompt length {T} exceeds the cache capacity {cache.capacity}")
   chunk = check_chunk(chunk, plan, T)
+  _check_format_plan(cache, plan)
   if chunk and chunk < T:
     return _chunked_prefill(config, params, tokens, lengths, cache, block, chunk, plan)
   rope = rope_cos_sin(config, jnp.broadcast_to(jnp.arange(T), (B, T)))  # one table, all layers
 
+  fmt = cache.format
+
   def body(lp, l, carry):
     x, k_cache, v_cache = carry
-    q, k, v = _qkv(config, lp, x, rope)
-    attn, k_cache, v_cache = _prefill_attention(config, k_cache, v_cache, l, q, k, v, block,
-                                                plan)
+    if fmt is None:
+      q, k, v = _qkv(config, lp, x, rope)
+      attn, k_cache, v_cache = _prefill_attention(config, k_cache, v_cache, l, q, k, v, block,
+                                                  plan)
+    else:
+      q, k, v, k_store = _qkv_stored(config, fmt, lp, x, rope)
+      attn, k_cache, v_cache = _format_prefill(fmt, k_cache, v_cache, l, q, k, v, k_store,
+                                               lengths, block)
     return _out_and_mlp(config, lp, x, attn), k_cache, v_cache
 
   x, k_cache, v_cache = _layer_loop(
       params["layers"], (_embed(config, params, tokens), cache.k, cache.v), body)
   last = x[jnp.arange(B), lengths - 1]  # [B, D]
-  return _logits(config, params, last), KVCache(k_cache, v_cache, lengths.astype(jnp.int32))
+  return _logits(config, params, last), cache.replace(k=k_cache, v=v_cache,
+                                                      lengths=lengths.astype(jnp.int32))
 
 
 def _decode_attention(config: ModelConfig, k_cache, v_cache, l, lengths, q, k, v,
@@ -450,6 +486,8 @@ def decode(config: ModelConfig, params: Params, tokens: jax.Array, cache: KVCach
   gathered.
   """
   lengths = cache.lengths
+  fmt = cache.format
+  _check_format_plan(cache, plan)
 
   def attend(k_cache, v_cache, l, q, k, v):
     if plan is None or not plan.seq_parallel:
@@ -465,10 +503,16 @@ def decode(config: ModelConfig, params: Params, tokens: jax.Array, cache: KVCach
 
   def body(lp, l, carry):
     x, k_cache, v_cache = carry
-    q, k, v = _qkv(config, lp, x, rope)  # [B, 1, heads, H]
-    attn, k_cache, v_cache = attend(k_cache, v_cache, l, q, k, v)
+    if fmt is None:
+      q, k, v = _qkv(config, lp, x, rope)  # [B, 1, heads, H]
+      attn, k_cache, v_cache = attend(k_cache, v_cache, l, q, k, v)
+    else:
+      q, k, v, k_store = _qkv_stored(config, fmt, lp, x, rope)
+      attn, k_cache, v_cache = _format_decode(config, fmt, k_cache, v_cache, l, lengths, q,
+                                              k_store, v, cache.capacity)
     return _out_and_mlp(config, lp, x, attn), k_cache, v_cache
 
   x, k_cache, v_cache = _layer_loop(
       params["layers"], (_embed(config, params, tokens[:, None]), cache.k, cache.v), body)
-  return _logits(config, params, x[:, 0]), KVCache(k_cache, v_cache, lengths + 1)
+  return _logits(config, params, x[:, 0]), cache.replace(k=k_cache, v=v_cache,
+                                                         lengths=lengths + 1)
