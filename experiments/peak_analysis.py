@@ -4,12 +4,18 @@
   python -m experiments.peak_analysis --hardware=h100-sxm --contexts=4000,1000000 \\
       --json_out=out.json --plot_out=out.png
   python -m experiments.peak_analysis --mesh=model:8 --mesh=seq:2,model:4 --mesh=data:2,model:4
+  python -m experiments.peak_analysis --num_devices=8 --contexts=131072 \
+      --kv_compression=int8 --kv_compression=int4 --kv_compression=fp8   # dense first, then each
+  python -m experiments.peak_analysis --kv_compression=help           # the policies and knobs
 
 For every context length and mesh (tensor parallel over --num_devices, or each
 --mesh) it compiles lctx's prefill and decode programs from abstract shapes
 (nothing is allocated) and reads per-device costs from their partitioned HLO
 (`hlo` rows), beside the framework's closed form (`analytic` rows, --convention
-exact or paper), with their ratio.
+exact or paper), with their ratio. With --kv_compression (repeatable), every
+row is computed again with each compressed cache, beside the dense one: its
+physical bytes per token (closed form) and its compiled programs (the
+quantized cache's writes and block-by-block dequantizing reads).
 """
 
 from __future__ import annotations
@@ -49,6 +55,10 @@ _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16", "float32
                            "Weights and KV cache dtype.")
 _CONVENTION = flags.DEFINE_enum("convention", "exact", ["exact", "paper"],
                                 "Closed-form convention (see lctx.cost.analytic).")
+_KV_COMPRESSION = flags.DEFINE_multi_string(
+    "kv_compression", [], "KV-cache compression spec (lctx.cache.spec), e.g. int8, int4:group=64, "
+    "fp8:scale=head, kivi:bits=2; repeat the flag to put several side by side (the dense cache "
+    "always comes first); 'help' lists every policy and knob.")
 _WORKERS = flags.DEFINE_integer("workers", 0, "Programs compiled at once (0: one per CPU core).",
                                 lower_bound=0)
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write every row here as JSON.")
@@ -74,24 +84,30 @@ def _gb(x: float) -> str:
 
 
 def _pairs(rows) -> dict:
-  """(context, devices, mesh) -> {source: row}, in that order."""
+  """(context, devices, mesh, kv_compression) -> {source: row}, in that order
+  (compressions in the order their rows came)."""
   pairs = {}
   for r in rows:
-    pairs.setdefault((r.context, r.num_devices, r.mesh), {})[r.source] = r
-  return dict(sorted(pairs.items()))
+    pairs.setdefault((r.context, r.num_devices, r.mesh, r.kv_compression), {})[r.source] = r
+  return dict(sorted(pairs.items(), key=lambda item: item[0][:3]))
+
+
+def _kv(spec: str) -> str:
+  return spec or "dense"
 
 
 def format_table(rows) -> str:
   """One line per (context, mesh): analytic | hlo for each metric."""
-  head = (f"{'context':>9} {'mesh':>14} {'KV/user GB':>10} {'weights/dev GB':>14} "
+  head = (f"{'context':>9} {'mesh':>14} {'kv cache':>14} {'KV/user GB':>13} {'weights/dev GB':>14} "
           f"{'concurrency':>12} {'prefill s':>17} {'decode ms/tok':>15} {'ctx switch s':>14}"
           f"   {'calibrated: prefill s':>21} {'decode ms/tok':>15}")
-  lines = [head, " " * 35 + "(analytic | hlo; KV per user over all devices, weights per device;"
+  lines = [head, " " * 39 + "(analytic | hlo; KV per user over all devices, weights per device;"
            " roofline, then calibrated)"]
-  for (T, g, mesh), by in _pairs(rows).items():
+  for (T, g, mesh, kv), by in _pairs(rows).items():
     a, h = by["analytic"], by["hlo"]
     lines.append(
-        f"{T:>9} {mesh:>14} {_gb(a.kv_bytes_per_user_total):>10} "
+        f"{T:>9} {mesh:>14} {_kv(kv):>14} "
+        f"{_gb(a.kv_bytes_per_user_total) + '|' + _gb(h.kv_bytes_per_user_total):>13} "
         f"{_gb(a.weight_bytes_per_device) + '|' + _gb(h.weight_bytes_per_device):>14} "
         f"{f'{a.concurrency}|{h.concurrency}':>12} "
         f"{f'{a.prefill_s:.2f}|{h.prefill_s:.2f}':>17} "
@@ -110,10 +126,10 @@ def _ratio(x: float | None) -> str:
 def format_shortfalls(rows) -> str:
   """Where not even one user fits: the HBM missing per device, per source."""
   lines = []
-  for (T, _, mesh), by in _pairs(rows).items():
+  for (T, _, mesh, kv), by in _pairs(rows).items():
     short = {src: r.shortfall_bytes_per_device for src, r in by.items() if r.concurrency == 0}
     if short:
-      lines.append(f"  context {T} on {mesh}: " + ", ".join(
+      lines.append(f"  context {T} on {mesh} ({_kv(kv)}): " + ", ".join(
           f"{src} {_gb(b)} GB short per device" for src, b in short.items()))
   return "\n".join(["No user fits (concurrency 0):"] + lines) if lines else ""
 
@@ -121,16 +137,18 @@ def format_shortfalls(rows) -> str:
 def format_throughput(rows, metrics) -> str:
   """Throughput at a full HBM, the HLO's temporaries, and hlo/analytic ratios."""
   G = rows[0].generated_tokens
-  head = (f"{'context':>9} {'mesh':>14} {'decode tok/s':>15} {'sessions/hour':>15} "
+  head = (f"{'context':>9} {'mesh':>14} {'kv cache':>14} {'decode tok/s':>15} "
+          f"{'sessions/hour':>15} "
           f"{'temp GB dec|pre':>16}   hlo/analytic: {'conc':>6} {'prefill':>7} {'decode':>7} "
           f"{'switch':>7}")
   lines = [f"Throughput with HBM full ({G} generated tokens per session; analytic | hlo), "
            f"the compiled programs' peak temporaries per device, and hlo / analytic:", head]
-  for (T, _, mesh), by in _pairs(rows).items():
+  for (T, _, mesh, kv), by in _pairs(rows).items():
     a, h = by["analytic"], by["hlo"]
     q = metrics.ratios(a, h)
     lines.append(
-        f"{T:>9} {mesh:>14} {f'{a.decode_tokens_per_s:.0f}|{h.decode_tokens_per_s:.0f}':>15} "
+        f"{T:>9} {mesh:>14} {_kv(kv):>14} "
+        f"{f'{a.decode_tokens_per_s:.0f}|{h.decode_tokens_per_s:.0f}':>15} "
         f"{f'{a.sessions_per_hour:.0f}|{h.sessions_per_hour:.0f}':>15} "
         f"{_gb(h.decode_temp_bytes_per_device) + '|' + _gb(h.prefill_temp_bytes_per_device):>16}"
         f"   {'':>13} {_ratio(q['concurrency']):>6} {_ratio(q['prefill_s']):>7} "
@@ -144,14 +162,14 @@ def _decode_span(contexts) -> tuple[int, int]:
   return min(contexts), max(contexts)
 
 
-def op_table(config, meshes, contexts, batch, hw, dtype, n, chunk) -> list[dict]:
+def op_table(config, meshes, contexts, batch, hw, dtype, n, chunk, kv_specs=("",)) -> list[dict]:
   """The top ops of every program the sweep compiled (cached: nothing recompiles)."""
   from lctx.cost import metrics
-  return [{"context": T, "mesh": spec, "kind": kind, "batch": B,
+  return [{"context": T, "mesh": spec, "kv_compression": kv, "kind": kind, "batch": B,
            "ops": costs.top_ops(hw.flops(dtype), hw.hbm_bandwidth, n)}
-          for T in contexts for mesh in meshes
+          for T in contexts for mesh in meshes for kv in kv_specs
           for kind, (spec, B, costs) in metrics.programs(
-              config, mesh, T, batch, dtype, chunk, _decode_span(contexts)).items()
+              config, mesh, T, batch, dtype, chunk, _decode_span(contexts), kv).items()
           if kind != "swap"]  # host copies only: nothing for an HBM roofline to rank
 
 
@@ -163,17 +181,20 @@ def plot(rows, path: str) -> None:
   panels = [("concurrency", "users that fit", 1), ("prefill_s", "prefill latency (s)", 1),
             ("decode_step_s", "decode latency (ms/token)", 1e3),
             ("context_switch_s", "context switch (s)", 1)]
-  meshes = sorted({(r.num_devices, r.mesh) for r in rows})
+  kvs = list(dict.fromkeys(r.kv_compression for r in rows))
+  meshes = sorted({(r.num_devices, r.mesh, kvs.index(r.kv_compression)) for r in rows})
   for ax, (field, label, scale) in zip(axes.flat, panels):
-    for i, (g, mesh) in enumerate(meshes):
+    for i, (g, mesh, k) in enumerate(meshes):
+      kv = kvs[k]
       for source, style in (("analytic", "--"), ("hlo", "-")):
-        if source == "analytic" and any(m[0] == g for m in meshes[:i]):
+        if source == "analytic" and any(m[0] == g and m[2] == k for m in meshes[:i]):
           continue  # the closed form depends on the device count only
         pts = sorted((r.context, getattr(r, field) * scale) for r in rows
-                     if r.mesh == mesh and r.source == source)
+                     if r.mesh == mesh and r.source == source and r.kv_compression == kv)
+        tag = "" if len(kvs) == 1 else f" {_kv(kv)}"
         ax.plot([p[0] for p in pts], [max(p[1], 1e-9) if field != "concurrency" else p[1]
-                                      for p in pts], style, color=f"C{i}", marker="o", ms=3,
-                label=f"{mesh}, {source}" if source == "hlo" else f"{g} dev, analytic")
+                                      for p in pts], style, color=f"C{i % 10}", marker="o", ms=3,
+                label=f"{mesh}{tag}, {source}" if source == "hlo" else f"{g} dev{tag}, analytic")
     ax.set_xscale("log")
     ax.set_yscale("symlog" if field == "concurrency" else "log")
     if field == "concurrency":
@@ -204,9 +225,32 @@ def _mesh_flags() -> list[tuple[str, str]]:
           for g in _ints("num_devices", _NUM_DEVICES.value)]
 
 
-def _check_meshes(config, meshes, contexts, batch, chunk) -> None:
-  """Every mesh fits the model, the batch, the prefill chunk and each context,
-  before anything compiles: a UsageError naming the flag otherwise."""
+def _kv_specs(config, contexts) -> list[str]:
+  """The canonical compression specs of the sweep, dense first; a UsageError
+  naming the flag for one that does not parse or fit the model, before
+  anything compiles."""
+  from lctx.cache import spec as spec_lib
+  from lctx.cache.dense import cache_format
+  out = [""]
+  for value in _KV_COMPRESSION.value:
+    try:
+      spec = str(spec_lib.parse(value))
+      for T in contexts:
+        fmt = cache_format(config, spec, capacity=T)
+        if fmt is not None and T % fmt.slot_multiple:
+          raise ValueError(f"context {T} with {spec!r}: allowed: a multiple of "
+                           f"{fmt.slot_multiple}")
+    except ValueError as e:
+      raise app.UsageError(f"--kv_compression={value}: {e}") from e
+    if spec not in out:
+      out.append(spec)
+  return out
+
+
+def _check_meshes(config, meshes, contexts, batch, chunk, kv_specs=("",)) -> None:
+  """Every mesh fits the model, the batch, the prefill chunk, each context and
+  each compressed cache, before anything compiles: a UsageError naming the
+  flag otherwise."""
   from lctx import sharding
   from lctx.cost import metrics
   from lctx.model import transformer
@@ -221,6 +265,9 @@ def _check_meshes(config, meshes, contexts, batch, chunk) -> None:
       for T in contexts:
         decode.check(batch=batch, capacity=T)
         replica.check(batch=1, capacity=T, prompt_len=T)
+      for kv in kv_specs:
+        if kv:
+          decode.check(compressed=kv)
       try:
         transformer.check_chunk(chunk, replica, max(contexts))
       except ValueError as e:
@@ -231,6 +278,10 @@ def _check_meshes(config, meshes, contexts, batch, chunk) -> None:
 
 def main(argv):
   del argv  # cli.run refuses positional arguments
+  if "help" in _KV_COMPRESSION.value:
+    from lctx.cache import spec as spec_lib
+    print(spec_lib.describe())
+    return
   cli.check_output_paths(json_out=_JSON_OUT.value, plot_out=_PLOT_OUT.value,
                          op_table_out=_OP_TABLE_OUT.value)
   contexts = _ints("contexts", _CONTEXTS.value)
@@ -247,14 +298,16 @@ def main(argv):
   costing.require_devices(max(metrics.num_devices(m) for m, _ in meshes),
                           max(meshes, key=lambda mf: metrics.num_devices(mf[0]))[1])
   config = costing.model(_MODEL.value, _DTYPE.value)
-  _check_meshes(config, meshes, contexts, _BATCH.value, _PREFILL_CHUNK.value)
+  kv_specs = _kv_specs(config, contexts)
+  _check_meshes(config, meshes, contexts, _BATCH.value, _PREFILL_CHUNK.value, kv_specs)
   hw = costing.hardware(_HARDWARE.value, _DTYPE.value)  # cpu-local measures: after the checks
   flag_of = dict(meshes)
   meshes = list(flag_of)
   print(f"model {config.name} ({config.num_params / 1e9:.3f}B params, {_DTYPE.value}), "
         f"hardware {hw.name}, meshes {meshes}, contexts {contexts}, batch {_BATCH.value}, "
         f"convention {_CONVENTION.value}, prefill chunk "
-        f"{_PREFILL_CHUNK.value or 'none (one pass)'}", flush=True)
+        f"{_PREFILL_CHUNK.value or 'none (one pass)'}, kv caches "
+        f"{[_kv(k) for k in kv_specs]}", flush=True)
   cli.warn_beyond_positions(config, contexts)
   for mesh in meshes:
     note = costing.kv_replication_note(config, mesh)
@@ -266,22 +319,25 @@ def main(argv):
   import jax
   workers = 1 if jax.process_count() > 1 else (_WORKERS.value or os.cpu_count())  # same order
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    compiled = {(T, mesh): pool.submit(metrics.programs, config, mesh, T, _BATCH.value,
-                                       _DTYPE.value, _PREFILL_CHUNK.value, _decode_span(contexts))
-                for T in contexts for mesh in meshes}
+    compiled = {(T, mesh, kv): pool.submit(metrics.programs, config, mesh, T, _BATCH.value,
+                                           _DTYPE.value, _PREFILL_CHUNK.value,
+                                           _decode_span(contexts), kv)
+                for T in contexts for mesh in meshes for kv in kv_specs}
     for i, T in enumerate(contexts):
       for mesh in meshes:
-        try:
-          compiled[(T, mesh)].result()
-          rows.append(metrics.from_closed_form(config, hw, mesh, T, _BATCH.value, _DTYPE.value,
-                                               _CONVENTION.value, _GENERATED.value))
-          rows.append(metrics.from_hlo(config, hw, mesh, T, _BATCH.value, _DTYPE.value,
-                                       _GENERATED.value, _PREFILL_CHUNK.value,
-                                       _decode_span(contexts)))
-        except ValueError as e:
-          for f in compiled.values():
-            f.cancel()
-          raise app.UsageError(f"--contexts={T} on {flag_of[mesh]}: {e}") from e
+        for kv in kv_specs:
+          try:
+            compiled[(T, mesh, kv)].result()
+            rows.append(metrics.from_closed_form(config, hw, mesh, T, _BATCH.value, _DTYPE.value,
+                                                 _CONVENTION.value, _GENERATED.value, kv))
+            rows.append(metrics.from_hlo(config, hw, mesh, T, _BATCH.value, _DTYPE.value,
+                                         _GENERATED.value, _PREFILL_CHUNK.value,
+                                         _decode_span(contexts), kv))
+          except ValueError as e:
+            for f in compiled.values():
+              f.cancel()
+            raise app.UsageError(f"--contexts={T} on {flag_of[mesh]}"
+                                 f"{f' with --kv_compression={kv}' if kv else ''}: {e}") from e
       print(f"[{i + 1}/{len(contexts)}] context {T}: {time.perf_counter() - start:.1f} s",
             flush=True)
   print(format_table(rows))
@@ -295,8 +351,8 @@ def main(argv):
   pairs = _pairs(rows)
   for row, r in zip(report, rows):  # each hlo row carries its ratios to the closed form
     if r.source == "hlo":
-      row["hlo_over_analytic"] = metrics.ratios(pairs[(r.context, r.num_devices,
-                                                       r.mesh)]["analytic"], r)
+      row["hlo_over_analytic"] = metrics.ratios(pairs[(r.context, r.num_devices, r.mesh,
+                                                       r.kv_compression)]["analytic"], r)
   if _CONVENTION.value == "paper":
     from lctx.cost import paper
     if config.name != "yi-34b":
@@ -313,7 +369,7 @@ def main(argv):
     print(f"wrote {_JSON_OUT.value}")
   if _OP_TABLE_OUT.value:
     table = op_table(config, meshes, contexts, _BATCH.value, hw, _DTYPE.value, _TOP_OPS.value,
-                     _PREFILL_CHUNK.value)
+                     _PREFILL_CHUNK.value, kv_specs)
     with open(_OP_TABLE_OUT.value, "w") as f:
       json.dump(table, f, indent=1)
     print(f"wrote {_OP_TABLE_OUT.value}")

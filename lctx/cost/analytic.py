@@ -119,9 +119,13 @@ def kv_bytes_per_token(config, dtype: str | None = None) -> int:
           itemsize(dtype or config.dtype))
 
 
-def kv_bytes_per_user(config, T: int, dtype: str | None = None) -> int:
-  """KV cache of one user holding T tokens (no compression metadata)."""
-  return _check_pos_int("T", T) * kv_bytes_per_token(config, dtype)
+def kv_bytes_per_user(config, T: int, dtype: str | None = None,
+                      token_bytes: float | None = None) -> float:
+  """KV cache of one user holding T tokens: T * kv_bytes_per_token, or T *
+  token_bytes for a compressed cache (its bytes per token over all layers,
+  metadata included: lctx.cache.quant formats' closed forms)."""
+  T = _check_pos_int("T", T)
+  return T * (kv_bytes_per_token(config, dtype) if token_bytes is None else token_bytes)
 
 
 # ---- prefill (compute-bound) ------------------------------------------------------
@@ -189,11 +193,13 @@ def recompute_seconds(config, T: int, hw, g: int = 1, dtype: str | None = None,
 
 def decode_step_bytes(config, B: int, T: int, dtype: str | None = None,
                       convention: str = "exact", paper_params: float | None = None,
-                      kv_dtype: str | None = None) -> float:
+                      kv_dtype: str | None = None, kv_token_bytes: float | None = None) -> float:
   """HBM bytes one decode step reads for B users each holding T tokens.
 
   dtype: weights (default config.param_dtype); kv_dtype: cache (default dtype,
   else config.dtype). Same defaults in decode_step_seconds and concurrency.
+  kv_token_bytes: a compressed cache's bytes per token (kv_bytes_per_user);
+  a compressed cache is read whole, metadata included.
 
   exact: all weights minus the (V - B) embedding rows not looked up (untied
   only; tied tables are read whole as the head) + B * kv. paper: weights + B * kv.
@@ -204,12 +210,13 @@ def decode_step_bytes(config, B: int, T: int, dtype: str | None = None,
   w = weight_bytes(config, w_dtype, convention, paper_params)
   if convention == "exact" and not config.tie_word_embeddings:
     w -= max(config.vocab_size - B, 0) * config.hidden_size * itemsize(w_dtype)
-  return w + B * kv_bytes_per_user(config, T, kv_dtype or dtype)
+  return w + B * kv_bytes_per_user(config, T, kv_dtype or dtype, kv_token_bytes)
 
 
 def decode_step_seconds(config, B: int, T: int, hw, g: int = 1, dtype: str | None = None,
                         convention: str = "exact", paper_params: float | None = None,
-                        kv_dtype: str | None = None, model: str = "memory") -> float:
+                        kv_dtype: str | None = None, model: str = "memory",
+                        kv_token_bytes: float | None = None) -> float:
   """Seconds per decode step (one token for each of B users), per device.
 
   memory:   decode_step_bytes / (g * W_hbm).
@@ -222,10 +229,11 @@ def decode_step_seconds(config, B: int, T: int, hw, g: int = 1, dtype: str | Non
     raise ValueError(f"model {model!r} not allowed; allowed: {DECODE_MODELS}")
   g = _check_pos_int("g", g)
   bw = _hw(hw, "hbm_bandwidth")
-  total = decode_step_bytes(config, B, T, dtype, convention, paper_params, kv_dtype)
+  total = decode_step_bytes(config, B, T, dtype, convention, paper_params, kv_dtype,
+                            kv_token_bytes)
   if model == "memory":
     return total / (g * bw)
-  kv = B * kv_bytes_per_user(config, T, kv_dtype or dtype)
+  kv = B * kv_bytes_per_user(config, T, kv_dtype or dtype, kv_token_bytes)
   compute = B * flops_per_token(config, convention, paper_params) / _peak_flops(
       hw, dtype or config.dtype)
   return (kv / bw + max(compute, (total - kv) / bw)) / g
@@ -247,8 +255,10 @@ class Concurrency:
 
 def concurrency(config, T: int, hw, g: int = 1, dtype: str | None = None,
                 convention: str = "exact", unit: str = "GB", reserve_bytes: float = 0,
-                paper_params: float | None = None, kv_dtype: str | None = None) -> Concurrency:
+                paper_params: float | None = None, kv_dtype: str | None = None,
+                kv_token_bytes: float | None = None) -> Concurrency:
   """floor((g * HBM - weights - reserve) / kv_bytes_per_user), at least 0.
+  kv_token_bytes: a compressed cache's bytes per token (kv_bytes_per_user).
 
   unit "GB": all decimal bytes. unit "GiB": the paper's mixed arithmetic: free
   memory as a decimal-GB number (80 - 68 = 12) divided by the KV per user as a
@@ -260,7 +270,7 @@ def concurrency(config, T: int, hw, g: int = 1, dtype: str | None = None,
   if not isinstance(reserve_bytes, Real) or reserve_bytes < 0:
     raise ValueError(f"reserve_bytes must be a number >= 0, got {reserve_bytes!r}")
   w = weight_bytes(config, dtype, convention, paper_params)
-  kv = kv_bytes_per_user(config, T, kv_dtype or dtype)
+  kv = kv_bytes_per_user(config, T, kv_dtype or dtype, kv_token_bytes)
   free = Fraction(g) * Fraction(_hw(hw, "hbm_bytes")) - Fraction(w) - Fraction(reserve_bytes)
   per_user = Fraction(kv) * (Fraction(GB, GiB) if unit == "GiB" else 1)  # exact, no float floor
   users = max(math.floor(free / per_user), 0)
@@ -271,11 +281,13 @@ def concurrency(config, T: int, hw, g: int = 1, dtype: str | None = None,
 # ---- context switching (host link) ------------------------------------------------------
 
 def context_switch_seconds(config, T: int, host_bandwidth, dtype: str | None = None,
-                           T_in: int | None = None) -> float:
+                           T_in: int | None = None,
+                           kv_token_bytes: float | None = None) -> float:
   """(kv_out + kv_in) / host bandwidth: one user of T tokens swapped out, another
-  of T_in (default T) swapped in. host_bandwidth: B/s, or an object with it."""
-  out = kv_bytes_per_user(config, T, dtype)
-  inn = kv_bytes_per_user(config, T if T_in is None else T_in, dtype)
+  of T_in (default T) swapped in. host_bandwidth: B/s, or an object with it.
+  kv_token_bytes: a compressed cache's bytes per token (it moves as stored)."""
+  out = kv_bytes_per_user(config, T, dtype, kv_token_bytes)
+  inn = kv_bytes_per_user(config, T if T_in is None else T_in, dtype, kv_token_bytes)
   return (out + inn) / _hw(host_bandwidth, "host_bandwidth")
 
 

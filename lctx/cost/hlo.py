@@ -124,8 +124,14 @@ class Module:
     _widened_for_dots), shared by the cost and the liveness walks."""
     if name not in self._fusion:
       instrs = self.computations[name]
-      self._fusion[name] = (_flash_chains(instrs), _widened_for_dots(instrs))
-    return self._fusion[name]
+      self._fusion[name] = (_flash_chains(instrs), _widened_for_dots(instrs),
+                            _dequantized_for_dots(instrs))
+    return self._fusion[name][:2]
+
+  def dequantized(self, name: str) -> dict[str, list[str]]:
+    """See _dequantized_for_dots."""
+    self.fusion(name)
+    return self._fusion[name][2]
 
 
 def parse(text: str) -> Module:
@@ -354,6 +360,7 @@ def computation_costs(module: Module, name: str, _memo: dict | None = None) -> C
   instrs = module.computations[name]
   shapes = {i.name: i.shape for i in instrs}
   on_chip, native = module.fusion(name)
+  dequantized = module.dequantized(name)
   total = Costs()
   for instr in instrs:
     op = instr.opcode
@@ -393,8 +400,10 @@ def computation_costs(module: Module, name: str, _memo: dict | None = None) -> C
       contracted = math.prod(lhs[0][1][int(d)] for d in dims.group(1).split(",") if d) \
           if lhs and dims else 1
       c.flops = 2 * shape_elements(instr.shape) * contracted
-      c.bytes_ideal = (sum(shape_bytes(shapes.get(native.get(o, o), "")) for o in instr.operands
-                           if not on_chip.get(o)) + (0 if on_chip.get(instr.name) else out_b))
+      read = lambda o: (sum(shape_bytes(shapes.get(x, "")) for x in dequantized[o])
+                        if o in dequantized else shape_bytes(shapes.get(native.get(o, o), "")))
+      c.bytes_ideal = (sum(read(o) for o in instr.operands if not on_chip.get(o))
+                       + (0 if on_chip.get(instr.name) else out_b))
     elif base in COLLECTIVES:
       # An all-gather moves its gathered output (an -start's shape pairs it
       # with the operand); the others their input.
@@ -482,6 +491,49 @@ def _widened_for_dots(instrs: list[Instr]) -> dict[str, str]:
       src, widened = source(i.name)
       if widened:
         out[i.name] = src
+  return out
+
+
+# Pointwise and layout ops a dequantization is made of (unpack, widen, scale,
+# shift by a zero point, broadcast a group's scale): a kernel fuses them into
+# the matmul's operand read.
+_DEQUANT_OPS = {"convert", "multiply", "add", "subtract", "broadcast", "reshape", "bitcast",
+                "transpose", "copy", "and", "or", "shift-right-logical", "shift-left",
+                "shift-right-arithmetic", "concatenate", "negate", "select", "compare"}
+_DEQUANT_MAX_OPS = 64
+
+
+def _dequantized_for_dots(instrs: list[Instr]) -> dict[str, list[str]]:
+  """dot operand -> the values it is computed from, where a matmul reads a
+  value made by pointwise and layout ops (_DEQUANT_OPS) from buffers that
+  are together smaller than it: a quantized KV block (codes, scales, zero
+  points) dequantized on its way into attention, as a fused GPU/TPU kernel
+  does, reads the stored bytes, not the dequantized ones. Constants and
+  iotas are free; operands no smaller this way are left out (an RMS norm's
+  output is not cheaper to read as its input)."""
+  by_name = {i.name: i for i in instrs}
+  out = {}
+  for d in instrs:
+    if d.opcode != "dot":
+      continue
+    for o in d.operands:
+      if o in out or o not in by_name or by_name[o].opcode not in _DEQUANT_OPS:
+        continue
+      leaves, seen, stack = [], set(), [o]
+      while stack and len(seen) <= _DEQUANT_MAX_OPS:
+        v = stack.pop()
+        if v in seen or v not in by_name:
+          continue
+        seen.add(v)
+        i = by_name[v]
+        if i.opcode in _DEQUANT_OPS:
+          stack.extend(i.operands)
+        elif i.opcode not in ("constant", "iota"):
+          leaves.append(v)
+      if stack or not leaves:
+        continue  # too large a region to be one kernel's prologue
+      if sum(shape_bytes(by_name[v].shape) for v in leaves) < shape_bytes(by_name[o].shape):
+        out[o] = leaves
   return out
 
 

@@ -27,6 +27,9 @@ Two CPU artefacts are counted as a GPU server launches them:
   the calibrated mode gives them no floor (on a GPU they do not exist, on a
   CPU their bytes already cost them); scalar kernels (loop counters) count
   nothing.
+- a compressed cache's write (lctx.model.attention.WRITE_SCOPE: quantize the
+  new keys and values, store codes and scales) is one 'other' kernel per
+  call, as vLLM's reshape_and_cache fuses it.
 - a while loop that XLA made out of a single op (its op_name does not end in
   'while': XLA:CPU's scatter expander turns a batched cache write into a loop
   over the batch) is one 'other' kernel, as the scatter is on a GPU.
@@ -95,9 +98,15 @@ def _is_scalar(instr: hlo.Instr) -> bool:
   return bool(arrays) and all(not dims for _, dims in arrays)
 
 
-def _in_attention(instr: hlo.Instr) -> bool:
+def _in_attention(instr: hlo.Instr, scope: str | None = None) -> bool:
   from lctx.model.attention import SCOPE  # pylint: disable=import-outside-toplevel
-  return f"/{SCOPE}/" in instr.op_name or instr.op_name.endswith(f"/{SCOPE}")
+  scope = scope or SCOPE
+  return f"/{scope}/" in instr.op_name or instr.op_name.endswith(f"/{scope}")
+
+
+def _in_cache_write(instr: hlo.Instr) -> bool:
+  from lctx.model.attention import WRITE_SCOPE  # pylint: disable=import-outside-toplevel
+  return _in_attention(instr, WRITE_SCOPE)
 
 
 def _count(module: hlo.Module, name: str, memo: dict, holds: dict,
@@ -108,7 +117,7 @@ def _count(module: hlo.Module, name: str, memo: dict, holds: dict,
   if (name, fused) in memo:
     return memo[(name, fused)]
   total: collections.Counter = collections.Counter()
-  attention = False
+  attention = write = False
   for instr in module.computations[name]:
     op = instr.opcode
     if op in _NO_KERNEL or op.endswith("-done") or op == "reduce-window":
@@ -126,6 +135,10 @@ def _count(module: hlo.Module, name: str, memo: dict, holds: dict,
         for callee in hlo._called(instr, "body"):  # pylint: disable=protected-access
           total["collective"] += ((hlo._trip_count(module, instr) or 1)  # pylint: disable=protected-access
                                   * _count(module, callee, memo, holds, fused)["collective"])
+      continue
+    if (fused and op.removesuffix("-start") not in hlo.COLLECTIVES and not _is_scalar(instr)
+        and _in_cache_write(instr)):
+      write = True  # one fused quantize-and-store kernel per computation
       continue
     if fused and op == "while" and instr.op_name and not instr.op_name.endswith("while"):
       total["other"] += 1  # a loop XLA made of one op (module docstring)
@@ -162,6 +175,8 @@ def _count(module: hlo.Module, name: str, memo: dict, holds: dict,
       total["other"] += 1
   if attention:
     total["attention"] += 1
+  if write:
+    total["other"] += 1
   memo[(name, fused)] = total
   return total
 

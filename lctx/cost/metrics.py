@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from lctx import engine, sharding
-from lctx.cache.dense import abstract_cache
+from lctx.cache import spec as spec_lib
+from lctx.cache.dense import abstract_cache, cache_format
 from lctx.config import ModelConfig
 from lctx.cost import analytic, hlo
 from lctx.model.params import abstract_params
@@ -66,6 +67,7 @@ class Metrics:
   decode_step_s_calibrated: float = 0.0
   calibration_source: str = ""
   prefill_chunk: int = 0  # the prefill's chunk (0: one pass)
+  kv_compression: str = ""  # the cache's compression spec (lctx.cache.spec; "": dense)
 
 
 def mesh_label(mesh: str | int) -> str:
@@ -109,34 +111,56 @@ def _sessions(users: int, replicas: int, prefill_s: float, G: int,
   return users / step, 3600 * users / wave
 
 
+def kv_token_bytes(config: ModelConfig, kv_compression, T: int,
+                   dtype: str = "bfloat16") -> float | None:
+  """A compressed cache's bytes per token of one user over all layers at
+  capacity T, from its format's closed form (payload, scales, zero points,
+  outliers; per-layer buffers such as a residual window amortised over T);
+  None for the dense cache (analytic.kv_bytes_per_token)."""
+  config = config.replace(param_dtype=dtype, dtype=dtype)
+  fmt = cache_format(config, kv_compression, capacity=T)
+  if fmt is None:
+    return None
+  return config.num_layers * (fmt.bytes_per_token() + fmt.fixed_bytes(1) / T)
+
+
 def from_closed_form(config: ModelConfig, hw, mesh: str | int, T: int, B: int = 1,
                      dtype: str = "bfloat16", convention: str = "exact",
-                     generated_tokens: int = 1000) -> Metrics:
-  """The framework's formulas on all of the mesh's devices as one group."""
+                     generated_tokens: int = 1000, kv_compression="") -> Metrics:
+  """The framework's formulas on all of the mesh's devices as one group.
+  kv_compression: the cache's bytes per token are its format's closed form
+  (kv_token_bytes); decode stays bandwidth-bound (dequantization adds a few
+  FLOPs per cache element read, far below the roofline's ridge)."""
   from lctx.cost import calibrated  # it builds on this module
   cal = calibrated.for_hardware(hw)
+  spec = str(spec_lib.parse(kv_compression))
+  tb = kv_token_bytes(config, spec, T, dtype)
   label, g = mesh_label(mesh), num_devices(mesh)
-  conc = analytic.concurrency(config, T, hw, g, dtype, convention)
+  conc = analytic.concurrency(config, T, hw, g, dtype, convention, kv_token_bytes=tb)
   prefill_s = analytic.prefill_seconds(config, T, hw, g, dtype, convention)
-  step = lambda b: analytic.decode_step_seconds(config, b, T, hw, g, dtype, convention)
+  step = lambda b: analytic.decode_step_seconds(config, b, T, hw, g, dtype, convention,
+                                                kv_token_bytes=tb)
   tokens_s, sessions_h = _sessions(conc.users, 1, prefill_s, generated_tokens, step)
+  kv_user = analytic.kv_bytes_per_user(config, T, dtype, tb)
   return Metrics(
       config.name, hw.name, label, g, T, B, "analytic",
-      kv_bytes_per_user_per_device=analytic.kv_bytes_per_user(config, T, dtype) / g,
-      kv_bytes_per_user_total=analytic.kv_bytes_per_user(config, T, dtype),
+      kv_bytes_per_user_per_device=kv_user / g,
+      kv_bytes_per_user_total=kv_user,
       weight_bytes_per_device=analytic.weight_bytes(config, dtype, convention) / g,
       decode_temp_bytes_per_device=0.0, prefill_temp_bytes_per_device=0.0,
       concurrency=conc.users, shortfall_bytes_per_device=conc.shortfall_bytes / g,
       prefill_flops_per_device=analytic.prefill_flops(config, T, convention) / g,
       prefill_s=prefill_s,
-      decode_bytes_per_device=analytic.decode_step_bytes(config, B, T, dtype, convention) / g,
+      decode_bytes_per_device=analytic.decode_step_bytes(config, B, T, dtype, convention,
+                                                         kv_token_bytes=tb) / g,
       decode_step_s=step(B),
-      context_switch_s=analytic.context_switch_seconds(config, T, hw, dtype),
+      context_switch_s=analytic.context_switch_seconds(config, T, hw, dtype,
+                                                       kv_token_bytes=tb),
       generated_tokens=generated_tokens, decode_tokens_per_s=tokens_s,
       sessions_per_hour=sessions_h,
       prefill_s_calibrated=prefill_s / cal.matmul_efficiency_for(dtype),
       decode_step_s_calibrated=step(B) / cal.memory_efficiency,
-      calibration_source=cal.source)
+      calibration_source=cal.source, kv_compression=spec)
 
 
 # Bytes each device sends per byte of the buffer a collective is counted by
@@ -236,18 +260,21 @@ def _once(fn):
 
 @_once
 def program_costs(config: ModelConfig, mesh: str, T: int, B: int, kind: str,
-                  weight_dtype: str | None = None, chunk: int | None = None) -> hlo.Costs:
+                  weight_dtype: str | None = None, chunk: int | None = None,
+                  kv_compression: str = "") -> hlo.Costs:
   """Per-device costs of lctx's `kind` step for B users at cache capacity T on
   `mesh`, from abstract shapes. Compiled once per shape: a sweep reuses them.
   weight_dtype 'float8': the linear layers' weights are stored in fp8 e4m3
   (cost only: the model converts them to its compute dtype, which XLA fuses
   into the matmul's read, so bytes are the fp8 bytes; FLOPs are the same).
-  chunk: a prefill run C tokens at a time (transformer.prefill). Raises
+  chunk: a prefill run C tokens at a time (transformer.prefill).
+  kv_compression: the cache's compression spec (canonical string). Raises
   ValueError for another weight_dtype."""
   plan = sharding.Plan(config, sharding.make_mesh(mesh))
-  plan.check(batch=B, capacity=T, prompt_len=T if kind == "prefill" else None)
+  plan.check(batch=B, capacity=T, prompt_len=T if kind == "prefill" else None,
+             compressed=kv_compression)
   params = _with_weight_dtype(abstract_params(config), weight_dtype)
-  cache = abstract_cache(config, B, T)
+  cache = abstract_cache(config, B, T, kv_compression=kv_compression)
   step = engine.sharded_step(kind, plan, params, cache,
                              chunk=chunk if kind == "prefill" else None)
   return hlo.analyze(step.lower(params, *step_args(kind, B, T), cache))
@@ -282,12 +309,13 @@ def interpolate_costs(a: hlo.Costs, b: hlo.Costs, Ta: int, Tb: int,
 
 
 @_once
-def swap_costs(config: ModelConfig, mesh: str, T: int) -> hlo.Costs:
+def swap_costs(config: ModelConfig, mesh: str, T: int, kv_compression: str = "") -> hlo.Costs:
   """Per-device costs of a context switch on `mesh` (no data axis): one user's
-  cache of capacity T copied from device to pinned host memory while another's
-  comes back, as a jitted program over JAX memory kinds."""
+  cache of capacity T (every array of a compressed one, as stored) copied
+  from device to pinned host memory while another's comes back, as a jitted
+  program over JAX memory kinds."""
   plan = sharding.Plan(config, sharding.make_mesh(mesh))
-  cache = abstract_cache(config, 1, T)
+  cache = abstract_cache(config, 1, T, kv_compression=kv_compression)
   kv = (cache.k, cache.v)
   on_device = (plan.cache_shardings(cache).k, plan.cache_shardings(cache).v)
   on_host = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), on_device)
@@ -307,7 +335,8 @@ def chunk_used(mesh: str | int, T: int, prefill_chunk: int | None) -> int:
 
 def programs(config: ModelConfig, mesh: str | int, T: int, B: int, dtype: str,
              prefill_chunk: int | None = None,
-             decode_span: tuple[int, int] | None = None) -> dict[str, tuple[str, int, hlo.Costs]]:
+             decode_span: tuple[int, int] | None = None,
+             kv_compression="") -> dict[str, tuple[str, int, hlo.Costs]]:
   """kind -> (mesh, batch, costs) of the programs behind a row: one user's
   prefill on its replica (run prefill_chunk tokens at a time: chunk_used),
   a decode step of B users on the whole mesh, and a context switch (one
@@ -316,23 +345,26 @@ def programs(config: ModelConfig, mesh: str | int, T: int, B: int, dtype: str,
   decode step in between is interpolated from the steps compiled at lo and hi
   (interpolate_costs; exact there, tests/test_metrics.py), compiled itself
   when those two differ in structure. On seq meshes the decode step's peak
-  temporaries are not affine in T (the chord ran 5-9% high), so it compiles."""
+  temporaries are not affine in T (the chord ran 5-9% high), so it compiles.
+  kv_compression: every program runs with the compressed cache (its spec)."""
   config = config.replace(param_dtype=dtype, dtype=dtype)
+  spec = str(spec_lib.parse(kv_compression))
   label, replica = mesh_label(mesh), replica_mesh(mesh)
   d = sharding.parse_mesh_spec(label)["data"]
   if B % d:
     raise ValueError(f"batch {B} must be a multiple of the mesh's data size {d} "
                      f"(mesh {label})")
   chunk = chunk_used(mesh, T, prefill_chunk) or None
-  decode_at = lambda t: program_costs(config, label, t, B, "decode")
+  decode_at = lambda t: program_costs(config, label, t, B, "decode", None, None, spec)
   decode = None
   seq = sharding.parse_mesh_spec(label)["seq"]
   if decode_span is not None and seq == 1 and decode_span[0] < T < decode_span[1]:
     lo, hi = decode_span
     decode = interpolate_costs(decode_at(lo), decode_at(hi), lo, hi, T)
-  return {"prefill": (replica, 1, program_costs(config, replica, T, 1, "prefill", None, chunk)),
+  return {"prefill": (replica, 1, program_costs(config, replica, T, 1, "prefill", None, chunk,
+                                               spec)),
           "decode": (label, B, decode or decode_at(T)),
-          "swap": (replica, 1, swap_costs(config, replica, T))}
+          "swap": (replica, 1, swap_costs(config, replica, T, spec))}
 
 
 def per_device_bytes(tree, shardings) -> float:
@@ -344,13 +376,15 @@ def per_device_bytes(tree, shardings) -> float:
 def from_hlo(config: ModelConfig, hw, mesh: str | int, T: int, B: int = 1,
              dtype: str = "bfloat16", generated_tokens: int = 1000,
              prefill_chunk: int | None = None,
-             decode_span: tuple[int, int] | None = None) -> Metrics:
+             decode_span: tuple[int, int] | None = None, kv_compression="") -> Metrics:
   """Metrics of the programs lctx compiles for `mesh` (abstract shapes only).
   B must be a multiple of the mesh's data size. prefill_chunk: a server's
   prefill chunk (chunk_used): the prefill's FLOPs, time and temporaries (which
-  bound concurrency) are the chunked program's. decode_span: see programs."""
+  bound concurrency) are the chunked program's. decode_span: see programs.
+  kv_compression: a compressed cache (its physical bytes, its programs)."""
   from lctx.cost import calibrated  # it builds on this module
-  runs = programs(config, mesh, T, B, dtype, prefill_chunk, decode_span)
+  spec = str(spec_lib.parse(kv_compression))
+  runs = programs(config, mesh, T, B, dtype, prefill_chunk, decode_span, spec)
   prefill, decode, swap = (runs[kind][2] for kind in ("prefill", "decode", "swap"))
   prefill_temp = prefill.temp_bytes
   cal = calibrated.for_hardware(hw)
@@ -358,7 +392,8 @@ def from_hlo(config: ModelConfig, hw, mesh: str | int, T: int, B: int = 1,
   label = mesh_label(mesh)
   d = sharding.parse_mesh_spec(label)["data"]
   plan = sharding.Plan(config, sharding.make_mesh(replica_mesh(mesh)))
-  params, one_user = abstract_params(config), abstract_cache(config, 1, T)
+  params = abstract_params(config)
+  one_user = abstract_cache(config, 1, T, kv_compression=spec)
   weights = per_device_bytes(params, plan.param_shardings(params))
   cache_shardings = plan.cache_shardings(one_user)
   kv = per_device_bytes((one_user.k, one_user.v), (cache_shardings.k, cache_shardings.v))
@@ -376,7 +411,8 @@ def from_hlo(config: ModelConfig, hw, mesh: str | int, T: int, B: int = 1,
   return Metrics(
       config.name, hw.name, label, num_devices(mesh), T, B, "hlo",
       kv_bytes_per_user_per_device=kv,
-      kv_bytes_per_user_total=sum(x.size * x.dtype.itemsize for x in (one_user.k, one_user.v)),
+      kv_bytes_per_user_total=sum(x.size * x.dtype.itemsize
+                                  for x in jax.tree.leaves((one_user.k, one_user.v))),
       weight_bytes_per_device=weights,
       decode_temp_bytes_per_device=decode.temp_bytes,
       prefill_temp_bytes_per_device=prefill_temp,
@@ -389,7 +425,8 @@ def from_hlo(config: ModelConfig, hw, mesh: str | int, T: int, B: int = 1,
       sessions_per_hour=sessions_h,
       prefill_s_calibrated=calibrated.calibrated_seconds(prefill, hw, dtype, cal),
       decode_step_s_calibrated=calibrated.calibrated_seconds(decode, hw, dtype, cal),
-      calibration_source=cal.source, prefill_chunk=chunk_used(mesh, T, prefill_chunk))
+      calibration_source=cal.source, prefill_chunk=chunk_used(mesh, T, prefill_chunk),
+      kv_compression=spec)
 
 
 RATIO_FIELDS = ("kv_bytes_per_user_per_device", "weight_bytes_per_device", "concurrency", "prefill_s",

@@ -60,6 +60,10 @@ _MAX_TRIP_COUNT = int(np.iinfo(np.int32).max)
 # GPU server runs it (lctx.cost.kernels), and costs it with attention's
 # efficiency (lctx.cost.calibrated).
 SCOPE = "lctx_attention"
+# The name scope of a compressed cache's write (quantize and store the new
+# keys and values): counted as one kernel per call, as serving engines fuse
+# it (vLLM's reshape_and_cache quantizes and writes K and V in one kernel).
+WRITE_SCOPE = "lctx_kv_write"
 
 
 def _scoped(fn):

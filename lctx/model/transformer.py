@@ -290,8 +290,9 @@ def _format_prefill(fmt, kc, vc, l, q, k, v, k_store, lengths, block: int):
   """One-pass prefill at layer l with a compressed cache: the prompt's keys
   and values go into the format; the prompt attends itself at full precision
   (its K/V are at hand, as in any serving kernel)."""
-  view = fmt.write_prefix(View(kc, vc, l), k_store.transpose(0, 2, 3, 1),
-                          v.transpose(0, 2, 1, 3), lengths)
+  with jax.named_scope(attention.WRITE_SCOPE):
+    view = fmt.write_prefix(View(kc, vc, l), k_store.transpose(0, 2, 3, 1),
+                            v.transpose(0, 2, 1, 3), lengths)
   return attention.causal_attention(q, k, v, block), view.k, view.v
 
 
@@ -300,8 +301,9 @@ def _format_chunk(config, fmt, kc, vc, l, q, k, v, k_store, start, lengths, bloc
   """One prefill chunk at layer l with a compressed cache: the chunk's K/V go
   into the format, then its queries attend the format's sources for slots
   [0, start) (dequantized block by block) and the chunk itself."""
-  view = fmt.write_chunk(View(kc, vc, l), k_store.transpose(0, 2, 3, 1),
-                         v.transpose(0, 2, 1, 3), start, lengths)
+  with jax.named_scope(attention.WRITE_SCOPE):
+    view = fmt.write_chunk(View(kc, vc, l), k_store.transpose(0, 2, 3, 1),
+                           v.transpose(0, 2, 1, 3), start, lengths)
   segments = [attention.SourceSegment(src, block, trips)
               for src in fmt.sources(view, start, _rotate(config))]
   part = attention.attend(q, segments + [attention.ChunkSegment(k, v, block)])
@@ -313,7 +315,8 @@ def _format_decode(config, fmt, kc, vc, l, lengths, q, k_store, v, capacity: int
   the format at slot lengths[b]; attention reads slots [0, lengths] block by
   block (QUANT_DECODE_BLOCK), charging the whole capacity's blocks, as the
   dense step reads the whole layer."""
-  view = fmt.write_token(View(kc, vc, l), k_store[:, 0], v[:, 0], lengths)
+  with jax.named_scope(attention.WRITE_SCOPE):
+    view = fmt.write_token(View(kc, vc, l), k_store[:, 0], v[:, 0], lengths)
   blk = min(QUANT_DECODE_BLOCK, capacity)
   segments = [attention.SourceSegment(src, blk, -(-capacity // blk))
               for src in fmt.sources(view, lengths + 1, _rotate(config))]
