@@ -36,6 +36,12 @@ flags.DEFINE_integer("context", 4096, "Prompt tokens per row (the KV cache the d
 flags.DEFINE_integer("batch", 1, "Rows decoded together.")
 flags.DEFINE_integer("prefill_chunk", 0, "lctx prefills the prompt this many tokens at a time "
                      "(chunked prefill); 0 = one pass.", lower_bound=0)
+flags.DEFINE_string("kv_compression", "", "lctx's KV-cache compression spec (lctx.cache.spec, "
+                    "e.g. int8, kivi:bits=2); each round then also decodes with the dense cache "
+                    "and prints the step ratio beside its bytes floor; 'help' lists the policies.")
+flags.DEFINE_boolean("synthetic_cache", False, "Decode from a cache marked full (T tokens) "
+                     "without running the prefill: decode step time does not depend on the "
+                     "cached values (prefill is not timed; needs --noreference).")
 flags.DEFINE_integer("decode_steps", 16, "Decode steps timed per round.")
 flags.DEFINE_integer("rounds", 3, "Alternating lctx / reference rounds (prefill + decode each).")
 flags.DEFINE_integer("threads", os.cpu_count(), "torch threads (XLA's CPU pool uses all cores).")
@@ -49,10 +55,17 @@ flags.DEFINE_string("json_out", None, "Write the results here as JSON.")
 
 def main(argv):
   del argv  # cli.run refuses positional arguments
+  if FLAGS.kv_compression == "help":
+    from lctx.cache import spec as spec_lib
+    print(spec_lib.describe())
+    return
   for name in ("context", "batch", "decode_steps", "rounds", "threads", "read_buffer_mb"):
     if getattr(FLAGS, name) < 1:
       raise app.UsageError(f"--{name} must be >= 1, got {getattr(FLAGS, name)}")
   cli.check_output_paths(json_out=FLAGS.json_out)
+  if FLAGS.synthetic_cache and FLAGS.reference:
+    raise app.UsageError("--synthetic_cache skips the prefill, which the transformers reference "
+                         "cannot: add --noreference")
   if FLAGS.context + FLAGS.decode_steps > cli.MAX_TOKENS:
     raise app.UsageError(f"--context={FLAGS.context}: with --decode_steps={FLAGS.decode_steps} "
                          f"it exceeds the {cli.MAX_TOKENS} positions lctx's int32 positions "
@@ -69,14 +82,22 @@ def main(argv):
   cli.warn_beyond_positions(config, [FLAGS.context + FLAGS.decode_steps],
                             what=f"--context={FLAGS.context} + {FLAGS.decode_steps} decode "
                                  f"steps: context")
+  from lctx.cache import spec as spec_lib
+  from lctx.cache.dense import cache_format
+  try:
+    cache_format(config, FLAGS.kv_compression)  # parses and fits the model, before anything runs
+    kv_compression = str(spec_lib.parse(FLAGS.kv_compression))
+  except ValueError as e:
+    raise app.UsageError(f"--kv_compression={FLAGS.kv_compression}: {e}") from e
   setup = bench.Setup.create(FLAGS.model, FLAGS.context, FLAGS.batch, FLAGS.seed,
                              scan_layers=FLAGS.scan_layers, threads=FLAGS.threads,
                              reference=FLAGS.reference)
-  setup = dataclasses.replace(setup, prefill_chunk=FLAGS.prefill_chunk)
+  setup = dataclasses.replace(setup, prefill_chunk=FLAGS.prefill_chunk,
+                              kv_compression=kv_compression, synthetic_cache=FLAGS.synthetic_cache)
   versions = bench.versions()
   print(f"model {setup.config.name}: {setup.config.num_params / 1e6:.1f}M params fp32, "
         f"context {FLAGS.context}, batch {FLAGS.batch}, prefill chunk "
-        f"{FLAGS.prefill_chunk or 'none (one pass)'}, backend {jax.default_backend()}, "
+        f"{FLAGS.prefill_chunk or 'none (one pass)'}, kv cache {kv_compression or 'dense'}, backend {jax.default_backend()}, "
         f"{os.cpu_count()} cores, torch threads {FLAGS.threads}")
   weights = setup.weights
   checkpoint = os.path.isdir(FLAGS.model) and any(
@@ -93,6 +114,7 @@ def main(argv):
   results["bandwidth_fraction"] = results["achieved_gb_s"] / results["machine_read_gb_s"]
   results.update(model=setup.config.name, context=FLAGS.context, batch=FLAGS.batch,
                  scan_layers=FLAGS.scan_layers, prefill_chunk=FLAGS.prefill_chunk,
+                 kv_compression=kv_compression,
                  backend=jax.default_backend(),
                  cpu_count=os.cpu_count(), torch_threads=FLAGS.threads,
                  jax_version=jax.__version__, versions=versions, weights=weights)

@@ -76,6 +76,9 @@ _PREFILL_CHUNK = flags.DEFINE_integer(
     "prefill_chunk", 0, "Prefill the prompt this many tokens at a time through all layers "
     "(chunked prefill); 0 = one pass. On a mesh with a seq axis, a multiple of its size.",
     lower_bound=0)
+_KV_COMPRESSION = flags.DEFINE_string(
+    "kv_compression", "", "KV-cache compression spec (lctx.cache.spec), e.g. int8, int4:group=64, "
+    "fp8, kivi:bits=2,group=32,residual=128; empty = dense; 'help' lists every policy.")
 _SEED = flags.DEFINE_integer(
     "seed", 0, "Seeds random weights, random prompts and sampling.", lower_bound=0,
     upper_bound=2**63 - 1)  # jax.random.key takes a signed 64-bit seed
@@ -99,7 +102,7 @@ _MESH = flags.DEFINE_string(
 
 OWN_FLAGS = ("model", "checkpoint", "prompt", "chat", "ignore_eos", "prompt_len", "prompt_tokens",
              "batch", "max_new_tokens", "seed", "temperature", "top_k", "top_p", "dtype",
-             "scan_layers", "json_out", "mesh", "prefill_chunk")
+             "scan_layers", "json_out", "mesh", "prefill_chunk", "kv_compression")
 
 
 def _ints(values) -> bool:
@@ -315,6 +318,26 @@ def check_memory(config, rows: int, capacity: int, weight_copies: int, prompt_le
       f"--max_new_tokens, --batch or the prompt length")
 
 
+def _slots(config, n: int | None) -> int | None:
+  """n cache slots rounded up to what --kv_compression's format needs (a
+  multiple of KIVI's group); the extra slots stay empty."""
+  from lctx.cache.dense import cache_format
+  fmt = None if n is None else cache_format(config, _KV_COMPRESSION.value)
+  return n if fmt is None else -(-n // fmt.slot_multiple) * fmt.slot_multiple
+
+
+def check_kv_compression(config) -> None:
+  """--kv_compression parses and fits the model (and the mesh), before anything compiles."""
+  from lctx.cache.dense import cache_format
+  try:
+    cache_format(config, _KV_COMPRESSION.value)
+  except ValueError as e:
+    raise app.UsageError(f"--kv_compression={_KV_COMPRESSION.value}: {e}") from e
+  if _KV_COMPRESSION.value.strip() and _MESH.value and cli.mesh_axis_size(_MESH.value, "seq") > 1:
+    raise app.UsageError(f"--kv_compression={_KV_COMPRESSION.value} with --mesh={_MESH.value}: "
+                         f"compressed caches run on meshes without a seq axis")
+
+
 def run_generate(config, params, prompt: np.ndarray, lengths: np.ndarray, sampling, stop=None,
                  plan=None, rows=None, width=None, capacity=None):
   """lctx.generate, sharded when a plan (from make_plan) is given.
@@ -329,10 +352,12 @@ def run_generate(config, params, prompt: np.ndarray, lengths: np.ndarray, sampli
   new = _MAX_NEW_TOKENS.value
   key = jax.random.key(_SEED.value)
   eos, pad = stop if stop else (None, None)
+  spec = _KV_COMPRESSION.value
   if plan is None:
     return lctx.generate(config, params, prompt, lengths=lengths, max_new_tokens=new,
                          sampling=sampling, key=key, eos_token_id=eos, pad_token_id=pad,
-                         prefill_chunk=_PREFILL_CHUNK.value)
+                         prefill_chunk=_PREFILL_CHUNK.value, kv_compression=spec,
+                         capacity=_slots(config, prompt.shape[1] + new))
   B, T = prompt.shape
   padded = np.zeros((rows, width), np.int32)
   padded[:B, :T] = prompt
@@ -341,8 +366,9 @@ def run_generate(config, params, prompt: np.ndarray, lengths: np.ndarray, sampli
   padded_lengths[:B] = lengths
   try:
     out = lctx.generate(config, params, padded, lengths=padded_lengths, max_new_tokens=new,
-                        sampling=sampling, key=key, capacity=capacity, plan=plan,
-                        eos_token_id=eos, pad_token_id=pad, prefill_chunk=_PREFILL_CHUNK.value)
+                        sampling=sampling, key=key, capacity=_slots(config, capacity), plan=plan,
+                        eos_token_id=eos, pad_token_id=pad, prefill_chunk=_PREFILL_CHUNK.value,
+                        kv_compression=spec)
   except ValueError as e:
     raise app.UsageError(f"--mesh={_MESH.value}: {e}") from e
   return plan.to_host(out)[:B]
@@ -395,6 +421,10 @@ def answer(row: list[int], stop) -> tuple[list[int], str]:
 
 def main(argv):
   del argv  # cli.run refuses positional arguments
+  if _KV_COMPRESSION.value == "help":
+    from lctx.cache import spec as spec_lib
+    print(spec_lib.describe())
+    return
   cli.check_output_paths(json_out=_JSON_OUT.value)
   _check_prompt_flags()
   new = _MAX_NEW_TOKENS.value
@@ -419,6 +449,7 @@ def main(argv):
   import lctx
 
   config, weights = resolve_model(_SEED.value)
+  check_kv_compression(config)
   tokenizer, no_tokenizer = load_tokenizer(weights)
   if _PROMPT.value:
     rows = text_prompts(tokenizer, no_tokenizer, config)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lctx import engine
+from lctx.cache.dense import cache_format
 from lctx.config import ModelConfig
 from lctx.model.params import Params, init_params, unstack_layers
 
@@ -29,6 +30,11 @@ class Setup:
 
   weights: str = "random"  # "random (seed N)" or the GGUF file the weights came from
   prefill_chunk: int = 0  # lctx's prefill chunk (engine.prefill chunk=; 0: one pass)
+  kv_compression: str = ""  # lctx's cache compression spec (lctx.cache.spec; "": dense)
+  # Decode from a cache marked full (lengths = T) without running the prefill:
+  # a decode step's time does not depend on the cached values, and a 64K
+  # prefill takes tens of minutes on a laptop CPU. Prefill is then not timed.
+  synthetic_cache: bool = False
 
   @classmethod
   def create(cls, model: str, context: int, batch: int, seed: int, *, scan_layers: bool,
@@ -117,14 +123,21 @@ def _time(fn):
   return out, time.perf_counter() - start
 
 
-def _lctx_round(setup: Setup, decode_steps: int) -> tuple[float, list[float], np.ndarray]:
+def _lctx_round(setup: Setup, decode_steps: int,
+                kv_compression: str | None = None) -> tuple[float, list[float], np.ndarray]:
   config, params = setup.config, setup.params
   B, T = setup.tokens.shape
-  cache = engine.new_cache(config, params, B, T + decode_steps)
+  spec = setup.kv_compression if kv_compression is None else kv_compression
+  cache = engine.new_cache(config, params, B, _capacity(setup, T + decode_steps, spec),
+                           kv_compression=spec)
   jax.block_until_ready(cache)
-  (logits, cache), prefill_s = _time(
-      lambda: jax.block_until_ready(engine.prefill(config, params, setup.tokens, cache,
-                                                   chunk=setup.prefill_chunk or None)))
+  if setup.synthetic_cache:
+    cache = cache.replace(lengths=jnp.full((B,), T, jnp.int32))
+    logits, prefill_s = jnp.zeros((B, config.vocab_size), jnp.float32), float("nan")
+  else:
+    (logits, cache), prefill_s = _time(
+        lambda: jax.block_until_ready(engine.prefill(config, params, setup.tokens, cache,
+                                                     chunk=setup.prefill_chunk or None)))
   first_logits = np.asarray(logits)
   steps = []
   for _ in range(decode_steps):
@@ -134,6 +147,13 @@ def _lctx_round(setup: Setup, decode_steps: int) -> tuple[float, list[float], np
         lambda: jax.block_until_ready(engine.decode_jit(config, params, token, cache)))
     steps.append(dt)
   return prefill_s, steps, first_logits
+
+
+def _capacity(setup: Setup, n: int, spec: str) -> int:
+  """n slots, rounded up to what the cache format needs (KIVI: its group)."""
+  fmt = cache_format(setup.config, spec)
+  m = 1 if fmt is None else fmt.slot_multiple
+  return -(-n // m) * m
 
 
 def _one_pass_prefill_s(setup: Setup) -> float:
@@ -162,31 +182,46 @@ def _reference_round(setup: Setup, decode_steps: int) -> tuple[float, list[float
   return prefill_s, steps, first_logits
 
 
-def decode_bytes(config: ModelConfig, batch: int, context: int) -> int:
+def decode_bytes(config: ModelConfig, batch: int, context: int,
+                 kv_compression: str = "") -> float:
   """Bytes one decode step must read: weights (B embedding rows, the whole head)
-  plus every row's KV cache."""
+  plus every row's KV cache (a compressed one's physical bytes per token,
+  lctx.cost.metrics.kv_token_bytes, at capacity `context`)."""
+  from lctx.cost.metrics import kv_token_bytes
   itemsize = np.dtype(config.param_dtype).itemsize
   weights = config.num_params
   if not config.tie_word_embeddings:  # only B rows of the embedding table are looked up
     weights -= (config.vocab_size - batch) * config.hidden_size
-  return weights * itemsize + batch * context * config.kv_bytes_per_token()
+  per_token = kv_token_bytes(config, kv_compression, context, config.dtype)
+  return weights * itemsize + batch * context * (
+      config.kv_bytes_per_token() if per_token is None else per_token)
 
 
 def run(setup: Setup, rounds: int, decode_steps: int) -> dict[str, Any]:
   """rounds + 1 alternating rounds; the first (compilation, warm-up) is
   discarded. With a prefill chunk, each round also times lctx's one-pass
-  prefill of the same prompt, so the two compare side by side."""
+  prefill of the same prompt, so the two compare side by side; with a
+  compressed cache, each round also decodes with the dense cache, and the
+  step ratio is reported beside its bytes floor (compressed step bytes /
+  dense step bytes)."""
   B, T = setup.tokens.shape
   lctx_prefill, lctx_steps, ref_prefill, ref_steps, one_pass = [], [], [], [], []
+  dense_steps = []
   logits_diff = None
   for r in range(rounds + 1):
     p, s, lctx_logits = _lctx_round(setup, decode_steps)
-    line = f"round {r}{' (warm-up)' if r == 0 else ''}: lctx prefill {p:.2f} s, " \
-           f"decode {1e3 * np.median(s):.1f} ms/step"
+    line = f"round {r}{' (warm-up)' if r == 0 else ''}: " + (
+        "" if setup.synthetic_cache else f"lctx prefill {p:.2f} s, ") + \
+        f"decode {1e3 * np.median(s):.1f} ms/step"
     if r:
       lctx_prefill.append(p)
       lctx_steps += s
-    if setup.prefill_chunk:
+    if setup.kv_compression:
+      _, d, _ = _lctx_round(setup, decode_steps, "")
+      line += f"; dense cache decode {1e3 * np.median(d):.1f} ms/step"
+      if r:
+        dense_steps += d
+    if setup.prefill_chunk and not setup.synthetic_cache:
       one = _one_pass_prefill_s(setup)
       line += f"; lctx one-pass prefill {one:.2f} s"
       if r:
@@ -204,10 +239,21 @@ def run(setup: Setup, rounds: int, decode_steps: int) -> dict[str, Any]:
       "lctx_prefill_s": float(np.median(lctx_prefill)),
       "lctx_decode_step_s": step_s,
       "lctx_prefill_tok_s": B * T / float(np.median(lctx_prefill)),
+      "synthetic_cache": setup.synthetic_cache,
+      "decode_steps": decode_steps,
       "lctx_decode_tok_s": B / step_s,
       # Mean context over the timed steps is T + decode_steps / 2.
-      "decode_bytes_per_step": decode_bytes(setup.config, B, T + decode_steps // 2),
+      "decode_bytes_per_step": decode_bytes(setup.config, B, T + decode_steps // 2,
+                                            setup.kv_compression),
+      "kv_compression": setup.kv_compression,
   }
+  if setup.synthetic_cache:  # no prefill ran
+    out["lctx_prefill_s"] = out["lctx_prefill_tok_s"] = None
+  if dense_steps:
+    out["dense_decode_step_s"] = float(np.median(dense_steps))
+    out["decode_step_over_dense"] = step_s / out["dense_decode_step_s"]
+    out["bytes_floor_over_dense"] = out["decode_bytes_per_step"] / decode_bytes(
+        setup.config, B, T + decode_steps // 2)
   out["achieved_gb_s"] = out["decode_bytes_per_step"] / step_s / 1e9
   if one_pass:
     out["lctx_one_pass_prefill_s"] = float(np.median(one_pass))
@@ -244,7 +290,8 @@ def machine_read_gb_s(threads: int, nbytes: int = 1 << 30, repeats: int = 7) -> 
 
 def format_results(r: dict[str, Any]) -> str:
   lines = [f"{'':22s}{'lctx':>12s}{'transformers':>14s}{'ratio':>8s}"]
-  for label, key in (("prefill tok/s", "prefill_tok_s"), ("decode tok/s", "decode_tok_s")):
+  for label, key in (("prefill tok/s", "prefill_tok_s"), ("decode tok/s", "decode_tok_s"))[
+      1 if r.get("synthetic_cache") else 0:]:
     ref = r.get(f"ref_{key}")
     ratio = r[f"lctx_{key}"] / ref if ref else float("nan")
     lines.append(f"{label:22s}{r[f'lctx_{key}']:12.1f}{ref or float('nan'):14.1f}{ratio:8.2f}x")
@@ -252,6 +299,10 @@ def format_results(r: dict[str, Any]) -> str:
     lines.append(f"prefill s, chunked / one pass: {r['lctx_prefill_s']:.2f} / "
                  f"{r['lctx_one_pass_prefill_s']:.2f} = {r['chunked_over_one_pass_prefill_s']:.3f}")
   lines.append(f"decode bytes/step      {r['decode_bytes_per_step'] / 1e6:.1f} MB")
+  if r.get("dense_decode_step_s"):
+    lines.append(f"decode step, {r['kv_compression']} / dense cache: "
+                 f"{1e3 * r['lctx_decode_step_s']:.1f} / {1e3 * r['dense_decode_step_s']:.1f} ms = "
+                 f"{r['decode_step_over_dense']:.3f} (bytes floor {r['bytes_floor_over_dense']:.3f})")
   lines.append(f"achieved bandwidth     {r['achieved_gb_s']:.1f} GB/s = "
                f"{100 * r['bandwidth_fraction']:.0f}% of the machine's {r['machine_read_gb_s']:.1f} "
                f"GB/s (torch sum; XLA sum {r['machine_read_gb_s_xla']:.1f} GB/s)")

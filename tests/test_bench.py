@@ -55,3 +55,30 @@ def test_bench_decode_times_a_chunked_prefill_beside_the_one_pass(tmp_path):
   assert r["chunked_over_one_pass_prefill_s"] == r["lctx_prefill_s"] / r["lctx_one_pass_prefill_s"]
   assert "prefill s, chunked / one pass" in proc.stdout
   assert r["max_abs_logit_diff"] < 1e-4
+
+
+def test_bench_decode_compares_a_compressed_cache_with_the_dense_one(tmp_path):
+  """--kv_compression: each round also decodes with the dense cache; the
+  step ratio is printed beside the bytes floor (compressed step bytes over
+  dense step bytes, from the formats' closed forms); --synthetic_cache
+  skips the prefill (decode time does not depend on the cached values)."""
+  out = tmp_path / "bench.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", "experiments.bench_decode", "--model=tiny", "--context=64",
+         "--kv_compression=int8", "--synthetic_cache", "--noreference", "--decode_steps=2",
+         "--rounds=1", "--read_buffer_mb=16", f"--json_out={out}"]
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = json.loads(out.read_text())
+  cfg = ModelConfig.from_preset("tiny")
+  assert r["kv_compression"] == "int8" and r["synthetic_cache"] and r["lctx_prefill_s"] is None
+  assert r["decode_step_over_dense"] == r["lctx_decode_step_s"] / r["dense_decode_step_s"]
+  # int8: per token, layer and KV head 8 one-byte codes and a 4-byte fp32 scale, K and V.
+  weights = cfg.num_params - (cfg.vocab_size - 1) * cfg.hidden_size
+  kv = 65 * 2 * cfg.num_layers * cfg.num_kv_heads * (cfg.head_dim + 4)
+  assert r["decode_bytes_per_step"] == 4 * weights + kv
+  assert r["bytes_floor_over_dense"] == (4 * weights + kv) / decode_bytes(cfg, 1, 65)
+  assert "int8 / dense cache" in proc.stdout and "bytes floor" in proc.stdout
+  bad = subprocess.run(cmd[:4] + ["--kv_compression=kivi:bits=3"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert bad.returncode != 0 and "--kv_compression=kivi:bits=3" in bad.stderr

@@ -44,14 +44,14 @@ def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
 
 
 def expected_tokens(*, seed=0, batch=1, prompt_len=16, prompt=None, max_new_tokens=16,
-                    scan_layers=True, sampling=lctx.SamplingConfig()):
+                    scan_layers=True, sampling=lctx.SamplingConfig(), kv_compression=""):
   params = lctx.init_params(CFG, seed)
   if not scan_layers:
     params = lctx.unstack_layers(params)
   if prompt is None:
     prompt = make_prompt(CFG.vocab_size, batch, prompt_len, seed)
   out = lctx.generate(CFG, params, prompt, max_new_tokens=max_new_tokens, sampling=sampling,
-                      key=jax.random.key(seed))
+                      key=jax.random.key(seed), kv_compression=kv_compression)
   return np.asarray(out).tolist()
 
 
@@ -65,6 +65,9 @@ CASES = {
     "prompt_tokens": (
         ["--prompt_tokens=1,2,3", "--batch=2", "--max_new_tokens=5"],
         dict(prompt=np.array([[1, 2, 3]] * 2), max_new_tokens=5)),
+    "kv_compression": (
+        ["--kv_compression=int4", "--batch=2", "--max_new_tokens=6"],
+        dict(batch=2, max_new_tokens=6, kv_compression="int4")),
 }
 
 
@@ -85,6 +88,9 @@ def test_generate_matches_library(case, tmp_path, compile_cache):
     (["--top_p=0"], "--top_p"),
     (["--prompt_len=4", "--prompt_tokens=1,2"], "mutually exclusive"),
     (["--mesh=seq:4", "--prefill_chunk=6"], "a multiple of the seq size 4"),
+    (["--kv_compression=int3"], "--kv_compression=int3"),
+    (["--kv_compression=int8:group=3"], "group"),
+    (["--kv_compression=int8", "--mesh=seq:2"], "without a seq axis"),
 ])
 def test_bad_flags_fail_naming_the_flag(args, message):
   rc, stdout, stderr = finish(start_generate(*args))
@@ -112,3 +118,11 @@ def test_generate_on_the_four_meshes_matches_unsharded(tmp_path, compile_cache):
     assert json.loads(out.read_text())["tokens"] == want, mesh
   code, _, stderr = finish(start_generate("--mesh=model:3", cache_dir=compile_cache))
   assert code != 0 and "--mesh=model:3" in stderr and "num_heads" in stderr
+
+
+def test_kv_compression_help_lists_every_policy():
+  from lctx.cache import spec
+  rc, stdout, stderr = finish(start_generate("--kv_compression=help"))
+  assert rc == 0, stderr[-2000:]
+  for name in spec.POLICIES:
+    assert name in stdout

@@ -153,3 +153,38 @@ def test_bench_analysis_times_the_1m_run(tmp_path):
   run = json.loads(out.read_text())["runs"]["1m_tp8"]
   assert run["target_s"] == 5 and len(run["seconds"]) == 1 and run["median_s"] > 0
   assert run["met"] == (run["median_s"] <= 5)
+
+
+def test_kv_compression_side_by_side(tmp_path):
+  """--kv_compression twice: the dense rows first, then each policy; the
+  compressed cache's bytes per user from both sources agree, and so do the
+  hlo decode bytes with the closed form (within 5% at 128K on model:8)."""
+  out = tmp_path / "rows.json"
+  proc = _run("--contexts=131072", "--num_devices=8", "--kv_compression=int8",
+              "--kv_compression=int4", f"--json_out={out}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = json.loads(out.read_text())
+  assert [r["kv_compression"] for r in rows] == ["", "", "int8", "int8", "int4", "int4"]
+  by = {(r["kv_compression"], r["source"]): r for r in rows}
+  for kv in ("", "int8", "int4"):
+    a, h = by[(kv, "analytic")], by[(kv, "hlo")]
+    assert h["kv_bytes_per_user_total"] == pytest.approx(a["kv_bytes_per_user_total"], rel=1e-9)
+    assert h["decode_bytes_per_device"] == pytest.approx(a["decode_bytes_per_device"], rel=0.05)
+  dense = by[("", "analytic")]["kv_bytes_per_user_total"]
+  # int8: 1 byte + a bf16 scale per 128 channels; int4: half a byte + the scale.
+  assert by[("int8", "analytic")]["kv_bytes_per_user_total"] == pytest.approx(
+      dense * (128 + 2) / 256)
+  assert by[("int4", "analytic")]["kv_bytes_per_user_total"] == pytest.approx(
+      dense * (64 + 2) / 256)
+  assert by[("int4", "hlo")]["concurrency"] > by[("int8", "hlo")]["concurrency"] > by[
+      ("", "hlo")]["concurrency"]
+  assert "int8" in proc.stdout and "kv cache" in proc.stdout
+
+
+def test_kv_compression_errors_name_the_flag():
+  proc = _run("--contexts=4000", "--num_devices=8", "--kv_compression=int8:bits=3")
+  assert proc.returncode != 0 and "--kv_compression=int8:bits=3" in proc.stderr
+  proc = _run("--contexts=4000", "--mesh=seq:2,model:4", "--kv_compression=int8")
+  assert proc.returncode != 0 and "seq" in proc.stderr
+  proc = _run("--kv_compression=help")
+  assert proc.returncode == 0 and "kivi" in proc.stdout

@@ -54,9 +54,9 @@ def test_no_op_settings_reproduce_dense_bitwise(spec, layout):
 
 # ---- int8 / int4 absmax: the quantizer itself --------------------------------------------
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(bits=st.sampled_from([8, 4]), scale=st.sampled_from(["head", "token"]),
-       group=st.sampled_from([0, 2, 4]), n=st.integers(1, 5), K=st.integers(1, 3),
+       group=st.sampled_from([0, 2, 4]), n=st.sampled_from([1, 3]), K=st.sampled_from([1, 2]),
        magnitude=st.sampled_from([0.0, 1e-6, 1.0, 300.0]), constant=st.booleans(),
        seed=st.integers(0, 2 ** 16))
 def test_absmax_error_is_at_most_half_a_step(bits, scale, group, n, K, magnitude, constant, seed):
@@ -123,14 +123,15 @@ def test_decode_compiles_once_and_runs_near_dense(spec):
   tokens, lengths = _prompts()
   dense_logits, dense = engine.prefill(config, params, tokens,
                                        engine.new_cache(config, params, 2, 128), lengths)
+  fed = [jnp.argmax(dense_logits, -1).astype(jnp.int32)]
+  for _ in range(100):  # the dense run picks the tokens both caches are fed
+    dense_logits, dense = engine.decode_step(config, params, fed[-1], dense)
+    fed.append(jnp.argmax(dense_logits, -1).astype(jnp.int32))
   cache = engine.new_cache(config, params, 2, 128, kv_compression=spec)
   logits, cache = engine.prefill(config, params, tokens, cache, lengths, chunk=8)
   before = engine.decode_jit._cache_size()
-  token = jnp.argmax(dense_logits, -1).astype(jnp.int32)
-  for _ in range(100):
+  for token in fed[:-1]:
     logits, cache = engine.decode_step(config, params, token, cache)
-    dense_logits, dense = engine.decode_step(config, params, token, dense)
-    token = jnp.argmax(dense_logits, -1).astype(jnp.int32)  # the same tokens for both
   assert engine.decode_jit._cache_size() - before <= 1
   assert np.all(np.isfinite(np.asarray(logits)))
   # Lossy but close: 2-bit keys move logits most (measured: < 0.3 on this model).

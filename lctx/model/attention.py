@@ -29,11 +29,17 @@ probability), so a segment with no visible key for a query yields
 (0, MASKED, 0) for it, the identity of `merge`. Every query must see at least
 one key over all segments (causal attention always sees itself).
 
-Two segment types exist:
+Three segment types exist:
+  SourceSegment the slots of a `lctx.cache.segments.Blocks` source, read
+                block by block through the source's `read(lo, n)` (a
+                compressed cache dequantizes one block there: no
+                full-precision copy of a layer) with its own visibility;
+                queries in tiles, a loop over the filled blocks only; a
+                traced length makes the loop's trip count traced too (see
+                TRIPS_SCOPE).
   CacheSegment  slots [0, length) of a dense cache layer ([B, K, H, S] keys,
-                [B, K, S, H] values), read block by block straight from the
-                cache buffer (no copy of the layer); length may be traced,
-                then the block loop's trip count is too (see TRIPS_SCOPE).
+                [B, K, S, H] values): a SourceSegment reading the cache
+                buffer in place.
   ChunkSegment  the keys of the queries' own tokens, causally: the lower
                 triangle of block pairs (causal_attention).
 """

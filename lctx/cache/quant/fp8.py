@@ -13,21 +13,28 @@ Scales (float32, keys and values separately): one per row and layer
 (`scale=tensor`, [B, 1, 1, 1]) or one per row, layer and KV head
 (`scale=head`, [B, K, 1, 1]). A scale is set by the first write whose real
 tokens (slots below the row's length; padding excluded) have a nonzero
-amax: scale = amax / fmax, so the prompt's largest element maps to fmax.
-Later writes reuse it, and a later element beyond amax saturates at
-+-fmax * scale (never inf or NaN). A stored scale of 0 means "not set yet";
-until it is set every code is 0 (the real tokens written so far were all
-zero).
+amax: scale = amax / fmax (computed as amax * float32(1 / fmax)), so the
+prompt's largest element maps to fmax. Later writes reuse it, and a later
+element beyond amax saturates at +-fmax * scale (never inf or NaN). A
+stored scale of 0 means "not set yet"; until it is set every code is 0 (the
+real tokens written so far were all zero). With a chunked prefill the first
+chunk sets it.
 
-Arrays per layer: keys "codes" [B, K, H, S] float8 and "scale"; values
-"codes" [B, K, S, H] float8 and "scale". One byte per element: 2 K H bytes
-per token, the scales a fixed cost per row.
+Arrays per layer: keys "codes" [B, K, H, S] and "scale"; values "codes"
+[B, K, S, H] and "scale". The codes are float8 numbers stored as their bit
+patterns, uint8 (lax.bitcast_convert_type on the way in and out): XLA's CPU
+backend has no float8 arithmetic and converts a whole float8 array to
+float16 around every scatter and slice of it (a decode step then held about
+half a dense cache in temporaries); uint8 writes in place and a read converts
+one block. One byte per element: 2 K H bytes per token, the scales a fixed
+cost per row.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 
 from lctx.cache.quant.base import KEY_AXIS, VALUE_AXIS, Format, View
@@ -67,8 +74,8 @@ class Fp8(Format):
   def init_layer(self, batch, capacity):
     K, H = self.num_kv_heads, self.head_dim
     scale = lambda: jnp.zeros(self._scale_shape(batch), jnp.float32)  # two buffers: both donated
-    return ({"codes": jnp.zeros((batch, K, H, capacity), self.code_dtype), "scale": scale()},
-            {"codes": jnp.zeros((batch, K, capacity, H), self.code_dtype), "scale": scale()})
+    return ({"codes": jnp.zeros((batch, K, H, capacity), jnp.uint8), "scale": scale()},
+            {"codes": jnp.zeros((batch, K, capacity, H), jnp.uint8), "scale": scale()})
 
   # ---- encoding ------------------------------------------------------------------
 
@@ -80,20 +87,24 @@ class Fp8(Format):
 
   def encode(self, x, scale):
     """x [B, K, ., .] (any float dtype) with scale (float32, broadcasting
-    against x; 0 = unset) -> float8 codes of x's shape."""
+    against x; 0 = unset) -> the float8 codes' bit patterns (uint8), x's shape."""
     s = scale.astype(jnp.float32)
     y = jnp.where(s > 0, x.astype(jnp.float32) / jnp.where(s > 0, s, 1.0), 0.0)
-    return jnp.clip(y, -self.fmax, self.fmax).astype(self.code_dtype)
+    codes = jnp.clip(y, -self.fmax, self.fmax).astype(self.code_dtype)
+    return jax.lax.bitcast_convert_type(codes, jnp.uint8)
 
   def decode(self, codes, scale):
-    """codes * scale (in float32), returned in the compute dtype."""
-    return (codes.astype(jnp.float32) * scale.astype(jnp.float32)).astype(self.dtype)
+    """Stored codes (uint8 bit patterns) * scale (in float32), returned in the compute dtype."""
+    x = jax.lax.bitcast_convert_type(codes, self.code_dtype).astype(jnp.float32)
+    return (x * scale.astype(jnp.float32)).astype(self.dtype)
 
   def _update_scale(self, view, side, x, real):
     """The side's scale after a write of x whose real entries are `real`:
     entries still unset (0) take this write's amax / fmax."""
     old = view.get(side, "scale")
-    new = self._amax(x, real) / self.fmax
+    # amax * float32(1 / fmax): what XLA makes of amax / fmax anyway (a division
+    # by a constant becomes a product by its reciprocal), written out.
+    new = self._amax(x, real) * jnp.float32(1 / self.fmax)
     return jnp.where(old > 0, old, new)
 
   # ---- writes -----------------------------------------------------------------------
@@ -137,7 +148,7 @@ class Fp8(Format):
   # ---- bytes ------------------------------------------------------------------------
 
   def bytes_per_token(self) -> int:
-    return 2 * self.num_kv_heads * self.head_dim * jnp.dtype(self.code_dtype).itemsize
+    return 2 * self.num_kv_heads * self.head_dim  # one byte per element
 
   def fixed_bytes(self, batch: int) -> int:
     n = batch * (self.num_kv_heads if self.scale == "head" else 1)

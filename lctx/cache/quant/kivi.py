@@ -58,9 +58,6 @@ import numpy as np
 from lctx.cache.quant.base import Format, View, round_up_scale
 from lctx.cache.segments import Blocks
 
-_CHANNEL = {"k": 2, "v": 3}  # the channel (head_dim) axis of a key / value array of one layer
-
-
 def round_down(x_f32, dtype):
   """x_f32 rounded to `dtype`, never up (the stored value is <= x)."""
   stored = x_f32.astype(dtype)
@@ -73,13 +70,16 @@ def quantize(x, bits: int, dtype):
 
   x: [..., G] any float dtype. Returns (codes [..., G] uint8 in [0, 2^bits - 1],
   unpacked; scale [...] and zero [...] in `dtype`). zero = min rounded down
-  to dtype, scale = (max - zero) / (2^bits - 1) rounded up to dtype.
+  to dtype, scale = (max - zero) * fp32(1 / (2^bits - 1)) rounded up to
+  dtype, code = round((x - zero) / scale) clipped to the range.
   """
   qmax = 2 ** bits - 1
   xf = x.astype(jnp.float32)
   zero = round_down(xf.min(axis=-1), dtype)
   z32 = zero.astype(jnp.float32)
-  scale = round_up_scale((xf.max(axis=-1) - z32) / qmax, dtype)
+  # range * fp32(1 / qmax), as XLA rewrites a division by a constant (a code
+  # rounding a hair past qmax is clipped: the error stays within half a step).
+  scale = round_up_scale((xf.max(axis=-1) - z32) * np.float32(1 / qmax), dtype)
   s32 = scale.astype(jnp.float32)
   codes = jnp.round((xf - z32[..., None]) / jnp.where(s32 > 0, s32, 1.0)[..., None])
   return jnp.clip(codes, 0, qmax).astype(jnp.uint8), scale, zero
@@ -220,7 +220,10 @@ class Kivi(Format):
     return view.set("k", "residual", ring_k).set("v", "residual", ring_v)
 
   def _set_count(self, view: View, n) -> View:
-    return view.set("k", "count", n.astype(jnp.int32)[:, None, None, None])
+    # A scatter into slot 0 of each row (not a fresh array): the unrolled
+    # layout's donated count buffers are then updated in place too.
+    return view.set_token("k", "count", n.astype(jnp.int32)[:, None, None],
+                          jnp.zeros_like(n, jnp.int32))
 
   def write_prefix(self, view, k, v, lengths):
     """The prompt's groups are all quantized and stored (every row, slots

@@ -12,8 +12,11 @@ and calibration is online rather than offline.
   set by the first write that sees a nonzero amax in that channel (amax over
   the real tokens' non-outlier entries; sink and padding tokens excluded):
   the prompt calibrates it, as KVQuant calibrates its per-channel ranges
-  offline, and with chunked prefill the first chunk does. Later entries
-  beyond the calibrated range are clipped to +-qmax * scale (outliers aside).
+  offline, and with chunked prefill the first chunk does (so the key codes
+  of a chunked prefill differ from a one-pass prefill's, whose range is the
+  whole prompt's; every other array, and the key codes given the same range,
+  are the same). Later entries beyond the calibrated range are clipped to
+  +-qmax * scale (outliers aside).
   Attention rotates each dequantized key block at its positions (slot =
   position), `sources(..., rotate)`.
 - Values are quantized per token: absmax per (token, KV head) over the
@@ -86,6 +89,12 @@ class KVQuant(Format):
   @property
   def qmax(self) -> int:
     return 2 ** (self.bits - 1) - 1
+
+  @property
+  def _inv_qmax(self):
+    """1 / qmax in float32: scales are amax * (1 / qmax), as XLA computes a
+    division by a constant anyway (written out, so references can match it)."""
+    return jnp.float32(1 / self.qmax)
 
   @property
   def n_out(self) -> int:
@@ -173,7 +182,8 @@ class KVQuant(Format):
 
   def value_scale(self, inliers):
     """Per-token scale [B, K, n, 1] (compute dtype, rounded up) of value inliers [B, K, n, H]."""
-    return round_up_scale(jnp.abs(inliers).max(axis=3, keepdims=True) / self.qmax, self.dtype)
+    amax = jnp.abs(inliers).max(axis=3, keepdims=True)
+    return round_up_scale(amax * self._inv_qmax, self.dtype)
 
   def pack(self, side, codes):
     """Codes (float32 integers) -> int8, or uint8 with 8 / bits per byte along the channels."""
@@ -220,7 +230,7 @@ class KVQuant(Format):
     slots whose keys may calibrate the key scale."""
     k_in, k_val, k_idx = self.split_outliers("k", k)
     old = view.get("k", "scale")
-    k_scale = jnp.where(old > 0, old, self.key_amax(k_in, real) / self.qmax)
+    k_scale = jnp.where(old > 0, old, self.key_amax(k_in, real) * self._inv_qmax)
     view = view.set("k", "scale", k_scale)
     v_in, v_val, v_idx = self.split_outliers("v", v)
     v_scale = self.value_scale(v_in)
@@ -241,7 +251,8 @@ class KVQuant(Format):
   def write_chunk(self, view, k, v, start, lengths):
     B, C = v.shape[0], v.shape[2]
     slot = start + jnp.arange(C)
-    real = (slot >= self.sinks)[None, :] & (slot[None, :] < jnp.asarray(lengths, jnp.int32)[:, None])
+    lengths = jnp.asarray(lengths, jnp.int32)
+    real = (slot >= self.sinks)[None, :] & (slot[None, :] < lengths[:, None])
     view = self._write(view, k.astype(self.dtype), v.astype(self.dtype), real,
                        lambda view, side, name, e: view.set_slots(side, name, e, start))
     if self.sinks:  # the chunk's first min(C, sinks) tokens may be sinks; later slots are dropped
