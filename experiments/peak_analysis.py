@@ -129,7 +129,7 @@ def format_shortfalls(rows) -> str:
   for (T, _, mesh, kv), by in _pairs(rows).items():
     short = {src: r.shortfall_bytes_per_device for src, r in by.items() if r.concurrency == 0}
     if short:
-      lines.append(f"  context {T} on {mesh} ({_kv(kv)}): " + ", ".join(
+      lines.append(f"  context {T} on {mesh}{f' with {kv}' if kv else ''}: " + ", ".join(
           f"{src} {_gb(b)} GB short per device" for src, b in short.items()))
   return "\n".join(["No user fits (concurrency 0):"] + lines) if lines else ""
 

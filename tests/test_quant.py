@@ -203,3 +203,22 @@ def test_sharded_quantized_decode_equals_unsharded(spec):
   got = engine.generate(config, params, tokens, lengths=lengths, max_new_tokens=6, capacity=32,
                         kv_compression=spec, plan=plan)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_readme_bytes_per_token_table_matches_the_code():
+  """The README's yi-34b table: every row's bytes per token (all layers,
+  capacity 131072, bf16) and ratio to bf16 are what the formats compute."""
+  from pathlib import Path
+  from lctx.cost import metrics
+  text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+  section = text.split("### KV-cache compression: quantization")[1].split("\n### ")[0]
+  rows = [line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| `")]
+  assert len(rows) >= 8
+  yi = lctx.ModelConfig.from_preset("yi-34b")
+  dense = yi.replace(dtype="bfloat16").kv_bytes_per_token()
+  for cells in rows:
+    spec = cells[0].strip().strip("`")
+    got = metrics.kv_token_bytes(yi, "" if spec == "dense" else spec, 131072, "bfloat16")
+    got = dense if got is None else got
+    assert cells[3].strip() == f"{got:,.1f}", spec
+    assert cells[4].strip() == f"{got / dense:.3f}", spec

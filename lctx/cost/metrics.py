@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 import threading
 
@@ -245,10 +246,14 @@ def _once(fn):
   when several threads ask for it together (a sweep compiles on a thread
   pool, and rows share programs: functools.lru_cache would compile twice)."""
   results, locks, guard = {}, {}, threading.Lock()
+  signature = inspect.signature(fn)
 
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
-    key = (args, tuple(sorted(kwargs.items())))
+    # Keyed by every parameter's value, defaults applied: f(a) and f(a, None) share one entry.
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    key = tuple(bound.arguments.items())
     with guard:
       lock = locks.setdefault(key, threading.Lock())
     with lock:
