@@ -21,7 +21,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from lctx.cache.quant.base import SlotFormat, round_up_scale
+from lctx.cache.quant.base import SlotFormat, round_up_scale, unpack_parts
 
 _CHANNEL = {"k": 2, "v": 3}  # the channel (head_dim) axis of a key / value array of one layer
 
@@ -74,8 +74,7 @@ class Absmax(SlotFormat):
   def _unpack(self, packed, c):
     if self.bits == 8:
       return packed
-    lo, hi = packed & 0xF, packed >> 4
-    return jnp.concatenate([lo, hi], axis=c).astype(jnp.int8) - 8
+    return unpack_parts(packed, 4, c).astype(jnp.int8) - 8
 
   def bytes_per_token(self) -> float:
     K, H = self.num_kv_heads, self.head_dim

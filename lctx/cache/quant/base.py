@@ -134,6 +134,23 @@ def nbytes(tree) -> int:
   return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
+def unpack_parts(packed, bits: int, axis: int):
+  """Bytes [..., n, ...] that hold 8 / bits codes each (code j + p n in bits
+  [p bits, (p + 1) bits) of byte j: the channels split into contiguous
+  parts) -> uint8 codes [..., n 8 / bits, ...]. The bytes are tiled and
+  shifted by a per-channel constant, one fused pointwise pass: a concatenate
+  of the shifted parts measured 5x slower in an XLA:CPU decode loop."""
+  if bits == 8:
+    return packed
+  P, n = 8 // bits, packed.shape[axis]
+  reps = [1] * packed.ndim
+  reps[axis] = P
+  shape = [1] * packed.ndim
+  shape[axis] = P * n
+  shifts = jnp.repeat(jnp.arange(P, dtype=jnp.uint8) * bits, n).reshape(shape)
+  return (jnp.tile(packed, reps) >> shifts) & jnp.uint8(2 ** bits - 1)
+
+
 def round_up_scale(scale_f32, dtype):
   """scale_f32 rounded to `dtype`, never down: x / stored <= x / exact, so
   a code computed with the stored scale never exceeds the range it was sized

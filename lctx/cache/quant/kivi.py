@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lctx.cache.quant.base import Format, View, round_up_scale
+from lctx.cache.quant.base import Format, View, round_up_scale, unpack_parts
 from lctx.cache.segments import Blocks
 
 def round_down(x_f32, dtype):
@@ -105,10 +105,7 @@ def pack(codes, bits: int, axis: int):
 
 def unpack(packed, bits: int, axis: int):
   """The inverse of pack: [..., n, ...] bytes -> [..., n * 8/bits, ...] uint8 codes."""
-  if bits == 8:
-    return packed
-  mask = 2 ** bits - 1
-  return jnp.concatenate([(packed >> (p * bits)) & mask for p in range(8 // bits)], axis=axis)
+  return unpack_parts(packed, bits, axis)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -57,7 +57,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from lctx.cache.quant.base import Format, View, round_up_scale
+from lctx.cache.quant.base import Format, View, round_up_scale, unpack_parts
 from lctx.cache.segments import Blocks
 
 _CHANNEL = {"k": 2, "v": 3}  # the channel axis of a side's [B, K, ., .] array
@@ -204,9 +204,8 @@ class KVQuant(Format):
     """The inverse of pack: codes as int8 [.., H, ..]."""
     if self.bits == 8:
       return packed
-    c, mask = _CHANNEL[side], 2 ** self.bits - 1
-    parts = [(packed >> (j * self.bits)) & mask for j in range(self._per_byte)]
-    u = jax.lax.slice_in_dim(jnp.concatenate(parts, axis=c), 0, self.head_dim, axis=c)
+    c = _CHANNEL[side]
+    u = jax.lax.slice_in_dim(unpack_parts(packed, self.bits, c), 0, self.head_dim, axis=c)
     return u.astype(jnp.int8) - 2 ** (self.bits - 1)
 
   def dequantize(self, side, codes, scale, values=None, index=None):
@@ -216,11 +215,17 @@ class KVQuant(Format):
     x = x.astype(self.dtype)
     if values is None:
       return x
+    # Each outlier put back by a select against the channel index: pointwise,
+    # fused into the read (a scatter per block measured 7x slower on XLA:CPU).
     c = _CHANNEL[side]
-    xl = jnp.put_along_axis(jnp.moveaxis(x, c, -1), jnp.moveaxis(index, c, -1).astype(jnp.int32),
-                            jnp.moveaxis(values, c, -1).astype(self.dtype), axis=-1,
-                            inplace=False)
-    return jnp.moveaxis(xl, -1, c)
+    shape = [1] * x.ndim
+    shape[c] = self.head_dim
+    channel = jnp.arange(self.head_dim, dtype=jnp.int32).reshape(shape)
+    for j in range(self.n_out):
+      at = jax.lax.slice_in_dim(index, j, j + 1, axis=c).astype(jnp.int32)
+      value = jax.lax.slice_in_dim(values, j, j + 1, axis=c).astype(self.dtype)
+      x = jnp.where(channel == at, value, x)
+    return x
 
   # ---- writes -----------------------------------------------------------------------
 
