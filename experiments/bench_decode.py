@@ -79,9 +79,6 @@ def main(argv):
     config = bench.resolve_config(FLAGS.model)  # what bench.Setup.create runs (fp32)
   except (ValueError, FileNotFoundError) as e:
     raise app.UsageError(f"--model={FLAGS.model}: {e}") from e
-  cli.warn_beyond_positions(config, [FLAGS.context + FLAGS.decode_steps],
-                            what=f"--context={FLAGS.context} + {FLAGS.decode_steps} decode "
-                                 f"steps: context")
   from lctx.cache import spec as spec_lib
   from lctx.cache.dense import cache_format
   try:
@@ -89,6 +86,9 @@ def main(argv):
     kv_compression = str(spec_lib.parse(FLAGS.kv_compression))
   except ValueError as e:
     raise app.UsageError(f"--kv_compression={FLAGS.kv_compression}: {e}") from e
+  cli.warn_beyond_positions(config, [FLAGS.context + FLAGS.decode_steps],
+                            what=f"--context={FLAGS.context} + {FLAGS.decode_steps} decode "
+                                 f"steps: context")
   setup = bench.Setup.create(FLAGS.model, FLAGS.context, FLAGS.batch, FLAGS.seed,
                              scan_layers=FLAGS.scan_layers, threads=FLAGS.threads,
                              reference=FLAGS.reference)

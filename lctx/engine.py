@@ -264,7 +264,8 @@ def generate(config: ModelConfig, params: Params, tokens, *, max_new_tokens: int
   """Prefill then up to `max_new_tokens` tokens per row, the token loop inside one jit.
 
   tokens: [B, T] right-padded prompts, lengths [B] (default: all T).
-  capacity: cache slots (default T + max_new_tokens); the run needs
+  capacity: cache slots (default T + max_new_tokens, rounded up to a
+  multiple of the compression format's slot multiple); the run needs
   T + max_new_tokens - 1 of them. key: a PRNG key, required when sampling.
   plan: run sharded on its mesh (params are placed with shard_params).
   eos_token_id: an id or ids that end a row: the row keeps its EOS token and
@@ -282,8 +283,11 @@ def generate(config: ModelConfig, params: Params, tokens, *, max_new_tokens: int
   if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
   eos = _stop_ids(config, eos_token_id, pad_token_id)
-  capacity = T + max_new_tokens if capacity is None else capacity
   fmt = cache_format(config, kv_compression)  # errors before compiling
+  if capacity is None:  # the default, rounded up to what the format needs (KIVI: its group)
+    multiple = 1 if fmt is None else fmt.slot_multiple
+    capacity = -(-(T + max_new_tokens) // multiple) * multiple
+  fmt = cache_format(config, kv_compression, capacity=capacity)  # None: dense at this capacity
   if fmt is not None and capacity % fmt.slot_multiple:
     raise ValueError(f"cache capacity {capacity} with kv_compression {kv_compression!r}: "
                      f"allowed: a multiple of {fmt.slot_multiple}")

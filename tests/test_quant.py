@@ -222,3 +222,20 @@ def test_readme_bytes_per_token_table_matches_the_code():
     got = dense if got is None else got
     assert cells[3].strip() == f"{got:,.1f}", spec
     assert cells[4].strip() == f"{got / dense:.3f}", spec
+
+
+def test_generate_rounds_its_default_capacity_to_the_format():
+  """generate's default capacity (T + max_new_tokens = 17) rounds up to the
+  KIVI group; a residual covering that capacity is the dense cache."""
+  tokens, _ = _prompts(2, 12)
+  lengths = np.array([12, 7], np.int32)
+  spec = "kivi:bits=2,group=4,residual=8"
+  got = engine.generate(CONFIG, PARAMS, tokens, lengths=lengths, max_new_tokens=5,
+                        kv_compression=spec)
+  want = engine.generate(CONFIG, PARAMS, tokens, lengths=lengths, max_new_tokens=5, capacity=20,
+                         kv_compression=spec)
+  np.testing.assert_array_equal(got, want)
+  dense = engine.generate(CONFIG, PARAMS, tokens, lengths=lengths, max_new_tokens=5)
+  np.testing.assert_array_equal(engine.generate(
+      CONFIG, PARAMS, tokens, lengths=lengths, max_new_tokens=5, capacity=17,
+      kv_compression="kivi:group=4"), dense)
