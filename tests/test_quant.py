@@ -239,3 +239,19 @@ def test_generate_rounds_its_default_capacity_to_the_format():
   np.testing.assert_array_equal(engine.generate(
       CONFIG, PARAMS, tokens, lengths=lengths, max_new_tokens=5, capacity=17,
       kv_compression="kivi:group=4"), dense)
+
+
+@pytest.mark.parametrize("spec", ["int8", "kivi:bits=2,group=4,residual=8", "int8:scale=token"])
+def test_context_switch_moves_the_physical_bytes(spec):
+  """The compiled swap (one user's cache out to pinned host memory, another's
+  in) moves the cache's physical bytes: on model:2, each device its half of
+  the arrays split over the 2 KV heads and the whole of the replicated ones."""
+  from lctx.cache.dense import abstract_cache
+  from lctx.cost import metrics
+  cache = abstract_cache(CONFIG, 1, 1024, kv_compression=spec)
+  leaves = jax.tree.leaves((cache.k, cache.v))
+  nbytes = lambda x: x.size * x.dtype.itemsize
+  assert metrics.swap_costs(CONFIG, "model:1", 1024, spec).host_transfer_bytes == 2 * sum(
+      nbytes(x) for x in leaves)
+  per_device = sum(nbytes(x) / (2 if x.shape[2] == CONFIG.num_kv_heads else 1) for x in leaves)
+  assert metrics.swap_costs(CONFIG, "model:2", 1024, spec).host_transfer_bytes == 2 * per_device

@@ -321,15 +321,27 @@ def swap_costs(config: ModelConfig, mesh: str, T: int, kv_compression: str = "")
   program over JAX memory kinds."""
   plan = sharding.Plan(config, sharding.make_mesh(mesh))
   cache = abstract_cache(config, 1, T, kv_compression=kv_compression)
-  kv = (cache.k, cache.v)
-  on_device = (plan.cache_shardings(cache).k, plan.cache_shardings(cache).v)
-  on_host = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), on_device)
+  shardings = plan.cache_shardings(cache)
+  arrays = jax.tree.leaves((cache.k, cache.v))
+  placed = jax.tree.leaves((shardings.k, shardings.v))
+  # XLA's partitioner rejects a host placement of a replicated array on a
+  # multi-device mesh (a RET_CHECK; a compressed cache's per-row counts or
+  # cross-head scales): those move whole on every device, counted below.
+  split = [(x, p) for x, p in zip(arrays, placed)
+           if p.num_devices == 1 or not p.is_fully_replicated]
+  whole = sum(x.size * jnp.dtype(x.dtype).itemsize for x, p in zip(arrays, placed)
+              if p.num_devices > 1 and p.is_fully_replicated)
+  kv = [x for x, _ in split]
+  on_device = [p for _, p in split]
+  on_host = [p.with_memory_kind("pinned_host") for p in on_device]
 
   def swap(leaving, returning):
     return jax.device_put(leaving, on_host), jax.device_put(returning, on_device)
 
   step = jax.jit(swap, in_shardings=(on_device, on_host), out_shardings=(on_host, on_device))
-  return hlo.analyze(step.lower(kv, kv))
+  costs = hlo.analyze(step.lower(kv, kv))
+  costs.host_transfer_bytes += 2 * whole  # one copy out, one in
+  return costs
 
 
 def chunk_used(mesh: str | int, T: int, prefill_chunk: int | None) -> int:
