@@ -8,6 +8,10 @@ Three entry points share one layer body:
            segments, lctx.model.attention);
   decode   one token per row, written at slot `lengths[b]`, attends to slots
            [0, lengths[b]].
+With a compressed cache (cache.format, lctx.cache.quant), prefill (one pass
+or chunked) and decode go through its format: the format writes the new K/V and attention reads
+its sources block by block (_format_prefill, _format_chunk, _format_decode);
+meshes with a `seq` axis are refused for it.
 The layer loop follows the params' layout: stacked layers run under
 `lax.scan` (fast to compile at any depth), a tuple of per-layer dicts runs
 unrolled (each layer reads its own weight and cache buffers with no slicing
@@ -99,10 +103,7 @@ _cache_layer = store.layer
 _cache_write_prefix = store.write_prefix
 _cache_write_slots = store.write_slots
 _cache_slots = store.slots
-
-
-def _cache_write_token(kv, l, slots_b, new_bkh, seq_axis):
-  return store.write_token(kv, l, slots_b, new_bkh, seq_axis)
+_cache_write_token = store.write_token
 
 
 def _segment(kv_k, kv_v, l, length, block: int, trips: float | None = None):
