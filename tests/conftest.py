@@ -2,6 +2,7 @@
 calibrations cached in a temporary directory, not the user's ~/.cache; and
 `importorskip`, which fails rather than skips in CI."""
 
+import gc
 import os
 import tempfile
 
@@ -12,6 +13,20 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("LCTX_CACHE_DIR", tempfile.mkdtemp(prefix="lctx-test-cache-"))
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Frees every compiled program after each test module. XLA:CPU maps each
+  executable's code into its own memory regions, and the suite compiles
+  thousands (hypothesis tests run eager ops at many shapes); kept alive
+  across the whole run they approach the kernel's per-process limit on
+  memory maps (vm.max_map_count, 65530 here), and a full run segfaulted
+  inside a later compile that passes when its module runs alone."""
+  yield
+  import jax
+  jax.clear_caches()
+  gc.collect()
 
 
 def in_ci() -> bool:
