@@ -136,8 +136,8 @@ def _count(module: hlo.Module, name: str, memo: dict, holds: dict,
           total["collective"] += ((hlo._trip_count(module, instr) or 1)  # pylint: disable=protected-access
                                   * _count(module, callee, memo, holds, fused)["collective"])
       continue
-    if (fused and op.removesuffix("-start") not in hlo.COLLECTIVES and not _is_scalar(instr)
-        and _in_cache_write(instr)):
+    if (fused and _in_cache_write(instr) and op.removesuffix("-start") not in hlo.COLLECTIVES
+        and not _is_scalar(instr)):  # the name test first: it is cheap, shapes are parsed
       write = True  # one fused quantize-and-store kernel per computation
       continue
     if fused and op == "while" and instr.op_name and not instr.op_name.endswith("while"):
