@@ -3,13 +3,13 @@
 from lctx import sharding
 from lctx.cache import KVCache, init_cache
 from lctx.config import ModelConfig
-from lctx.engine import decode_step, forward, generate, prefill
+from lctx.engine import decode_step, forward, generate, kept_positions, prefill
 from lctx.model.params import abstract_params, init_params, stack_layers, unstack_layers
 from lctx.sampling import SamplingConfig
 
 __all__ = [
     "KVCache", "ModelConfig", "SamplingConfig", "abstract_params", "decode_step", "forward",
-    "generate", "init_cache", "init_params", "load_gguf_checkpoint", "load_hf_checkpoint", "load_tokenizer",
+    "generate", "init_cache", "init_params", "kept_positions", "load_gguf_checkpoint", "load_hf_checkpoint", "load_tokenizer",
     "prefill", "restore_params",
     "save_params", "sharding", "stack_layers", "unstack_layers",
 ]

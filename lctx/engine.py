@@ -222,13 +222,15 @@ def prefill(config: ModelConfig, params: Params, tokens, cache: KVCache, lengths
   chunk = transformer.check_chunk(chunk, plan, tokens.shape[1])
   if tokens.shape[0] != cache.batch:
     raise ValueError(f"batch of tokens ({tokens.shape[0]}) != cache batch ({cache.batch})")
-  if tokens.shape[1] > cache.capacity:
-    raise ValueError(f"prompt length {tokens.shape[1]} exceeds the cache capacity "
-                     f"{cache.capacity}")
+  needed = _prompt_slots(cache, tokens.shape[1])
+  if needed > cache.capacity:
+    what = ("prompt length" if not cache.evicting else
+            f"{cache.evict.policy} keeps up to {needed} tokens of a prompt of length")
+    raise ValueError(f"{what} {tokens.shape[1]}: more than the cache capacity "
+                     f"{cache.capacity} (allowed: a capacity >= {needed})")
   if plan is not None:
     _check_plan(config, plan, batch=cache.batch, capacity=cache.capacity,
-                compressed=cache.format.spec if cache.compressed else None,
-                prompt_len=tokens.shape[1])
+                compressed=_spec_of(cache), prompt_len=tokens.shape[1])
     return sharded_step("prefill", plan, params, cache, block, chunk)(params, tokens, lengths,
                                                                       cache)
   return prefill_jit(config, params, tokens, lengths, cache, block=block, chunk=chunk)
@@ -243,16 +245,68 @@ def decode_step(config: ModelConfig, params: Params, tokens, cache: KVCache,
     raise ValueError(f"tokens must have shape ({cache.batch},) (one per cache row), "
                      f"got {tuple(tokens.shape)}")
   tokens = _check_token_ids(config, tokens, 1, f"[{cache.batch}]")
-  if not isinstance(cache.lengths, jax.core.Tracer):
+  if not isinstance(cache.lengths, jax.core.Tracer) and _appends(cache):
     fullest = int(jnp.max(cache.lengths))
     if fullest >= cache.capacity:
       raise ValueError(f"KV cache is full: a row holds {fullest} tokens and the capacity is "
                        f"{cache.capacity}; allocate a larger cache")
   if plan is not None:
     _check_plan(config, plan, batch=cache.batch, capacity=cache.capacity,
-                compressed=cache.format.spec if cache.compressed else None)
+                compressed=_spec_of(cache))
     return sharded_step("decode", plan, params, cache)(params, tokens, cache)
   return decode_jit(config, params, tokens, cache)
+
+
+def _spec_of(cache: KVCache) -> str | None:
+  """The compression spec a cache runs (its eviction and format), None for dense."""
+  parts = ([str(cache.evict.policy)] if cache.evicting else []) + (
+      [cache.format.spec] if cache.compressed else [])
+  return "+".join(parts) or None
+
+
+def _prompt_slots(cache: KVCache, T: int) -> int:
+  """Cache slots a prompt of T tokens fills: T, or what eviction keeps."""
+  if not cache.evicting:
+    return T
+  from lctx.cache.evict.base import n_kept
+  return n_kept(cache.evict.policy, T)
+
+
+def _appends(cache: KVCache) -> bool:
+  """Whether a decode step may need a free slot: not for a cache that evicts
+  while decoding (it replaces a slot at its budget)."""
+  return not (cache.evicting and dict(cache.evict.policy.params).get("decode") == "evict")
+
+
+def kept_positions(config: ModelConfig, params: Params, tokens, *, kv_compression,
+                   lengths=None, prefill_chunk: int | None = None) -> jax.Array:
+  """The original positions each layer and KV head keeps after prefilling
+  `tokens` [B, T] (right-padded; lengths [B], default all T) with the
+  eviction policy of `kv_compression` (lctx.cache.spec, e.g.
+  "snapkv:ratio=0.75,window=32"), one pass or `prefill_chunk` tokens at a time.
+
+  Returns int32 [L, B, K, n_kept]: sorted ascending per (layer, row, KV
+  head), n_kept = what the longest row keeps (kvpress's rule,
+  lctx.cache.evict.base.n_kept); a row keeping fewer is padded with -1.
+  Identical across K for per-layer methods (StreamingLLM, TOVA). ValueError
+  for a spec without an eviction policy, before compiling.
+  """
+  spec = spec_lib.parse(kv_compression)
+  policy = spec.of_kind("eviction")
+  if policy is None:
+    raise ValueError(f"kv_compression {str(spec)!r} has no eviction policy; allowed: one of "
+                     f"{', '.join(n for n, p in spec_lib.POLICIES.items() if p.kind == 'eviction')}")
+  tokens, lengths = _check_tokens(config, tokens, lengths)
+  from lctx.cache.evict.base import n_kept
+  n = n_kept(policy, tokens.shape[1])
+  multiple = 1 if cache_format(config, spec) is None else cache_format(config, spec).slot_multiple
+  cache = new_cache(config, params, tokens.shape[0], -(-n // multiple) * multiple,
+                    kv_compression=spec)
+  _, cache = prefill(config, params, tokens, cache, lengths, chunk=prefill_chunk)
+  pos = cache.evict.pos
+  pos = jnp.stack(pos) if isinstance(pos, tuple) else pos
+  pos = pos[:, :, :, 0, :n]
+  return jnp.where(jnp.arange(n) < cache.lengths[None, :, None, None], pos, -1)
 
 
 def generate(config: ModelConfig, params: Params, tokens, *, max_new_tokens: int,
@@ -284,17 +338,18 @@ def generate(config: ModelConfig, params: Params, tokens, *, max_new_tokens: int
     raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
   eos = _stop_ids(config, eos_token_id, pad_token_id)
   fmt = cache_format(config, kv_compression)  # errors before compiling
+  kept, grows = _generate_slots(kv_compression, T)
   if capacity is None:  # the default, rounded up to what the format needs (KIVI: its group)
     multiple = 1 if fmt is None else fmt.slot_multiple
-    capacity = -(-(T + max_new_tokens) // multiple) * multiple
+    capacity = -(-(kept + (max_new_tokens if grows else 0)) // multiple) * multiple
   fmt = cache_format(config, kv_compression, capacity=capacity)  # None: dense at this capacity
   if fmt is not None and capacity % fmt.slot_multiple:
     raise ValueError(f"cache capacity {capacity} with kv_compression {kv_compression!r}: "
                      f"allowed: a multiple of {fmt.slot_multiple}")
-  needed = T + max_new_tokens - 1
+  needed = kept + (max_new_tokens - 1 if grows else 0)
   if needed > capacity:
-    raise ValueError(f"prompt length {T} + max_new_tokens {max_new_tokens} needs {needed} cache "
-                     f"slots but capacity is {capacity}")
+    raise ValueError(f"prompt length {T} ({kept} tokens kept) + max_new_tokens {max_new_tokens} "
+                     f"needs {needed} cache slots but capacity is {capacity}")
   if key is None:
     if not sampling.greedy:
       raise ValueError("sampling with temperature > 0 needs an explicit PRNG key (key=...)")
@@ -308,6 +363,15 @@ def generate(config: ModelConfig, params: Params, tokens, *, max_new_tokens: int
   return _generate_jit(config, params, tokens, lengths, key, max_new_tokens=int(max_new_tokens),
                        capacity=int(capacity), sampling=sampling, block=block, plan=plan, eos=eos,
                        chunk=prefill_chunk or None, kv_compression=kv_compression)
+
+
+def _generate_slots(kv_compression: str, T: int) -> tuple[int, bool]:
+  """(slots the prompt fills, whether each new token takes one more)."""
+  policy = spec_lib.parse(kv_compression).of_kind("eviction")
+  if policy is None:
+    return T, True
+  from lctx.cache.evict.base import n_kept
+  return n_kept(policy, T), dict(policy.params).get("decode") != "evict"
 
 
 def _stop_ids(config: ModelConfig, eos_token_id, pad_token_id) -> tuple[tuple[int, ...], int] | None:

@@ -177,6 +177,13 @@ class Plan:
     not split (compressed caches run on meshes without `seq`, check)."""
     lead = (LAYERS,) if cache.stacked else ()
     batch = self.sharding((CACHE_BATCH,), "decode")
+    if cache.evicting:  # positions and scores per (row, KV head, slot), split like the keys
+      per_slot = self.sharding(lead + (CACHE_BATCH, CACHE_KV_HEADS, None, None), "decode")
+      layers = lambda x: None if x is None else (per_slot if cache.stacked else
+                                                 tuple(per_slot for _ in x))
+      ev = cache.evict.replace(pos=layers(cache.evict.pos), acc=layers(cache.evict.acc),
+                               next_pos=batch, budget=batch, step=batch)
+      return self.cache_shardings(cache.replace(evict=None)).replace(evict=ev)
     if cache.compressed:
       K = self.config.num_kv_heads
       def one(x, axes):  # x: stacked [L, B, ...] or one layer [B, ...]

@@ -29,6 +29,29 @@ V_CACHE_AXES = ("cache_batch", "cache_kv_heads", "cache_seq", "head_dim")
 
 
 @struct.dataclass
+class EvictState:
+  """What an evicting cache keeps besides K and V (lctx.cache.evict).
+
+  pos: the original position of each slot's token, int32, per layer
+    [B, K, 1, S] (the key-side layout, so lctx.cache.store reads and writes
+    it), stacked [L, ...] or a tuple like the cache; 0 in empty slots (the
+    cache's lengths say which are filled).
+  acc: scores accumulated so far, float32, the same layout; None for
+    methods that do not accumulate.
+  next_pos: [B] int32, the original position of each row's next token (RoPE).
+  budget: [B] int32, the slots each row keeps (set by the prefill).
+  step: [B] int32, decode steps since the prefill (Keyformer's temperature).
+  policy: the eviction Policy (lctx.cache.spec), static.
+  """
+  pos: object
+  acc: object
+  next_pos: jax.Array
+  budget: jax.Array
+  step: jax.Array
+  policy: object = struct.field(pytree_node=False, default=None)
+
+
+@struct.dataclass
 class KVCache:
   # Dense: [L, B, K, H, S] or L x [B, K, H, S]; compressed: a dict of such arrays.
   k: jax.Array | tuple[jax.Array, ...] | dict
@@ -36,10 +59,21 @@ class KVCache:
   lengths: jax.Array  # [B] int32: valid tokens per row; the next token goes there
   # The compression format (lctx.cache.quant), None for dense; static.
   format: object = struct.field(pytree_node=False, default=None)
+  # Token eviction's state (EvictState), None without eviction.
+  evict: EvictState | None = None
 
   @property
   def compressed(self) -> bool:
     return self.format is not None
+
+  @property
+  def evicting(self) -> bool:
+    return self.evict is not None
+
+  @property
+  def positions(self) -> jax.Array:
+    """[B] int32: the original position of each row's next token."""
+    return self.lengths if self.evict is None else self.evict.next_pos
 
   def _first(self, side):
     x = side["codes"] if isinstance(side, dict) else side
@@ -78,7 +112,7 @@ def _layer_shapes(config: ModelConfig, batch: int, capacity: int):
 def cache_format(config: ModelConfig, kv_compression=None, block: int | None = None,
                  capacity: int | None = None):
   """The format (lctx.cache.quant) of a compression spec string or parsed
-  spec for this model, None for dense. Raises ValueError (naming the policy,
+  spec for this model, None for dense (and for eviction alone). Raises ValueError (naming the policy,
   key and allowed values) for a spec that does not parse or does not fit the
   model (e.g. a group that does not divide head_dim), before anything compiles.
   With a capacity, None also for a policy that keeps every slot in full
@@ -99,6 +133,7 @@ def init_cache(config: ModelConfig, batch: int, capacity: int, stacked: bool = T
   format cannot hold (e.g. not a multiple of KIVI's group)."""
   fmt = cache_format(config, kv_compression, capacity=capacity)
   dtype, L = jnp.dtype(config.dtype), config.num_layers
+  evict = _evict_state(config, batch, capacity, stacked, kv_compression, fmt)
   if fmt is not None:
     _layer_shapes(config, batch, capacity)  # the positivity checks
     if capacity % fmt.slot_multiple:
@@ -108,14 +143,34 @@ def init_cache(config: ModelConfig, batch: int, capacity: int, stacked: bool = T
     side = lambda i: {name: (jnp.stack([lay[i][name] for lay in layers]) if stacked
                              else tuple(lay[i][name] for lay in layers))
                       for name in layers[0][i]}
-    return KVCache(side(0), side(1), jnp.zeros((batch,), jnp.int32), fmt)
+    return KVCache(side(0), side(1), jnp.zeros((batch,), jnp.int32), fmt, evict)
   k_shape, v_shape = _layer_shapes(config, batch, capacity)
   if stacked:
     k, v = jnp.zeros((L, *k_shape), dtype), jnp.zeros((L, *v_shape), dtype)
   else:
     k = tuple(jnp.zeros(k_shape, dtype) for _ in range(L))
     v = tuple(jnp.zeros(v_shape, dtype) for _ in range(L))
-  return KVCache(k, v, jnp.zeros((batch,), jnp.int32))
+  return KVCache(k, v, jnp.zeros((batch,), jnp.int32), None, evict)
+
+
+def _evict_state(config: ModelConfig, batch: int, capacity: int, stacked: bool,
+                 kv_compression, fmt) -> EvictState | None:
+  """The EvictState of a spec with an eviction policy, else None. ValueError
+  for a quantization format eviction cannot compact (lctx.cache.evict.check_format)."""
+  from lctx.cache import evict, spec as spec_lib
+  policy = spec_lib.parse(kv_compression).of_kind("eviction")
+  if policy is None:
+    return None
+  evict.check_format(policy, fmt)
+  shape = (batch, config.num_kv_heads, 1, capacity)
+  def layers(dtype):
+    if stacked:
+      return jnp.zeros((config.num_layers, *shape), dtype)
+    return tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+  acc = layers(jnp.float32) if evict.method(policy).accumulates else None
+  zeros = jnp.zeros((batch,), jnp.int32)
+  return EvictState(layers(jnp.int32), acc, zeros, jnp.full((batch,), capacity, jnp.int32), zeros,
+                    policy)
 
 
 def abstract_cache(config: ModelConfig, batch: int, capacity: int,

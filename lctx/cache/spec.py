@@ -340,3 +340,14 @@ POLICIES: dict[str, PolicyInfo] = {
             "sinks": Knob(int, 1, "first tokens kept in full precision", low=0),
         }),
 }
+
+
+def register(methods) -> None:
+  """Adds eviction methods (lctx.cache.evict.METHODS: name -> Method) to
+  POLICIES; lctx.cache.evict calls it once when it is imported."""
+  for name, m in methods.items():
+    POLICIES[name] = PolicyInfo("eviction", m.doc, m.knobs, validate=m.validate)
+
+
+# The eviction methods register themselves (they import this module for Knob).
+import lctx.cache.evict  # noqa: E402,F401

@@ -27,10 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from lctx.cache import store
+from lctx.cache import evict
+from lctx.cache.evict.base import Candidates, gather, select
 from lctx.cache.dense import KVCache
 from lctx.cache.quant.base import View
 from lctx.config import ModelConfig
-from lctx.model import attention
+from lctx.model import attention, evicting
 from lctx.model.layers import apply_rope, rms_norm, rope_cos_sin, swiglu
 from lctx.model.params import Params
 
@@ -325,8 +327,12 @@ def _format_decode(config, fmt, kc, vc, l, lengths, q, k_store, v, capacity: int
 
 
 def _check_format_plan(cache: KVCache, plan) -> None:
-  if cache.compressed and plan is not None:
+  if plan is None:
+    return
+  if cache.compressed:
     plan.check(compressed=cache.format.spec)
+  if cache.evicting:
+    plan.check(compressed=str(cache.evict.policy))
 
 
 def chunk_trips(T: int, chunk: int, capacity: int, seq: int = 1,
@@ -430,10 +436,12 @@ def prefill(config: ModelConfig, params: Params, tokens: jax.Array, lengths: jax
   prompt that a `seq` mesh axis does not divide (check_chunk).
   """
   B, T = tokens.shape
-  if T > cache.capacity:
-    raise ValueError(f"prompt length {T} exceeds the cache capacity {cache.capacity}")
   chunk = check_chunk(chunk, plan, T)
   _check_format_plan(cache, plan)
+  if cache.evicting:
+    return _evict_prefill(config, params, tokens, lengths, cache, block, chunk)
+  if T > cache.capacity:
+    raise ValueError(f"prompt length {T} exceeds the cache capacity {cache.capacity}")
   if chunk and chunk < T:
     return _chunked_prefill(config, params, tokens, lengths, cache, block, chunk, plan)
   rope = rope_cos_sin(config, jnp.broadcast_to(jnp.arange(T), (B, T)))  # one table, all layers
@@ -457,6 +465,134 @@ def prefill(config: ModelConfig, params: Params, tokens: jax.Array, lengths: jax
   last = x[jnp.arange(B), lengths - 1]  # [B, D]
   return _logits(config, params, last), cache.replace(k=k_cache, v=v_cache,
                                                       lengths=lengths.astype(jnp.int32))
+
+
+def _evict_prefill(config: ModelConfig, params: Params, tokens: jax.Array, lengths: jax.Array,
+                   cache: KVCache, block: int, chunk: int | None):
+  """prefill with token eviction (lctx.model.evicting): one pass, each layer
+  keeps its best tokens; or in chunks, compacted back to the budget after
+  each (_evict_chunked_prefill)."""
+  B, T = tokens.shape
+  policy = cache.evict.policy
+  budget, n_max = evicting.budgets(policy, lengths, T)
+  if n_max > cache.capacity:
+    raise ValueError(f"{policy} keeps up to {n_max} of the prompt's {T} tokens; the cache "
+                     f"capacity is {cache.capacity} (allowed: a capacity >= {n_max})")
+  if chunk and chunk < T:
+    return _evict_chunked_prefill(config, params, tokens, lengths, cache, block, chunk, budget,
+                                  n_max)
+  fmt = cache.format
+  rope = rope_cos_sin(config, jnp.broadcast_to(jnp.arange(T), (B, T)))
+
+  def body(lp, l, carry):
+    x, parts = carry
+    if fmt is None:
+      q, k, v = _qkv(config, lp, x, rope)
+      k_store = k
+    else:
+      q, k, v, k_store = _qkv_stored(config, fmt, lp, x, rope)
+    attn = attention.causal_attention(q, k, v, block)
+    parts, _ = evicting.prefill_layer(config, cache, parts, l, q, k, v, k_store, lengths, n_max,
+                                      budget)
+    return _out_and_mlp(config, lp, x, attn), parts
+
+  ev = cache.evict
+  x, parts = _layer_loop(params["layers"], (_embed(config, params, tokens),
+                                            (cache.k, cache.v, ev.pos, ev.acc)), body)
+  last = x[jnp.arange(B), lengths - 1]
+  return _logits(config, params, last), _evicted(cache, parts, lengths, budget)
+
+
+def _evicted(cache: KVCache, parts, lengths, budget) -> KVCache:
+  """The cache after an evicting prefill: budget[b] slots filled per row."""
+  k, v, pos, acc = parts
+  count = jnp.minimum(budget, lengths).astype(jnp.int32)
+  policy = cache.evict.policy
+  next_pos = count if evicting.cache_positions(policy) else lengths.astype(jnp.int32)
+  ev = cache.evict.replace(pos=pos, acc=acc, next_pos=next_pos, budget=budget.astype(jnp.int32),
+                           step=jnp.zeros_like(count))
+  return cache.replace(k=k, v=v, lengths=count, evict=ev)
+
+
+def _evict_chunked_prefill(config: ModelConfig, params: Params, tokens: jax.Array,
+                           lengths: jax.Array, cache: KVCache, block: int, chunk: int,
+                           budget: jax.Array, n_max: int):
+  """Chunked prefill with eviction: each chunk attends the kept slots
+  [0, filled) and itself (causally), then at every layer the kept slots and
+  the chunk's tokens are scored together (lctx.cache.evict.select) and the
+  best budget[b] written back to slots [0, n_max): memory is bounded by the
+  budget plus one chunk, whatever the prompt's length. Full chunks run
+  under a scan, a shorter last one once more (as _chunked_prefill)."""
+  if cache.compressed:
+    raise ValueError(f"chunked prefill with eviction {cache.evict.policy} and "
+                     f"{cache.format.spec!r}: compaction rewrites slots in full precision; "
+                     f"allowed: a one-pass prefill (chunk=None), or no quantization")
+  policy = cache.evict.policy
+  if evicting.cache_positions(policy):
+    raise ValueError(f"chunked prefill with {policy}: positions=cache re-rotates keys once, "
+                     f"after a one-pass prefill; allowed: chunk=None, or positions=original")
+  method = evict.method(policy)
+  B, T = tokens.shape
+  D = config.hidden_size
+  full, tail = divmod(T, chunk)
+  S = cache.capacity
+  blk = min(block, S)
+  trips = float(-(-min(n_max, S) // blk))
+  last_row = lengths - 1
+
+  def run(carry, start, size):
+    parts, filled, last = carry
+    x0 = _embed(config, params, jax.lax.dynamic_slice_in_dim(tokens, start, size, axis=1))
+    q_pos = jnp.broadcast_to(start + jnp.arange(size, dtype=jnp.int32), (B, size))
+    rope = rope_cos_sin(config, q_pos)
+    real = q_pos < lengths[:, None]
+    seen = jnp.minimum(lengths, start + size).astype(jnp.int32)
+
+    def body(lp, l, c):
+      x, (kc, vc, pa, aa) = c
+      q, k, v = _qkv(config, lp, x, rope)
+      part = attention.attend(q, [_segment(kc, vc, l, filled, block, trips),
+                                  attention.ChunkSegment(k, v, block)])
+      attn = attention.finalize(part, q.dtype)
+      K = k.shape[2]
+      kt, vt = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
+      cand_pos = jnp.concatenate([store.layer(pa, l)[:, :, 0, :],
+                                  jnp.broadcast_to(q_pos[:, None, :], (B, K, size))], axis=-1)
+      in_cache = jnp.arange(S)[None, :] < filled[:, None]
+      valid = jnp.concatenate([jnp.broadcast_to(in_cache[:, None], (B, K, S)),
+                               jnp.broadcast_to(real[:, None], (B, K, size))], axis=-1)
+      acc = None
+      if aa is not None:
+        acc = jnp.concatenate([store.layer(aa, l)[:, :, 0, :],
+                               jnp.zeros((B, K, size), jnp.float32)], axis=-1)
+      cand = Candidates(
+          q=q, q_pos=q_pos, q_valid=real,
+          k=jnp.concatenate([store.layer(kc, l).astype(kt.dtype), kt], axis=-1),
+          v=jnp.concatenate([store.layer(vc, l).astype(vt.dtype), vt], axis=-2),
+          pos=cand_pos, valid=valid, acc=acc, next_pos=seen, budget=budget, layer=l,
+          step=jnp.zeros((B,), jnp.int32))
+      idx, _, acc = select(method, policy, cand, n_max)
+      parts = evicting.write_kept(config, (kc, vc, pa, aa), l, None, gather(cand.k, idx, 3),
+                                  gather(cand.v, idx, 2), gather(cand_pos, idx, 2),
+                                  None if acc is None else gather(acc, idx, 2), None)
+      return _out_and_mlp(config, lp, x, attn), parts
+
+    x, parts = _layer_loop(params["layers"], (x0, parts), body)
+    filled = jnp.minimum(budget, seen).astype(jnp.int32)
+    inside = (last_row >= start) & (last_row < start + size)
+    row = x[jnp.arange(B), jnp.clip(last_row - start, 0, size - 1)]
+    return parts, filled, jnp.where(inside[:, None], row, last)
+
+  ev = cache.evict
+  carry = ((cache.k, cache.v, ev.pos, ev.acc), jnp.zeros((B,), jnp.int32),
+           jnp.zeros((B, D), config.dtype))
+  if full:
+    carry, _ = jax.lax.scan(lambda c, i: (run(c, i * chunk, chunk), None), carry,
+                            jnp.arange(full))
+  if tail:
+    carry = run(carry, full * chunk, tail)
+  parts, _, last = carry
+  return _logits(config, params, last), _evicted(cache, parts, lengths, budget)
 
 
 def _decode_attention(config: ModelConfig, k_cache, v_cache, l, lengths, q, k, v,
@@ -492,6 +628,8 @@ def decode(config: ModelConfig, params: Params, tokens: jax.Array, cache: KVCach
   lengths = cache.lengths
   fmt = cache.format
   _check_format_plan(cache, plan)
+  if cache.evicting:
+    return _evict_decode(config, params, tokens, cache, plan)
 
   def attend(k_cache, v_cache, l, q, k, v):
     if plan is None or not plan.seq_parallel:
@@ -520,3 +658,45 @@ def decode(config: ModelConfig, params: Params, tokens: jax.Array, cache: KVCach
       params["layers"], (_embed(config, params, tokens[:, None]), cache.k, cache.v), body)
   return _logits(config, params, x[:, 0]), cache.replace(k=k_cache, v=v_cache,
                                                          lengths=lengths + 1)
+
+
+def _evict_decode(config: ModelConfig, params: Params, tokens: jax.Array, cache: KVCache,
+                  plan=None) -> tuple[jax.Array, KVCache]:
+  """A decode step of an evicting cache. With decode=evict (methods that
+  evict while decoding), lctx.model.evicting.decode_layer: append below the
+  budget, one in and one out at it. Otherwise the token is appended at slot
+  lengths[b] as in decode (dense or through the format), at RoPE position
+  next_pos[b], and its position recorded."""
+  ev, lengths, fmt = cache.evict, cache.lengths, cache.format
+  policy = ev.policy
+  evict_now = dict(policy.params).get("decode") == "evict"
+  rope = rope_cos_sin(config, ev.next_pos[:, None])
+  B = lengths.shape[0]
+
+  def body(lp, l, carry):
+    x, parts = carry
+    if evict_now:
+      q, k, v = _qkv(config, lp, x, rope)
+      attn, parts = evicting.decode_layer(config, cache, parts, l, q, k, v, lengths)
+      return _out_and_mlp(config, lp, x, attn), parts
+    kc, vc, pa, aa = parts
+    if fmt is None:
+      q, k, v = _qkv(config, lp, x, rope)
+      attn, kc, vc = _decode_attention(config, kc, vc, l, lengths, q, k, v)
+    else:
+      q, k, v, k_store = _qkv_stored(config, fmt, lp, x, rope)
+      attn, kc, vc = _format_decode(config, fmt, kc, vc, l, lengths, q, k_store, v,
+                                    cache.capacity)
+    K = k.shape[2]
+    pa = _cache_write_token(pa, l, lengths, jnp.broadcast_to(ev.next_pos[:, None, None],
+                                                             (B, K, 1)), 3)
+    return _out_and_mlp(config, lp, x, attn), (kc, vc, pa, aa)
+
+  x, (k, v, pos, acc) = _layer_loop(
+      params["layers"], (_embed(config, params, tokens[:, None]),
+                         (cache.k, cache.v, ev.pos, ev.acc)), body)
+  grow = lengths + 1
+  if evict_now:
+    grow = jnp.where(lengths >= ev.budget, lengths, lengths + 1)
+  new_ev = ev.replace(pos=pos, acc=acc, next_pos=ev.next_pos + 1, step=ev.step + 1)
+  return _logits(config, params, x[:, 0]), cache.replace(k=k, v=v, lengths=grow, evict=new_ev)

@@ -1,0 +1,272 @@
+"""Token eviction: the scorer / selector contract (design: COMPRESSION.md).
+
+A method is a *scorer*: a pure function of what a layer has at hand when it
+compresses (the queries of the new tokens, the candidate keys with their
+original positions, accumulated scores) that returns a score per candidate,
+per KV head [B, K, S] or per layer [B, S] (broadcast to K). One shared
+*selector* (`select`) keeps the `n_kept` highest-scoring candidates per
+(row, KV head), plus the protected ones (sinks, a recent window, a method's
+own, e.g. SnapKV's observation window), with one top-k and one gather into a
+fixed-size buffer sorted by original position.
+
+Number kept (kvpress 0.5.5's rule): `max(1, int(T * (1 - ratio)))` for a
+row of T tokens, in Python floats (T = 300, ratio 0.9 keeps 29), or
+`min(budget, T)` with budget= given. Protected candidates count toward it.
+Computed on the host for every T up to the prompt width (`kept_table`), so a
+traced row length indexes an exact table instead of redoing the float32 product.
+
+Errors: ValueError from `Method.check_capacity`-style helpers name the knob
+and the allowed values; everything here is checked before compiling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lctx.cache.spec import Knob, Policy
+
+# Scores of protected candidates and of empty ones: protected always win the
+# top-k, empty ones always lose (finite: no inf - inf in the selector).
+PROTECTED = 3.0e38
+EMPTY = -3.0e38
+
+
+def common_knobs(ratio: float = 0.0, sinks: int = 0) -> dict[str, Knob]:
+  """The knobs every eviction method takes (kvpress's `compression_ratio`,
+  a token budget, attention sinks) and when it evicts."""
+  return {
+      "ratio": Knob(float, ratio, "fraction of the context removed (kvpress's "
+                    "compression_ratio; kept = max(1, int(T * (1 - ratio))))", low=0.0, high=1.0),
+      "budget": Knob(int, 0, "tokens kept per row and KV head; 0: from ratio; > 0 overrides "
+                     "ratio", low=0),
+      "sinks": Knob(int, sinks, "first tokens always kept (attention sinks)", low=0),
+  }
+
+
+DECODE_KNOB = Knob(str, "append", "append: compress the prompt once, then append every new "
+                   "token (kvpress's protocol); evict: also evict during decoding, one token in "
+                   "and one out at the budget", choices=("append", "evict"))
+
+
+def n_kept(policy: Policy, T: int) -> int:
+  """Tokens kept of a row of T tokens (module docstring); 0 for T = 0."""
+  if T <= 0:
+    return 0
+  if policy["budget"]:
+    return min(policy["budget"], T)
+  return max(1, int(T * (1 - policy["ratio"])))
+
+
+def kept_table(policy: Policy, T: int) -> np.ndarray:
+  """int32 [T + 1]: n_kept(policy, t) for t = 0..T (indexed by traced lengths)."""
+  return np.array([n_kept(policy, t) for t in range(T + 1)], np.int32)
+
+
+def hash_uniform(seed: int, *ints) -> jax.Array:
+  """Uniform floats in (0, 1), float32, one per element of the broadcast int
+  arrays `ints`, from a counter-based hash (lowbias32 mixing, Chris Wellons'
+  hash-prospector) of (seed, *ints). The same (seed, ints) give the same
+  value whatever the array layout, so a chunked prefill draws exactly what a
+  one-pass prefill draws; tests/np_eviction.py reimplements it in numpy."""
+  h = jnp.uint32(seed) * jnp.uint32(0x9E3779B9)
+  for x in ints:
+    h = _mix(h ^ (jnp.asarray(x).astype(jnp.uint32) * jnp.uint32(0x85EBCA6B)))
+  return ((h >> 8).astype(jnp.float32) + 0.5) * jnp.float32(2.0 ** -24)
+
+
+def _mix(x):
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidates:
+  """What a layer has at hand when it evicts: the candidate tokens (cached
+  slots and the new tokens) and the queries that just attended them.
+
+  q: [B, Tq, N, H] queries of the new tokens (RoPE applied), the compute dtype.
+  q_pos: [B, Tq] int32 original positions; q_valid: [B, Tq] bool (not padding).
+  k: [B, K, H, S] candidate keys (post-RoPE, as cached); v: [B, K, S, H];
+    None in a decode step (its logits are given).
+  pos: [B, K, S] int32 original positions; valid: [B, K, S] bool (holds a token).
+  acc: [B, K, S] float32 scores accumulated so far (methods that accumulate;
+    zero for the new tokens), else None.
+  next_pos: [B] int32, the position after the last real token seen.
+  budget: [B] int32, the tokens each row keeps.
+  layer: the layer index (int or traced), for seeded methods.
+  logits: [B, K, G, Tq, S] float32, the queries' attention logits over the
+    candidates when the caller has them at hand (a decode step: its one
+    query's), else None (computed from q and k on demand).
+  step: [B] int32 decode steps since the prefill (0 in the prefill).
+  """
+  q: jax.Array
+  q_pos: jax.Array
+  q_valid: jax.Array
+  k: jax.Array
+  v: jax.Array
+  pos: jax.Array
+  valid: jax.Array
+  acc: jax.Array | None
+  next_pos: jax.Array
+  budget: jax.Array
+  layer: object
+  logits: jax.Array | None = None
+  step: jax.Array | None = None
+
+  @property
+  def group(self) -> int:
+    return self.q.shape[2] // self.pos.shape[1]
+
+  def scores(self, q_rows: jax.Array) -> jax.Array:
+    """q_rows [B, T', N, H] against every candidate: [B, K, G, T', S] fp32,
+    scaled by 1/sqrt(H) (as attention scores them)."""
+    B, T, N, H = q_rows.shape
+    K = self.k.shape[1]
+    q = q_rows.reshape(B, T, K, N // K, H)
+    return jnp.einsum("btkgh,bkhs->bkgts", q, self.k.astype(q.dtype),
+                      preferred_element_type=jnp.float32) * (H ** -0.5)
+
+  def visible(self, q_pos: jax.Array, q_valid: jax.Array) -> jax.Array:
+    """[B, K, 1, T', S] bool: candidate s is visible to a query at q_pos
+    (causal by original position; both real tokens)."""
+    return (self.valid[:, :, None, None, :] & q_valid[:, None, None, :, None]
+            & (self.pos[:, :, None, None, :] <= q_pos[:, None, None, :, None]))
+
+  def softmax(self, q_rows, q_pos, q_valid, transform: Callable | None = None):
+    """Attention probabilities [B, K, G, T', S] fp32 of those queries over the
+    visible candidates (q_rows None: all new queries, using self.logits when
+    given); transform(logits, q_pos) -> logits before the softmax
+    (Keyformer's Gumbel noise and temperature). Rows that see nothing are 0."""
+    if q_rows is None and self.logits is not None:
+      s = self.logits
+    else:
+      s = self.scores(self.q if q_rows is None else q_rows)
+    if transform is not None:
+      s = transform(s, q_pos)
+    vis = self.visible(q_pos, q_valid)
+    s = jnp.where(vis, s, EMPTY)
+    p = jnp.exp(s - s.max(axis=-1, keepdims=True))
+    p = jnp.where(vis, p, 0.0)
+    return p / jnp.maximum(p.sum(axis=-1, keepdims=True), 1e-30)
+
+  def column_sums(self, transform: Callable | None = None, rows: int = 1 << 20) -> jax.Array:
+    """sum over the new tokens' queries and the G heads of each group of the
+    attention probabilities: [B, K, S] fp32. Queries in blocks (a scan) so
+    the probabilities held at once are about `rows` elements per batch row
+    and KV head; the whole rectangle of logits is computed (the causal mask
+    hides its upper half): 2x the causal attention's FLOPs. With logits at
+    hand (a decode step), one softmax."""
+    if self.logits is not None:
+      return self.softmax(None, self.q_pos, self.q_valid, transform).sum(axis=(2, 3))
+    B, T, N, H = self.q.shape
+    S = self.k.shape[-1]
+    qb = max(1, min(T, rows // max(1, S * self.group)))
+    nb = -(-T // qb)
+    pad = nb * qb - T
+    q = jnp.pad(self.q, [(0, 0), (0, pad), (0, 0), (0, 0)])
+    qp = jnp.pad(self.q_pos, [(0, 0), (0, pad)])
+    qv = jnp.pad(self.q_valid, [(0, 0), (0, pad)])
+    split = lambda x: jnp.moveaxis(x.reshape(B, nb, qb, *x.shape[2:]), 1, 0)
+
+    def one(total, xs):
+      qi, pi, vi = xs
+      return total + self.softmax(qi, pi, vi, transform).sum(axis=(2, 3)), None
+
+    total, _ = jax.lax.scan(one, jnp.zeros((B, self.k.shape[1], S), jnp.float32),
+                            (split(q), split(qp), split(qv)))
+    return total
+
+
+def last_rows(c: Candidates, n: int):
+  """The last n real queries of each row (fewer when a row has fewer; the
+  missing ones are marked invalid): (q [B, n, N, H], pos [B, n], valid [B, n])."""
+  B, T = c.q_pos.shape
+  count = c.q_valid.sum(axis=1)  # real queries are a prefix of each row's new tokens
+  idx = count[:, None] - n + jnp.arange(n)[None, :]
+  ok = idx >= 0
+  idx = jnp.clip(idx, 0, T - 1)
+  q = jnp.take_along_axis(c.q, idx[:, :, None, None], axis=1)
+  pos = jnp.take_along_axis(c.q_pos, idx, axis=1)
+  return q, pos, ok & jnp.take_along_axis(c.q_valid, idx, axis=1)
+
+
+class Method:
+  """An eviction method: its spec knobs and its scorer. Subclasses set the
+  class attributes and implement `score`.
+
+  name: the spec name; doc: what it keeps, and its source.
+  knobs: every key it takes (common_knobs + its own).
+  per_layer: its scores are [B, S], the same for every KV head.
+  accumulates: it carries scores over steps (the cache stores them: acc).
+  decode: it can evict during decoding (one in, one out at the budget).
+  """
+
+  name = ""
+  doc = ""
+  knobs: dict[str, Knob] = {}
+  per_layer = False
+  accumulates = False
+  decode = False
+
+  def score(self, policy: Policy, c: Candidates):
+    """(scores [B, K, S] or [B, S] float32, new acc [B, K, S] or None)."""
+    raise NotImplementedError
+
+  def protected(self, policy: Policy, c: Candidates) -> jax.Array | None:
+    """[B, K, S] or [B, 1, S] bool: candidates kept whatever their score,
+    beyond the sinks (e.g. a recent window); None for none."""
+    return None
+
+  def validate(self, policy: Policy) -> None:
+    """Knob checks at parse time (ValueError)."""
+
+
+def recent(c: Candidates, n) -> jax.Array:
+  """[B, K, S] bool: candidates among the n ([B] or int) most recent positions."""
+  n = jnp.broadcast_to(jnp.asarray(n, jnp.int32), c.next_pos.shape)
+  return c.pos >= (c.next_pos - n)[:, None, None]
+
+
+def select(method: Method, policy: Policy, c: Candidates, n_max: int):
+  """The selector: per (row, KV head), the `budget[b]` candidates to keep.
+
+  Returns (idx [B, K, n_max] int32 into the candidate axis, sorted by
+  original position, the first budget[b] of a row real and the rest
+  repeating its last kept index; count [B] int32 = min(budget, valid
+  candidates); new acc [B, K, S] or None). Protected: the first `sinks`
+  positions and the method's own (method.protected). Ties go to the lower
+  candidate index (jax.lax.top_k).
+  """
+  scores, acc = method.score(policy, c)
+  B, K, S = c.pos.shape
+  scores = jnp.broadcast_to(scores[:, None] if scores.ndim == 2 else scores, (B, K, S))
+  keep = c.pos < policy["sinks"]
+  extra = method.protected(policy, c)
+  if extra is not None:
+    keep = keep | extra
+  scores = jnp.where(keep, PROTECTED, scores.astype(jnp.float32))
+  scores = jnp.where(c.valid, scores, EMPTY)
+  _, top = jax.lax.top_k(scores, n_max)  # [B, K, n_max], best first
+  count = jnp.minimum(c.budget, c.valid[:, 0].sum(axis=-1)).astype(jnp.int32)
+  chosen = jnp.arange(n_max)[None, None, :] < count[:, None, None]
+  # Sort the chosen by original position (the rest after them).
+  order_key = jnp.where(chosen, jnp.take_along_axis(c.pos, top, axis=-1), jnp.iinfo(jnp.int32).max)
+  top = jnp.take_along_axis(top, jnp.argsort(order_key, axis=-1, stable=True), axis=-1)
+  last = jnp.take_along_axis(top, jnp.maximum(count - 1, 0)[:, None, None], axis=-1)
+  top = jnp.where(chosen, top, last)
+  return top.astype(jnp.int32), count, acc
+
+
+def gather(x: jax.Array, idx: jax.Array, axis: int) -> jax.Array:
+  """x [B, K, ..., S, ...] taken at idx [B, K, n] along `axis` (the slot axis)."""
+  shape = [1] * x.ndim
+  shape[0], shape[1], shape[axis] = idx.shape[0], idx.shape[1], idx.shape[2]
+  return jnp.take_along_axis(x, idx.reshape(shape), axis=axis)

@@ -1,0 +1,183 @@
+"""Token eviction inside the model's steps (lctx.cache.evict: methods, selector).
+
+Three places evict, all with static shapes and one compile:
+  prefill (one pass)  each layer scores its whole prompt right after its
+      attention and writes only the kept tokens into the cache (kvpress's
+      protocol: layer by layer, from the uncompressed forward pass, so no
+      layer's hidden states change); the cache holds n_kept slots, the
+      prompt's K/V of one layer are the only full-length transient.
+  chunked prefill     each chunk attends the kept slots and itself, then the
+      kept slots and the chunk's tokens are scored together and compacted
+      back to the budget: the cache never holds more than budget slots, the
+      transients are budget + one chunk.
+  decode (decode=evict, methods with Method.decode) while a row is below its
+      budget the token is appended; at the budget the new token's attention
+      scores the cache and itself and the lowest-scoring one goes: one in,
+      one out, per KV head, written with a scatter in place.
+Kept slots store their original positions (EvictState.pos): RoPE of new
+tokens continues from the original length (EvictState.next_pos), masks and
+kept_positions read them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from lctx.cache import evict as evict_lib
+from lctx.cache import store
+from lctx.cache.evict.base import EMPTY, PROTECTED, Candidates, gather, kept_table, select
+from lctx.cache.quant.base import View
+from lctx.model import attention
+from lctx.model.layers import apply_rope, rope_cos_sin
+
+
+def policy_of(cache):
+  return cache.evict.policy
+
+
+def _pos_layer(arr, l):
+  return store.layer(arr, l)[:, :, 0, :]  # [B, K, S]
+
+
+def rerotate(config, k_bkhn: jax.Array, delta_bkn: jax.Array) -> jax.Array:
+  """Keys [B, K, H, n] (post-RoPE) rotated by delta positions [B, K, n]:
+  RoPE is a rotation per frequency pair, so R(p + d) = R(d) R(p)."""
+  B, K, H, n = k_bkhn.shape
+  cos, sin = rope_cos_sin(config, delta_bkn.reshape(B, K * n))  # [B, K*n, H] tables
+  x = k_bkhn.transpose(0, 1, 3, 2).reshape(B, K * n, 1, H)
+  return apply_rope(x, cos, sin).reshape(B, K, n, H).transpose(0, 1, 3, 2).astype(k_bkhn.dtype)
+
+
+def write_kept(config, cache_parts, l, fmt, kk, vv, pp, acc, count):
+  """Writes the kept keys kk [B, K, H, n], values vv [B, K, n, H], positions
+  pp [B, K, n] and accumulators [B, K, n] into slots [0, n) of layer l."""
+  kc, vc, pos, acc_arr = cache_parts
+  if fmt is None:
+    kc = store.write_prefix(kc, l, kk.astype(config.dtype))
+    vc = store.write_prefix(vc, l, vv.astype(config.dtype))
+  else:
+    with jax.named_scope(attention.WRITE_SCOPE):
+      view = fmt.write_prefix(View(kc, vc, l), kk, vv, count)
+    kc, vc = view.k, view.v
+  pos = store.write_prefix(pos, l, pp[:, :, None, :].astype(jnp.int32))
+  if acc_arr is not None:
+    acc_arr = store.write_prefix(acc_arr, l, acc[:, :, None, :].astype(jnp.float32))
+  return kc, vc, pos, acc_arr
+
+
+def prefill_layer(config, cache, parts, l, q, k, v, k_store, lengths, n_max, step_budget):
+  """One-pass prefill eviction at layer l: scores the T prompt tokens (q, k, v
+  [B, T, heads, H], k post-RoPE; k_store: what the format stores) and writes
+  the n_max best per row and KV head (budget[b] of them real) into the
+  cache parts (k, v, pos, acc). Returns (parts, count [B])."""
+  policy = policy_of(cache)
+  method = evict_lib.method(policy)
+  B, T, K, H = k.shape
+  pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, K, T))
+  real = jnp.arange(T)[None, :] < lengths[:, None]
+  kt = k.transpose(0, 2, 3, 1)
+  c = Candidates(q=q, q_pos=pos[:, 0], q_valid=real, k=kt, v=v.transpose(0, 2, 1, 3), pos=pos,
+                 valid=jnp.broadcast_to(real[:, None, :], (B, K, T)),
+                 acc=jnp.zeros((B, K, T), jnp.float32) if method.accumulates else None,
+                 next_pos=lengths, budget=step_budget, layer=l,
+                 step=jnp.zeros((B,), jnp.int32))
+  idx, count, acc = select(method, policy, c, n_max)
+  ks = gather(k_store.transpose(0, 2, 3, 1), idx, 3)
+  pp = gather(pos, idx, 2)
+  if cache_positions(policy):
+    slot = jnp.broadcast_to(jnp.arange(n_max, dtype=jnp.int32), pp.shape)
+    ks, pp = rerotate(config, ks, slot - pp), slot
+  parts = write_kept(config, parts, l, cache.format, ks, gather(c.v, idx, 2), pp,
+                     None if acc is None else gather(acc, idx, 2), count)
+  return parts, count
+
+
+def cache_positions(policy) -> bool:
+  return dict(policy.params).get("positions") == "cache"
+
+
+def budgets(policy, lengths: jax.Array, T: int) -> tuple[jax.Array, int]:
+  """([B] int32 tokens each row keeps, the most any row keeps: n_max)."""
+  table = kept_table(policy, T)
+  return jnp.asarray(table)[lengths], int(table.max())
+
+
+def decode_layer(config, cache, parts, l, q, k, v, lengths, full_write: bool = True):
+  """A decode step at layer l with eviction during decoding (dense cache):
+  the new token (q [B, 1, N, H], k, v [B, 1, K, H]) attends the filled slots
+  and itself; a row below its budget appends it at slot lengths[b], a row
+  at its budget scores the cache and the new token and overwrites the
+  lowest (per KV head) with it, or drops the new token if it scores lowest.
+  Returns (attn [B, 1, N, H], parts)."""
+  policy = policy_of(cache)
+  method = evict_lib.method(policy)
+  ev = cache.evict
+  kc, vc, pos_arr, acc_arr = parts
+  kl, vl = store.layer(kc, l), store.layer(vc, l)  # [B, K, H, S], [B, K, S, H]
+  B, K, H, S = kl.shape
+  N = q.shape[2]
+  G = N // K
+  qg = q[:, 0].reshape(B, K, G, H)
+  with jax.named_scope(attention.SCOPE):
+    s_c = jnp.einsum("bkgh,bkhs->bkgs", qg, kl.astype(q.dtype),
+                     preferred_element_type=jnp.float32) * (H ** -0.5)
+    s_n = jnp.einsum("bkgh,bkh->bkg", qg, k[:, 0].astype(q.dtype),
+                     preferred_element_type=jnp.float32)[..., None] * (H ** -0.5)
+    filled = jnp.arange(S)[None, :] < lengths[:, None]  # [B, S]
+    vis = jnp.concatenate([jnp.broadcast_to(filled[:, None, None, :], (B, K, G, S)),
+                           jnp.ones((B, K, G, 1), bool)], axis=-1)
+    logits = jnp.concatenate([s_c, s_n], axis=-1)
+    s = jnp.where(vis, logits, EMPTY)
+    p = jnp.where(vis, jnp.exp(s - s.max(axis=-1, keepdims=True)), 0.0)
+    p = p / p.sum(axis=-1, keepdims=True)
+    out = jnp.einsum("bkgs,bksh->bkgh", p[..., :S].astype(vl.dtype), vl,
+                     preferred_element_type=jnp.float32)
+    out = out + p[..., S:] * v[:, 0].astype(jnp.float32)[:, :, None, :]
+  attn = out.reshape(B, 1, N, H).astype(q.dtype)
+
+  pos_c = jnp.concatenate([_pos_layer(pos_arr, l),
+                           jnp.broadcast_to(ev.next_pos[:, None, None], (B, K, 1))], axis=-1)
+  valid = jnp.concatenate([jnp.broadcast_to(filled[:, None, :], (B, K, S)),
+                           jnp.ones((B, K, 1), bool)], axis=-1)
+  acc = None
+  if acc_arr is not None:
+    acc = jnp.concatenate([_pos_layer(acc_arr, l), jnp.zeros((B, K, 1), jnp.float32)], axis=-1)
+  c = Candidates(q=q, q_pos=ev.next_pos[:, None], q_valid=jnp.ones((B, 1), bool), k=None, v=None,
+                 pos=pos_c, valid=valid, acc=acc, next_pos=ev.next_pos + 1, budget=ev.budget,
+                 layer=l, logits=logits[:, :, :, None, :], step=ev.step)
+  scores, acc = method.score(policy, c)
+  scores = jnp.broadcast_to(scores[:, None] if scores.ndim == 2 else scores, (B, K, S + 1))
+  keep = pos_c < policy["sinks"]
+  extra = method.protected(policy, c)
+  if extra is not None:
+    keep = keep | extra
+  scores = jnp.where(keep | ~valid, PROTECTED, scores)
+  out_slot = jnp.argmin(scores, axis=-1).astype(jnp.int32)  # [B, K]; S: the new token goes
+  full = (lengths >= ev.budget)[:, None]
+  slot = jnp.where(full, out_slot, lengths[:, None])  # [B, K]; S (out of range): not written
+  kc = _write_heads(kc, l, slot, k[:, 0].astype(config.dtype), 3)
+  vc = _write_heads(vc, l, slot, v[:, 0].astype(config.dtype), 2)
+  pos_arr = _write_heads(pos_arr, l, slot, jnp.broadcast_to(ev.next_pos[:, None, None],
+                                                            (B, K, 1)), 3)
+  if acc_arr is not None:  # every slot's new sum, then the new token's in its slot
+    acc_arr = store.write_layer(acc_arr, l, acc[:, :, None, :S])
+    acc_arr = _write_heads(acc_arr, l, slot, acc[:, :, S:], 3)
+  return attn, (kc, vc, pos_arr, acc_arr)
+
+
+def _write_heads(buf, l, slots_bk, new_bkx, seq_axis: int):
+  """Writes new_bkx[b, k] (the layer's array without batch, head and slot
+  axes) at slot slots_bk[b, k] of layer l, per KV head, in place;
+  out-of-range slots are dropped."""
+  B, K = slots_bk.shape
+  bi = jnp.broadcast_to(jnp.arange(B)[:, None], (B, K))
+  ki = jnp.broadcast_to(jnp.arange(K)[None, :], (B, K))
+  if B * K == 1:  # keep it a scatter (see store.write_token)
+    bi, ki, slots_bk, new_bkx = (jnp.concatenate([a, a]) for a in (bi, ki, slots_bk, new_bkx))
+  index = [bi, ki, slice(None), slice(None)]
+  index[seq_axis] = slots_bk
+  if isinstance(buf, tuple):
+    one = buf[l].at[tuple(index)].set(new_bkx.astype(buf[l].dtype), mode="drop")
+    return buf[:l] + (one,) + buf[l + 1:]
+  return buf.at[(l, *index)].set(new_bkx.astype(buf.dtype), mode="drop")
