@@ -85,7 +85,14 @@ def test_whitespace():
 
 
 def test_kind_and_properties():
-  assert all(info.kind == "quantization" for info in POLICIES.values())
+  kinds = {name: info.kind for name, info in POLICIES.items()}
+  assert {n for n, k in kinds.items() if k == "quantization"} == {
+      "int8", "int4", "fp8", "kivi", "kvquant"}
+  assert {n for n, k in kinds.items() if k == "eviction"} == {
+      "streaming_llm", "h2o", "snapkv", "tova", "keyformer", "knorm", "observed_attention",
+      "random"}
+  both = parse("snapkv:ratio=0.9+int8")
+  assert both.of_kind("eviction").name == "snapkv" and both.quantization.name == "int8"
   policy = parse("kvquant:bits=2").quantization
   assert policy.name == "kvquant" and policy.kind == "quantization" and policy["bits"] == 2
   assert parse("kvquant:bits=2").policies == (policy,)
@@ -101,7 +108,10 @@ def error(text: str, *parts: str):
 
 def test_unknown_policy():
   error("int3", "'int3'", "int8, int4, fp8, kivi, kvquant", "--kv_compression=help")
-  error("int8+h2o", "'h2o'", "int8, int4, fp8, kivi, kvquant")
+  error("int8+h3o", "'h3o'", "int8, int4, fp8, kivi, kvquant, streaming_llm, h2o")
+  error("int8+h2o", "'h2o' (eviction) must come before 'int8'")
+  error("h2o:ratio=1", "policy 'h2o'", "'ratio' = 1.0", "a float in [0.0, 1.0)")
+  error("snapkv:kernel=4", "policy 'snapkv'", "'kernel' = 4 must be odd")
   error("INT8", "'INT8'", "known policies")
 
 

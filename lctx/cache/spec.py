@@ -9,8 +9,8 @@ Grammar (whitespace around every token is ignored):
 An int knob takes an int ("bits=4"; "bits=2.5" is an error), a float knob an
 int or a decimal, a string knob one of its values exactly. Every knob not
 given takes its default. A spec holds at most one policy of each kind, in
-the order eviction, quantization, offload (KINDS); all registered policies
-are quantization policies for now.
+the order eviction, quantization, offload (KINDS). Eviction methods
+(lctx.cache.evict, one file each) register themselves here (`register`).
 
   policy   kind          knobs [default]
   int8     quantization  scale in {head, token} [head], group int >= 0 [0]
@@ -21,7 +21,20 @@ are quantization policies for now.
   kvquant  quantization  bits in {2, 4, 8} [4], outliers float in [0, 0.5) [0.01],
                          sinks int >= 0 [1]
 
-Examples: "int8", "int4:group=64", "fp8:scale=head", "kivi:bits=2,group=32,residual=128",
+  Eviction (lctx.cache.evict); every one also takes ratio float in [0, 1)
+  (fraction removed, kvpress's convention) or budget int >= 0 (tokens kept;
+  0: from ratio), and sinks int >= 0 (first tokens always kept):
+  streaming_llm       eviction  sinks [4], positions in {original, cache}, decode
+  h2o                 eviction  ratio [0.8], recent float [0.5], decode
+  snapkv              eviction  window int >= 1 [64], kernel odd int [5]
+  tova                eviction  decode
+  keyformer           eviction  ratio [0.4], recent float [0.3], seed int [0], decode
+  knorm               eviction  (ratio, budget, sinks only)
+  observed_attention  eviction  (ratio, budget, sinks only)
+  random              eviction  seed int >= 0 [0]
+  decode in {append, evict} [append]: evict also evicts while decoding.
+
+Examples: "snapkv:ratio=0.75,window=32+int8", "int8", "int4:group=64", "fp8:scale=head", "kivi:bits=2,group=32,residual=128",
 "kvquant:bits=4,outliers=0.01,sinks=1". `describe()` (--kv_compression=help) is
 the full table, from POLICIES. Errors are ValueErrors naming the policy, the
 key and the allowed values; `CompressionSpec.check` adds the checks that need
