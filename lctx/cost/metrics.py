@@ -112,17 +112,59 @@ def _sessions(users: int, replicas: int, prefill_s: float, G: int,
   return users / step, 3600 * users / wave
 
 
+def cache_slots(config: ModelConfig, kv_compression, T: int) -> int:
+  """Cache slots a user with a context of T tokens holds: T, or with token
+  eviction the tokens it keeps (lctx.cache.evict.base.n_kept), rounded up to
+  the format's slot multiple."""
+  spec = spec_lib.parse(kv_compression)
+  policy = spec.of_kind("eviction")
+  if policy is None:
+    return T
+  from lctx.cache.evict.base import n_kept
+  fmt = cache_format(config, spec)
+  multiple = 1 if fmt is None else fmt.slot_multiple
+  return -(-n_kept(policy, T) // multiple) * multiple
+
+
+def evict_slot_bytes(config: ModelConfig, kv_compression) -> int:
+  """Eviction's own bytes per kept slot over all layers: the original
+  position (int32) per KV head, and the accumulated score (float32) per KV
+  head for methods that accumulate (H2O, Keyformer, ObservedAttention)."""
+  from lctx.cache import evict
+  policy = spec_lib.parse(kv_compression).of_kind("eviction")
+  if policy is None:
+    return 0
+  per_head = 4 + (4 if evict.method(policy).accumulates else 0)
+  return config.num_layers * config.num_kv_heads * per_head
+
+
 def kv_token_bytes(config: ModelConfig, kv_compression, T: int,
                    dtype: str = "bfloat16") -> float | None:
-  """A compressed cache's bytes per token of one user over all layers at
-  capacity T, from its format's closed form (payload, scales, zero points,
-  outliers; per-layer buffers such as a residual window amortised over T);
-  None for the dense cache (analytic.kv_bytes_per_token)."""
+  """A compressed cache's bytes per context token of one user over all
+  layers at context T: its format's closed form at capacity T (payload,
+  scales, zero points, outliers; per-layer buffers such as a residual window
+  amortised over T); with token eviction, the kept slots' bytes (format or
+  dense, plus positions and scores: evict_slot_bytes) spread over the T
+  context tokens. None for the dense cache (analytic.kv_bytes_per_token)."""
   config = config.replace(param_dtype=dtype, dtype=dtype)
-  fmt = cache_format(config, kv_compression, capacity=T)
-  if fmt is None:
+  slots = cache_slots(config, kv_compression, T)
+  fmt = cache_format(config, kv_compression, capacity=slots)
+  extra = evict_slot_bytes(config, kv_compression)
+  if fmt is None and not extra:
     return None
-  return config.num_layers * (fmt.bytes_per_token() + fmt.fixed_bytes(1) / T)
+  if fmt is None:
+    per_slot, fixed = analytic.kv_bytes_per_token(config, dtype), 0.0
+  else:
+    per_slot, fixed = config.num_layers * fmt.bytes_per_token(), config.num_layers * fmt.fixed_bytes(1)
+  return (slots * (per_slot + extra) + fixed) / T
+
+
+def cache_arrays(cache) -> tuple:
+  """The arrays that hold a user's cached tokens (K, V, and eviction's
+  positions and scores), without per-row counters."""
+  if cache.evict is None:
+    return (cache.k, cache.v)
+  return (cache.k, cache.v, cache.evict.pos, cache.evict.acc)
 
 
 def from_closed_form(config: ModelConfig, hw, mesh: str | int, T: int, B: int = 1,
@@ -273,13 +315,16 @@ def program_costs(config: ModelConfig, mesh: str, T: int, B: int, kind: str,
   (cost only: the model converts them to its compute dtype, which XLA fuses
   into the matmul's read, so bytes are the fp8 bytes; FLOPs are the same).
   chunk: a prefill run C tokens at a time (transformer.prefill).
-  kv_compression: the cache's compression spec (canonical string). Raises
-  ValueError for another weight_dtype."""
+  kv_compression: the cache's compression spec (canonical string); with
+  token eviction the cache holds the kept slots (cache_slots) and the
+  prefill scores and evicts inside the program. Raises ValueError for
+  another weight_dtype."""
   plan = sharding.Plan(config, sharding.make_mesh(mesh))
-  plan.check(batch=B, capacity=T, prompt_len=T if kind == "prefill" else None,
+  slots = cache_slots(config, kv_compression, T)
+  plan.check(batch=B, capacity=slots, prompt_len=T if kind == "prefill" else None,
              compressed=kv_compression)
   params = _with_weight_dtype(abstract_params(config), weight_dtype)
-  cache = abstract_cache(config, B, T, kv_compression=kv_compression)
+  cache = abstract_cache(config, B, slots, kv_compression=kv_compression)
   step = engine.sharded_step(kind, plan, params, cache,
                              chunk=chunk if kind == "prefill" else None)
   return hlo.analyze(step.lower(params, *step_args(kind, B, T), cache))
@@ -320,10 +365,11 @@ def swap_costs(config: ModelConfig, mesh: str, T: int, kv_compression: str = "")
   from device to pinned host memory while another's comes back, as a jitted
   program over JAX memory kinds."""
   plan = sharding.Plan(config, sharding.make_mesh(mesh))
-  cache = abstract_cache(config, 1, T, kv_compression=kv_compression)
+  cache = abstract_cache(config, 1, cache_slots(config, kv_compression, T),
+                         kv_compression=kv_compression)
   shardings = plan.cache_shardings(cache)
-  arrays = jax.tree.leaves((cache.k, cache.v))
-  placed = jax.tree.leaves((shardings.k, shardings.v))
+  arrays = jax.tree.leaves(cache_arrays(cache))
+  placed = jax.tree.leaves(cache_arrays(shardings))
   # XLA's partitioner rejects a host placement of a replicated array on a
   # multi-device mesh (a RET_CHECK; a compressed cache's per-row counts or
   # cross-head scales): those move whole on every device, counted below.
@@ -410,10 +456,10 @@ def from_hlo(config: ModelConfig, hw, mesh: str | int, T: int, B: int = 1,
   d = sharding.parse_mesh_spec(label)["data"]
   plan = sharding.Plan(config, sharding.make_mesh(replica_mesh(mesh)))
   params = abstract_params(config)
-  one_user = abstract_cache(config, 1, T, kv_compression=spec)
+  one_user = abstract_cache(config, 1, cache_slots(config, spec, T), kv_compression=spec)
   weights = per_device_bytes(params, plan.param_shardings(params))
   cache_shardings = plan.cache_shardings(one_user)
-  kv = per_device_bytes((one_user.k, one_user.v), (cache_shardings.k, cache_shardings.v))
+  kv = per_device_bytes(cache_arrays(one_user), cache_arrays(cache_shardings))
   # A decode step's temporaries: a layer's weight slices (fixed) and each
   # user's slice of one layer's cache, which a scanned step copies out before
   # its matmuls (see hlo.peak_bytes); measured at B users, split by that rule.
@@ -429,7 +475,7 @@ def from_hlo(config: ModelConfig, hw, mesh: str | int, T: int, B: int = 1,
       config.name, hw.name, label, num_devices(mesh), T, B, "hlo",
       kv_bytes_per_user_per_device=kv,
       kv_bytes_per_user_total=sum(x.size * x.dtype.itemsize
-                                  for x in jax.tree.leaves((one_user.k, one_user.v))),
+                                  for x in jax.tree.leaves(cache_arrays(one_user))),
       weight_bytes_per_device=weights,
       decode_temp_bytes_per_device=decode.temp_bytes,
       prefill_temp_bytes_per_device=prefill_temp,

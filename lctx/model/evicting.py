@@ -153,7 +153,10 @@ def decode_layer(config, cache, parts, l, q, k, v, lengths, full_write: bool = T
   if extra is not None:
     keep = keep | extra
   scores = jnp.where(keep | ~valid, PROTECTED, scores)
-  out_slot = jnp.argmin(scores, axis=-1).astype(jnp.int32)  # [B, K]; S: the new token goes
+  # The lowest score goes; among equals the newest (the new token first), as
+  # the prefill's top-k keeps the lower positions. With every candidate
+  # protected (sinks + recent window over the budget) the new token goes.
+  out_slot = (S - jnp.argmin(scores[..., ::-1], axis=-1)).astype(jnp.int32)  # [B, K]; S: new
   full = (lengths >= ev.budget)[:, None]
   slot = jnp.where(full, out_slot, lengths[:, None])  # [B, K]; S (out of range): not written
   kc = _write_heads(kc, l, slot, k[:, 0].astype(config.dtype), 3)

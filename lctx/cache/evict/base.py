@@ -76,7 +76,9 @@ def hash_uniform(seed: int, *ints) -> jax.Array:
   h = jnp.uint32(seed) * jnp.uint32(0x9E3779B9)
   for x in ints:
     h = _mix(h ^ (jnp.asarray(x).astype(jnp.uint32) * jnp.uint32(0x85EBCA6B)))
-  return ((h >> 8).astype(jnp.float32) + 0.5) * jnp.float32(2.0 ** -24)
+  # 23 bits: (code + 0.5) * 2**-23 is exact in float32, so u < 1 and u > 0
+  # (24 bits rounded the top code to exactly 1.0: an infinite Gumbel draw).
+  return ((h >> 9).astype(jnp.float32) + 0.5) * jnp.float32(2.0 ** -23)
 
 
 def _mix(x):
@@ -227,6 +229,15 @@ class Method:
 
   def validate(self, policy: Policy) -> None:
     """Knob checks at parse time (ValueError)."""
+
+
+def recent_window(policy: Policy, c: Candidates) -> jax.Array:
+  """[B, K, S] bool: the int(budget[b] * recent) most recent candidates, the
+  product in Python floats (a host table indexed by the traced budget, as
+  kept_table: float32 would round 90 * 0.7 to 63, not 62)."""
+  size = c.pos.shape[-1] + 1  # a budget never exceeds the candidates
+  table = np.array([int(b * policy["recent"]) for b in range(size)], np.int32)
+  return recent(c, jnp.asarray(table)[jnp.minimum(c.budget, size - 1)])
 
 
 def recent(c: Candidates, n) -> jax.Array:

@@ -13,7 +13,7 @@ attention and evicts the lowest heavy hitter.
 
 from __future__ import annotations
 
-from lctx.cache.evict.base import DECODE_KNOB, Method, common_knobs, recent
+from lctx.cache.evict.base import DECODE_KNOB, Method, common_knobs, recent_window
 from lctx.cache.spec import Knob
 
 
@@ -35,5 +35,4 @@ class H2O(Method):
     return acc, acc
 
   def protected(self, policy, c):
-    n = (c.budget.astype("float32") * policy["recent"]).astype("int32")
-    return recent(c, n)
+    return recent_window(policy, c)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from lctx.cache.evict.base import DECODE_KNOB, Method, common_knobs, hash_uniform, recent
+from lctx.cache.evict.base import DECODE_KNOB, Method, common_knobs, hash_uniform, recent_window
 from lctx.cache.spec import Knob
 
 
@@ -52,5 +52,4 @@ class Keyformer(Method):
     return acc, acc
 
   def protected(self, policy, c):
-    n = (c.budget.astype("float32") * policy["recent"]).astype("int32")
-    return recent(c, n)
+    return recent_window(policy, c)

@@ -32,5 +32,12 @@ class StreamingLLM(Method):
   per_layer = True
   decode = True
 
+  def validate(self, policy):
+    if policy["positions"] == "cache" and policy["decode"] == "evict":
+      raise ValueError("policy 'streaming_llm': positions=cache re-rotates the kept keys once, "
+                       "after the prefill; with decode=evict it would have to re-rotate them "
+                       "every step; allowed: positions=cache with decode=append, or "
+                       "positions=original")
+
   def score(self, policy, c):
     return c.pos[:, 0].astype(jnp.float32), None
