@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from lctx.cache import evict as evict_lib
 from lctx.cache import store
 from lctx.cache.evict.base import EMPTY, PROTECTED, Candidates, gather, kept_table, select
-from lctx.cache.quant.base import View
+from lctx.cache.quant.base import SlotFormat, View
 from lctx.model import attention
 from lctx.model.layers import apply_rope, rope_cos_sin
 
@@ -91,6 +91,70 @@ def prefill_layer(config, cache, parts, l, q, k, v, k_store, lengths, n_max, ste
   parts = write_kept(config, parts, l, cache.format, ks, gather(c.v, idx, 2), pp,
                      None if acc is None else gather(acc, idx, 2), count)
   return parts, count
+
+
+def check_chunked_format(policy, fmt) -> None:
+  """ValueError unless a chunked prefill can compact this format by
+  gathering stored entries: a per-token format (SlotFormat: int8, int4),
+  with a per-KV-head scale unless the method keeps the same tokens for
+  every KV head."""
+  if fmt is None:
+    return
+  if not isinstance(fmt, SlotFormat):
+    raise ValueError(f"chunked prefill with eviction {policy} and {fmt.spec!r}: it compacts "
+                     f"the cache by moving stored tokens, which {fmt.spec!r} stores in groups "
+                     f"across tokens; allowed: a one-pass prefill (chunk=None), or a per-token "
+                     f"format (int8, int4)")
+  if not evict_lib.method(policy).per_layer and getattr(fmt, "scale", None) == "token":
+    raise ValueError(f"chunked prefill with eviction {policy} and {fmt.spec!r}: its scale is "
+                     f"shared by the KV heads, which keep different tokens; allowed: "
+                     f"scale=head, or a one-pass prefill (chunk=None)")
+
+
+class Slots:
+  """A layer's cache slots as a chunked eviction sees them, dense or in a
+  per-token format: attention segments over the filled slots, all slots
+  read in full precision (for scoring), and compaction of kept candidates
+  (slots then the chunk's tokens) into slots [0, n)."""
+
+  def __init__(self, config, fmt):
+    self.config, self.fmt = config, fmt
+
+  def segments(self, kc, vc, l, filled, block, trips):
+    if self.fmt is None:
+      if isinstance(kc, tuple):
+        return [attention.CacheSegment(kc[l], vc[l], filled, None, block, trips)]
+      return [attention.CacheSegment(kc, vc, filled, l, block, trips)]
+    return [attention.SourceSegment(src, block, trips)
+            for src in self.fmt.sources(View(kc, vc, l), filled)]
+
+  def read(self, kc, vc, l):
+    """Every slot of layer l: (k [B, K, H, S], v [B, K, S, H])."""
+    if self.fmt is None:
+      return store.layer(kc, l), store.layer(vc, l)
+    view = View(kc, vc, l)
+    (src,) = self.fmt.sources(view, view.size("v", "codes"))
+    return src.read(0, src.slots)
+
+  def compact(self, kc, vc, l, k_new, v_new, idx):
+    """Slots [0, n) of layer l := candidates idx [B, K, n] of (the layer's
+    slots, then the new tokens k_new [B, K, H, C], v_new [B, K, C, H])."""
+    if self.fmt is None:
+      k_all = jnp.concatenate([store.layer(kc, l), k_new.astype(self.config.dtype)], axis=-1)
+      v_all = jnp.concatenate([store.layer(vc, l), v_new.astype(self.config.dtype)], axis=-2)
+      return (store.write_prefix(kc, l, gather(k_all, idx, 3)),
+              store.write_prefix(vc, l, gather(v_all, idx, 2)))
+    view = View(kc, vc, l)
+    with jax.named_scope(attention.WRITE_SCOPE):
+      for side, new in (("k", k_new), ("v", v_new)):
+        axis = 3 if side == "k" else 2
+        for name, entry in self.fmt.encode(side, new).items():
+          both = jnp.concatenate([view.get(side, name), entry], axis=axis)
+          # An entry shared by the KV heads (axis of 1) follows head 0's choice
+          # (check_chunked_format allows it for per-layer methods only).
+          pick = idx if both.shape[1] == idx.shape[1] else idx[:, :1]
+          view = view.set_slots(side, name, gather(both, pick, axis), 0)
+    return view.k, view.v
 
 
 def cache_positions(policy) -> bool:

@@ -522,16 +522,15 @@ def _evict_chunked_prefill(config: ModelConfig, params: Params, tokens: jax.Arra
   the chunk's tokens are scored together (lctx.cache.evict.select) and the
   best budget[b] written back to slots [0, n_max): memory is bounded by the
   budget plus one chunk, whatever the prompt's length. Full chunks run
-  under a scan, a shorter last one once more (as _chunked_prefill)."""
-  if cache.compressed:
-    raise ValueError(f"chunked prefill with eviction {cache.evict.policy} and "
-                     f"{cache.format.spec!r}: compaction rewrites slots in full precision; "
-                     f"allowed: a one-pass prefill (chunk=None), or no quantization")
+  under a scan, a shorter last one once more (as _chunked_prefill). A
+  per-token quantized cache (int8, int4) is compacted by gathering its
+  stored entries, never re-quantized (lctx.model.evicting.Slots)."""
   policy = cache.evict.policy
   if evicting.cache_positions(policy):
     raise ValueError(f"chunked prefill with {policy}: positions=cache re-rotates keys once, "
                      f"after a one-pass prefill; allowed: chunk=None, or positions=original")
   method = evict.method(policy)
+  evicting.check_chunked_format(policy, cache.format)
   B, T = tokens.shape
   D = config.hidden_size
   full, tail = divmod(T, chunk)
@@ -539,6 +538,7 @@ def _evict_chunked_prefill(config: ModelConfig, params: Params, tokens: jax.Arra
   blk = min(block, S)
   trips = float(-(-min(n_max, S) // blk))
   last_row = lengths - 1
+  slots = evicting.Slots(config, cache.format)
 
   def run(carry, start, size):
     parts, filled, last = carry
@@ -551,11 +551,12 @@ def _evict_chunked_prefill(config: ModelConfig, params: Params, tokens: jax.Arra
     def body(lp, l, c):
       x, (kc, vc, pa, aa) = c
       q, k, v = _qkv(config, lp, x, rope)
-      part = attention.attend(q, [_segment(kc, vc, l, filled, block, trips),
-                                  attention.ChunkSegment(k, v, block)])
+      part = attention.attend(q, slots.segments(kc, vc, l, filled, block, trips)
+                              + [attention.ChunkSegment(k, v, block)])
       attn = attention.finalize(part, q.dtype)
       K = k.shape[2]
       kt, vt = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
+      k_old, v_old = slots.read(kc, vc, l)
       cand_pos = jnp.concatenate([store.layer(pa, l)[:, :, 0, :],
                                   jnp.broadcast_to(q_pos[:, None, :], (B, K, size))], axis=-1)
       in_cache = jnp.arange(S)[None, :] < filled[:, None]
@@ -567,15 +568,16 @@ def _evict_chunked_prefill(config: ModelConfig, params: Params, tokens: jax.Arra
                                jnp.zeros((B, K, size), jnp.float32)], axis=-1)
       cand = Candidates(
           q=q, q_pos=q_pos, q_valid=real,
-          k=jnp.concatenate([store.layer(kc, l).astype(kt.dtype), kt], axis=-1),
-          v=jnp.concatenate([store.layer(vc, l).astype(vt.dtype), vt], axis=-2),
+          k=jnp.concatenate([k_old.astype(kt.dtype), kt], axis=-1),
+          v=jnp.concatenate([v_old.astype(vt.dtype), vt], axis=-2),
           pos=cand_pos, valid=valid, acc=acc, next_pos=seen, budget=budget, layer=l,
           step=jnp.zeros((B,), jnp.int32))
       idx, _, acc = select(method, policy, cand, n_max)
-      parts = evicting.write_kept(config, (kc, vc, pa, aa), l, None, gather(cand.k, idx, 3),
-                                  gather(cand.v, idx, 2), gather(cand_pos, idx, 2),
-                                  None if acc is None else gather(acc, idx, 2), None)
-      return _out_and_mlp(config, lp, x, attn), parts
+      kc, vc = slots.compact(kc, vc, l, kt, vt, idx)
+      pa = store.write_prefix(pa, l, gather(cand_pos, idx, 2)[:, :, None, :])
+      if aa is not None:
+        aa = store.write_prefix(aa, l, gather(acc, idx, 2)[:, :, None, :])
+      return _out_and_mlp(config, lp, x, attn), (kc, vc, pa, aa)
 
     x, parts = _layer_loop(params["layers"], (x0, parts), body)
     filled = jnp.minimum(budget, seen).astype(jnp.int32)
