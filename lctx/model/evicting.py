@@ -21,6 +21,8 @@ kept_positions read them.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -167,18 +169,54 @@ def budgets(policy, lengths: jax.Array, T: int) -> tuple[jax.Array, int]:
   return jnp.asarray(table)[lengths], int(table.max())
 
 
-def decode_layer(config, cache, parts, l, q, k, v, lengths, full_write: bool = True):
+def decode_layer(config, cache, parts, l, q, k, v, lengths, plan=None):
   """A decode step at layer l with eviction during decoding (dense cache):
   the new token (q [B, 1, N, H], k, v [B, 1, K, H]) attends the filled slots
   and itself; a row below its budget appends it at slot lengths[b], a row
   at its budget scores the cache and the new token and overwrites the
   lowest (per KV head) with it, or drops the new token if it scores lowest.
-  Returns (attn [B, 1, N, H], parts)."""
-  policy = policy_of(cache)
-  method = evict_lib.method(policy)
+  With a plan, runs per device on its rows and KV heads (shard_map: the
+  per-head scatter needs no collective; a per-layer score sums its heads
+  across the `model` axis). Returns (attn [B, 1, N, H], parts)."""
   ev = cache.evict
   kc, vc, pos_arr, acc_arr = parts
-  kl, vl = store.layer(kc, l), store.layer(vc, l)  # [B, K, H, S], [B, K, S, H]
+  layer = [store.layer(x, l) for x in (kc, vc, pos_arr)]
+  layer.append(None if acc_arr is None else store.layer(acc_arr, l))
+  state = (lengths, ev.next_pos, ev.budget, ev.step)
+  fn = functools.partial(_decode_layer_local, config, ev.policy, l)
+  if plan is None:
+    attn, layer = fn(layer, q, k, v, state, None)
+  else:
+    spec = lambda axes: plan.spec(axes, "decode")
+    cache_spec = spec(("cache_batch", "cache_kv_heads", None, None))
+    n_layer = 3 if acc_arr is None else 4
+    q_spec = spec(("batch", None, "heads", None))
+    kv_spec = spec(("batch", None, "cache_kv_heads", None))
+    row = spec(("cache_batch",))
+    heads = "model" if plan.size("model") > 1 else None
+
+    def local(arrays, q, k, v, state):
+      attn, out = fn(list(arrays) + [None] * (4 - n_layer), q, k, v, state, heads)
+      return attn, out[:n_layer]
+
+    attn, out = jax.shard_map(
+        local, mesh=plan.mesh,
+        in_specs=([cache_spec] * n_layer, q_spec, kv_spec, kv_spec, (row,) * 4),
+        out_specs=(q_spec, [cache_spec] * n_layer), check_vma=False)(
+            layer[:n_layer], q, k, v, state)
+    layer = list(out) + [None] * (4 - n_layer)
+  kc, vc, pos_arr = (store.write_layer(a, l, x) for a, x in zip((kc, vc, pos_arr), layer))
+  if acc_arr is not None:
+    acc_arr = store.write_layer(acc_arr, l, layer[3])
+  return attn, (kc, vc, pos_arr, acc_arr)
+
+
+def _decode_layer_local(config, policy, l, layer, q, k, v, state, heads_axis):
+  """decode_layer on one device's blocks: layer = [k [B, K, H, S], v
+  [B, K, S, H], pos [B, K, 1, S], acc [B, K, 1, S] or None]."""
+  method = evict_lib.method(policy)
+  kl, vl, pl, al = layer
+  lengths, next_pos, budget, step = state
   B, K, H, S = kl.shape
   N = q.shape[2]
   G = N // K
@@ -200,42 +238,45 @@ def decode_layer(config, cache, parts, l, q, k, v, lengths, full_write: bool = T
     out = out + p[..., S:] * v[:, 0].astype(jnp.float32)[:, :, None, :]
   attn = out.reshape(B, 1, N, H).astype(q.dtype)
 
-  pos_c = jnp.concatenate([_pos_layer(pos_arr, l),
-                           jnp.broadcast_to(ev.next_pos[:, None, None], (B, K, 1))], axis=-1)
-  valid = jnp.concatenate([jnp.broadcast_to(filled[:, None, :], (B, K, S)),
-                           jnp.ones((B, K, 1), bool)], axis=-1)
-  acc = None
-  if acc_arr is not None:
-    acc = jnp.concatenate([_pos_layer(acc_arr, l), jnp.zeros((B, K, 1), jnp.float32)], axis=-1)
-  c = Candidates(q=q, q_pos=ev.next_pos[:, None], q_valid=jnp.ones((B, 1), bool), k=None, v=None,
-                 pos=pos_c, valid=valid, acc=acc, next_pos=ev.next_pos + 1, budget=ev.budget,
-                 layer=l, logits=logits[:, :, :, None, :], step=ev.step)
-  scores, acc = method.score(policy, c)
-  scores = jnp.broadcast_to(scores[:, None] if scores.ndim == 2 else scores, (B, K, S + 1))
-  keep = pos_c < policy["sinks"]
-  extra = method.protected(policy, c)
-  if extra is not None:
-    keep = keep | extra
-  scores = jnp.where(keep | ~valid, PROTECTED, scores)
-  # The lowest score goes; among equals the newest (the new token first), as
-  # the prefill's top-k keeps the lower positions. With every candidate
-  # protected (sinks + recent window over the budget) the new token goes.
-  out_slot = (S - jnp.argmin(scores[..., ::-1], axis=-1)).astype(jnp.int32)  # [B, K]; S: new
-  full = (lengths >= ev.budget)[:, None]
-  slot = jnp.where(full, out_slot, lengths[:, None])  # [B, K]; S (out of range): not written
-  kc = _write_heads(kc, l, slot, k[:, 0].astype(config.dtype), 3)
-  vc = _write_heads(vc, l, slot, v[:, 0].astype(config.dtype), 2)
-  pos_arr = _write_heads(pos_arr, l, slot, jnp.broadcast_to(ev.next_pos[:, None, None],
-                                                            (B, K, 1)), 3)
-  if acc_arr is not None:  # every slot's new sum, then the new token's in its slot
-    acc_arr = store.write_layer(acc_arr, l, acc[:, :, None, :S])
-    acc_arr = _write_heads(acc_arr, l, slot, acc[:, :, S:], 3)
-  return attn, (kc, vc, pos_arr, acc_arr)
+  # Scoring and the one-in-one-out write: one fused kernel in a serving
+  # engine (the column sums come out of the attention kernel), so counted
+  # as one (attention.WRITE_SCOPE).
+  with jax.named_scope(attention.WRITE_SCOPE):
+    pos_c = jnp.concatenate([pl[:, :, 0, :], jnp.broadcast_to(next_pos[:, None, None],
+                                                              (B, K, 1))], axis=-1)
+    valid = jnp.concatenate([jnp.broadcast_to(filled[:, None, :], (B, K, S)),
+                             jnp.ones((B, K, 1), bool)], axis=-1)
+    acc = None
+    if al is not None:
+      acc = jnp.concatenate([al[:, :, 0, :], jnp.zeros((B, K, 1), jnp.float32)], axis=-1)
+    c = Candidates(q=q, q_pos=next_pos[:, None], q_valid=jnp.ones((B, 1), bool), k=None,
+                   v=None, pos=pos_c, valid=valid, acc=acc, next_pos=next_pos + 1,
+                   budget=budget, layer=l, logits=logits[:, :, :, None, :], step=step,
+                   heads_axis=heads_axis)
+    scores, acc = method.score(policy, c)
+    scores = jnp.broadcast_to(scores[:, None] if scores.ndim == 2 else scores, (B, K, S + 1))
+    keep = pos_c < policy["sinks"]
+    extra = method.protected(policy, c)
+    if extra is not None:
+      keep = keep | extra
+    scores = jnp.where(keep | ~valid, PROTECTED, scores)
+    # The lowest score goes; among equals the newest (the new token first), as
+    # the prefill's top-k keeps the lower positions. With every candidate
+    # protected (sinks + recent window over the budget) the new token goes.
+    out_slot = (S - jnp.argmin(scores[..., ::-1], axis=-1)).astype(jnp.int32)  # [B, K]; S: new
+    full = (lengths >= budget)[:, None]
+    slot = jnp.where(full, out_slot, lengths[:, None])  # [B, K]; S (out of range): not written
+    kl = _write_heads(kl, slot, k[:, 0].astype(kl.dtype), 3)
+    vl = _write_heads(vl, slot, v[:, 0].astype(vl.dtype), 2)
+    pl = _write_heads(pl, slot, jnp.broadcast_to(next_pos[:, None, None], (B, K, 1)), 3)
+    if al is not None:  # every slot's new sum, then the new token's in its slot
+      al = _write_heads(acc[:, :, None, :S], slot, acc[:, :, S:], 3)
+  return attn, [kl, vl, pl, al]
 
 
-def _write_heads(buf, l, slots_bk, new_bkx, seq_axis: int):
-  """Writes new_bkx[b, k] (the layer's array without batch, head and slot
-  axes) at slot slots_bk[b, k] of layer l, per KV head, in place;
+def _write_heads(buf, slots_bk, new_bkx, seq_axis: int):
+  """Writes new_bkx[b, k] (one layer's array [B, K, ...] without its batch,
+  head and slot axes) at slot slots_bk[b, k], per KV head, in place;
   out-of-range slots are dropped."""
   B, K = slots_bk.shape
   bi = jnp.broadcast_to(jnp.arange(B)[:, None], (B, K))
@@ -244,7 +285,4 @@ def _write_heads(buf, l, slots_bk, new_bkx, seq_axis: int):
     bi, ki, slots_bk, new_bkx = (jnp.concatenate([a, a]) for a in (bi, ki, slots_bk, new_bkx))
   index = [bi, ki, slice(None), slice(None)]
   index[seq_axis] = slots_bk
-  if isinstance(buf, tuple):
-    one = buf[l].at[tuple(index)].set(new_bkx.astype(buf[l].dtype), mode="drop")
-    return buf[:l] + (one,) + buf[l + 1:]
-  return buf.at[(l, *index)].set(new_bkx.astype(buf.dtype), mode="drop")
+  return buf.at[tuple(index)].set(new_bkx.astype(buf.dtype), mode="drop")

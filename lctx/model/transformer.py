@@ -679,7 +679,7 @@ def _evict_decode(config: ModelConfig, params: Params, tokens: jax.Array, cache:
     x, parts = carry
     if evict_now:
       q, k, v = _qkv(config, lp, x, rope)
-      attn, parts = evicting.decode_layer(config, cache, parts, l, q, k, v, lengths)
+      attn, parts = evicting.decode_layer(config, cache, parts, l, q, k, v, lengths, plan)
       return _out_and_mlp(config, lp, x, attn), parts
     kc, vc, pa, aa = parts
     if fmt is None:

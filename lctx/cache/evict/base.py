@@ -108,6 +108,8 @@ class Candidates:
     candidates when the caller has them at hand (a decode step: its one
     query's), else None (computed from q and k on demand).
   step: [B] int32 decode steps since the prefill (0 in the prefill).
+  heads_axis: the mesh axis splitting the heads when run per device
+    (shard_map), else None.
   """
   q: jax.Array
   q_pos: jax.Array
@@ -122,6 +124,16 @@ class Candidates:
   layer: object
   logits: jax.Array | None = None
   step: jax.Array | None = None
+  heads_axis: str | None = None
+
+  def mean_over_heads(self, x: jax.Array) -> jax.Array:
+    """x [B, K, G, ...] -> the mean over all N query heads [B, ...]; inside a
+    shard_map whose `heads_axis` splits the heads, over every device's."""
+    total, n = x.sum(axis=(1, 2)), x.shape[1] * x.shape[2]
+    if self.heads_axis is not None:
+      total = jax.lax.psum(total, self.heads_axis)
+      n = n * jax.lax.axis_size(self.heads_axis)
+    return total / n
 
   @property
   def group(self) -> int:

@@ -28,7 +28,7 @@ class TOVA(Method):
     else:
       q, pos, valid = last_rows(c, 1)
       p = c.softmax(q, pos, valid)
-    return p.mean(axis=(1, 2, 3)), None  # [B, S]: all N query heads
+    return c.mean_over_heads(p.mean(axis=3)), None  # [B, S]: all N query heads
 
   def protected(self, policy, c):
     return c.pos == (c.next_pos - 1)[:, None, None]
