@@ -96,17 +96,23 @@ def _kv(spec: str) -> str:
   return spec or "dense"
 
 
+def _kv_width(rows) -> int:
+  """The "kv cache" column's width: 14, or the longest spec's."""
+  return max([14] + [len(_kv(r.kv_compression)) for r in rows])
+
+
 def format_table(rows) -> str:
   """One line per (context, mesh): analytic | hlo for each metric."""
-  head = (f"{'context':>9} {'mesh':>14} {'kv cache':>14} {'KV/user GB':>13} {'weights/dev GB':>14} "
+  w = _kv_width(rows)
+  head = (f"{'context':>9} {'mesh':>14} {'kv cache':>{w}} {'KV/user GB':>13} {'weights/dev GB':>14} "
           f"{'concurrency':>12} {'prefill s':>17} {'decode ms/tok':>15} {'ctx switch s':>14}"
           f"   {'calibrated: prefill s':>21} {'decode ms/tok':>15}")
-  lines = [head, " " * 39 + "(analytic | hlo; KV per user over all devices, weights per device;"
+  lines = [head, " " * (25 + w) + "(analytic | hlo; KV per user over all devices, weights per device;"
            " roofline, then calibrated)"]
   for (T, g, mesh, kv), by in _pairs(rows).items():
     a, h = by["analytic"], by["hlo"]
     lines.append(
-        f"{T:>9} {mesh:>14} {_kv(kv):>14} "
+        f"{T:>9} {mesh:>14} {_kv(kv):>{w}} "
         f"{_gb(a.kv_bytes_per_user_total) + '|' + _gb(h.kv_bytes_per_user_total):>13} "
         f"{_gb(a.weight_bytes_per_device) + '|' + _gb(h.weight_bytes_per_device):>14} "
         f"{f'{a.concurrency}|{h.concurrency}':>12} "
@@ -137,7 +143,8 @@ def format_shortfalls(rows) -> str:
 def format_throughput(rows, metrics) -> str:
   """Throughput at a full HBM, the HLO's temporaries, and hlo/analytic ratios."""
   G = rows[0].generated_tokens
-  head = (f"{'context':>9} {'mesh':>14} {'kv cache':>14} {'decode tok/s':>15} "
+  w = _kv_width(rows)
+  head = (f"{'context':>9} {'mesh':>14} {'kv cache':>{w}} {'decode tok/s':>15} "
           f"{'sessions/hour':>15} "
           f"{'temp GB dec|pre':>16}   hlo/analytic: {'conc':>6} {'prefill':>7} {'decode':>7} "
           f"{'switch':>7}")
@@ -147,7 +154,7 @@ def format_throughput(rows, metrics) -> str:
     a, h = by["analytic"], by["hlo"]
     q = metrics.ratios(a, h)
     lines.append(
-        f"{T:>9} {mesh:>14} {_kv(kv):>14} "
+        f"{T:>9} {mesh:>14} {_kv(kv):>{w}} "
         f"{f'{a.decode_tokens_per_s:.0f}|{h.decode_tokens_per_s:.0f}':>15} "
         f"{f'{a.sessions_per_hour:.0f}|{h.sessions_per_hour:.0f}':>15} "
         f"{_gb(h.decode_temp_bytes_per_device) + '|' + _gb(h.prefill_temp_bytes_per_device):>16}"
@@ -236,8 +243,9 @@ def _kv_specs(config, contexts) -> list[str]:
     try:
       spec = str(spec_lib.parse(value))
       for T in contexts:
-        fmt = cache_format(config, spec, capacity=T)
-        if fmt is not None and T % fmt.slot_multiple:
+        slots = metrics.cache_slots(config, spec, T)  # with eviction: the kept tokens
+        fmt = cache_format(config, spec, capacity=slots)
+        if fmt is not None and slots % fmt.slot_multiple:
           raise ValueError(f"context {T} with {spec!r}: allowed: a multiple of "
                            f"{fmt.slot_multiple}")
     except ValueError as e:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lctx import engine
+from lctx.cache import spec as spec_lib
 from lctx.cache.dense import cache_format
 from lctx.config import ModelConfig
 from lctx.model.params import Params, init_params, unstack_layers
@@ -123,20 +124,29 @@ def _time(fn):
   return out, time.perf_counter() - start
 
 
-def _lctx_round(setup: Setup, decode_steps: int,
-                kv_compression: str | None = None) -> tuple[float, list[float], np.ndarray]:
+def _lctx_round(setup: Setup, decode_steps: int, kv_compression: str | None = None,
+                context: int | None = None) -> tuple[float, list[float], np.ndarray]:
+  """One timed prefill (unless synthetic) and decode_steps decode steps with
+  the cache of `kv_compression` (default the setup's), over the first
+  `context` prompt tokens (default all)."""
   config, params = setup.config, setup.params
   B, T = setup.tokens.shape
+  T = T if context is None else context
   spec = setup.kv_compression if kv_compression is None else kv_compression
-  cache = engine.new_cache(config, params, B, _capacity(setup, T + decode_steps, spec),
+  kept, grows = kept_slots(spec, T)
+  cache = engine.new_cache(config, params, B,
+                           _capacity(setup, kept + (decode_steps if grows else 0), spec),
                            kv_compression=spec)
   jax.block_until_ready(cache)
   if setup.synthetic_cache:
-    cache = cache.replace(lengths=jnp.full((B,), T, jnp.int32))
+    cache = cache.replace(lengths=jnp.full((B,), kept, jnp.int32))
+    if cache.evicting:  # kept tokens of a T-token context, at the budget
+      cache = cache.replace(evict=cache.evict.replace(next_pos=jnp.full((B,), T, jnp.int32),
+                                                      budget=jnp.full((B,), kept, jnp.int32)))
     logits, prefill_s = jnp.zeros((B, config.vocab_size), jnp.float32), float("nan")
   else:
     (logits, cache), prefill_s = _time(
-        lambda: jax.block_until_ready(engine.prefill(config, params, setup.tokens, cache,
+        lambda: jax.block_until_ready(engine.prefill(config, params, setup.tokens[:, :T], cache,
                                                      chunk=setup.prefill_chunk or None)))
   first_logits = np.asarray(logits)
   steps = []
@@ -149,11 +159,44 @@ def _lctx_round(setup: Setup, decode_steps: int,
   return prefill_s, steps, first_logits
 
 
+def kept_slots(spec: str, T: int) -> tuple[int, bool]:
+  """(cache slots a T-token prompt fills, whether each decoded token takes
+  one more): T and True for a cache without eviction."""
+  return engine._generate_slots(spec, T)
+
+
 def _capacity(setup: Setup, n: int, spec: str) -> int:
   """n slots, rounded up to what the cache format needs (KIVI: its group)."""
   fmt = cache_format(setup.config, spec)
   m = 1 if fmt is None else fmt.slot_multiple
   return -(-n // m) * m
+
+
+def prefill_memory(setup: Setup) -> dict[str, float]:
+  """The chunked evicting prefill's peak memory from its compiled program
+  (XLA's memory analysis: temporaries + the cache argument), beside the
+  bound it should meet: a dense cache of budget + one chunk slots prefilled
+  in the same chunks (its temporaries are one chunk's activations)."""
+  config, params = setup.config, setup.params
+  B, T = setup.tokens.shape
+  C = setup.prefill_chunk
+  kept, _ = kept_slots(setup.kv_compression, T)
+
+  def measure(spec, n_tokens, capacity):
+    cache = jax.eval_shape(lambda: engine.new_cache(config, params, B, capacity,
+                                                    kv_compression=spec))
+    tokens = jax.ShapeDtypeStruct((B, n_tokens), jnp.int32)
+    lengths = jax.ShapeDtypeStruct((B,), jnp.int32)
+    mem = engine.prefill_jit.lower(config, params, tokens, lengths, cache, chunk=C).compile() \
+        .memory_analysis()
+    cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+    return float(mem.temp_size_in_bytes), float(cache_bytes)
+
+  temp, cache = measure(setup.kv_compression, T, _capacity(setup, kept, setup.kv_compression))
+  ref_temp, ref_cache = measure("", kept + C, kept + C)
+  return {"evict_prefill_temp_bytes": temp, "evict_prefill_cache_bytes": cache,
+          "bound_temp_bytes": ref_temp, "bound_cache_bytes": ref_cache,
+          "prefill_peak_over_bound": (temp + cache) / (ref_temp + ref_cache)}
 
 
 def _one_pass_prefill_s(setup: Setup) -> float:
@@ -206,8 +249,10 @@ def run(setup: Setup, rounds: int, decode_steps: int) -> dict[str, Any]:
   dense step bytes)."""
   B, T = setup.tokens.shape
   lctx_prefill, lctx_steps, ref_prefill, ref_steps, one_pass = [], [], [], [], []
-  dense_steps = []
+  dense_steps, dense_prefill = [], []
   logits_diff = None
+  kept, _ = kept_slots(setup.kv_compression, T)
+  evicting = spec_lib.parse(setup.kv_compression).of_kind("eviction") is not None
   for r in range(rounds + 1):
     p, s, lctx_logits = _lctx_round(setup, decode_steps)
     line = f"round {r}{' (warm-up)' if r == 0 else ''}: " + (
@@ -217,11 +262,17 @@ def run(setup: Setup, rounds: int, decode_steps: int) -> dict[str, Any]:
       lctx_prefill.append(p)
       lctx_steps += s
     if setup.kv_compression:
-      _, d, _ = _lctx_round(setup, decode_steps, "")
-      line += f"; dense cache decode {1e3 * np.median(d):.1f} ms/step"
+      # Eviction: the dense cache holding as many tokens as eviction keeps.
+      _, d, _ = _lctx_round(setup, decode_steps, "", kept if evicting else None)
+      line += f"; dense cache ({kept} tokens) decode {1e3 * np.median(d):.1f} ms/step"
       if r:
         dense_steps += d
-    if setup.prefill_chunk and not setup.synthetic_cache:
+    if evicting and setup.prefill_chunk and not setup.synthetic_cache:
+      dp, _, _ = _lctx_round(setup, 1, "")
+      line += f"; dense chunked prefill {dp:.2f} s"
+      if r:
+        dense_prefill.append(dp)
+    elif setup.prefill_chunk and not setup.synthetic_cache:
       one = _one_pass_prefill_s(setup)
       line += f"; lctx one-pass prefill {one:.2f} s"
       if r:
@@ -251,9 +302,15 @@ def run(setup: Setup, rounds: int, decode_steps: int) -> dict[str, Any]:
     out["lctx_prefill_s"] = out["lctx_prefill_tok_s"] = None
   if dense_steps:
     out["dense_decode_step_s"] = float(np.median(dense_steps))
+    out["dense_context"] = kept
     out["decode_step_over_dense"] = step_s / out["dense_decode_step_s"]
     out["bytes_floor_over_dense"] = out["decode_bytes_per_step"] / decode_bytes(
-        setup.config, B, T + decode_steps // 2)
+        setup.config, B, kept + decode_steps // 2)
+  if dense_prefill:
+    out["dense_chunked_prefill_s"] = float(np.median(dense_prefill))
+    out["prefill_over_dense_chunked"] = out["lctx_prefill_s"] / out["dense_chunked_prefill_s"]
+  if evicting and setup.prefill_chunk and not setup.synthetic_cache:
+    out.update(prefill_memory(setup))
   out["achieved_gb_s"] = out["decode_bytes_per_step"] / step_s / 1e9
   if one_pass:
     out["lctx_one_pass_prefill_s"] = float(np.median(one_pass))
@@ -299,8 +356,19 @@ def format_results(r: dict[str, Any]) -> str:
     lines.append(f"prefill s, chunked / one pass: {r['lctx_prefill_s']:.2f} / "
                  f"{r['lctx_one_pass_prefill_s']:.2f} = {r['chunked_over_one_pass_prefill_s']:.3f}")
   lines.append(f"decode bytes/step      {r['decode_bytes_per_step'] / 1e6:.1f} MB")
+  if r.get("dense_chunked_prefill_s"):
+    lines.append(f"prefill s, {r['kv_compression']} / dense, both chunked: "
+                 f"{r['lctx_prefill_s']:.2f} / {r['dense_chunked_prefill_s']:.2f} = "
+                 f"{r['prefill_over_dense_chunked']:.3f}")
+  if r.get("prefill_peak_over_bound"):
+    gb = lambda x: f"{x / 1e9:.3f}"
+    lines.append(f"prefill peak GB (temporaries + cache), evicting / dense cache of budget + "
+                 f"one chunk: {gb(r['evict_prefill_temp_bytes'])} + "
+                 f"{gb(r['evict_prefill_cache_bytes'])} / {gb(r['bound_temp_bytes'])} + "
+                 f"{gb(r['bound_cache_bytes'])} = {r['prefill_peak_over_bound']:.3f}")
   if r.get("dense_decode_step_s"):
-    lines.append(f"decode step, {r['kv_compression']} / dense cache: "
+    lines.append(f"decode step, {r['kv_compression']} / dense cache of {r['dense_context']} "
+                 f"tokens: "
                  f"{1e3 * r['lctx_decode_step_s']:.1f} / {1e3 * r['dense_decode_step_s']:.1f} ms = "
                  f"{r['decode_step_over_dense']:.3f} (bytes floor {r['bytes_floor_over_dense']:.3f})")
   lines.append(f"achieved bandwidth     {r['achieved_gb_s']:.1f} GB/s = "
