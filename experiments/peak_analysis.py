@@ -238,6 +238,7 @@ def _kv_specs(config, contexts) -> list[str]:
   anything compiles."""
   from lctx.cache import spec as spec_lib
   from lctx.cache.dense import cache_format
+  from lctx.cost import metrics
   out = [""]
   for value in _KV_COMPRESSION.value:
     try:

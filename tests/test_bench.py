@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from lctx import ModelConfig
 from lctx.bench import decode_bytes
 
@@ -82,3 +84,25 @@ def test_bench_decode_compares_a_compressed_cache_with_the_dense_one(tmp_path):
   bad = subprocess.run(cmd[:4] + ["--kv_compression=kivi:bits=3"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0 and "--kv_compression=kivi:bits=3" in bad.stderr
+
+
+def test_bench_decode_with_eviction(tmp_path):
+  """Eviction: the dense side holds as many tokens as eviction keeps; with
+  a prefill chunk, the dense chunked prefill is timed beside it and the
+  evicting prefill's compiled peak (temporaries + cache) is reported against
+  a dense cache of budget + one chunk prefilled in the same chunks."""
+  out = tmp_path / "bench.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", "experiments.bench_decode", "--model=tiny", "--context=96",
+         "--prefill_chunk=32", "--kv_compression=snapkv:ratio=0.75,window=8", "--noreference",
+         "--decode_steps=2", "--rounds=1", "--read_buffer_mb=16", f"--json_out={out}"]
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = json.loads(out.read_text())
+  assert r["dense_context"] == int(96 * (1 - 0.75))
+  assert r["prefill_over_dense_chunked"] == r["lctx_prefill_s"] / r["dense_chunked_prefill_s"]
+  assert r["prefill_peak_over_bound"] == pytest.approx(
+      (r["evict_prefill_temp_bytes"] + r["evict_prefill_cache_bytes"])
+      / (r["bound_temp_bytes"] + r["bound_cache_bytes"]))
+  assert 0 < r["prefill_peak_over_bound"] < 3
+  assert "dense cache of 24 tokens" in proc.stdout and "prefill peak GB" in proc.stdout

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import lctx
+
 ROOT = Path(__file__).resolve().parent.parent
 FIELDS = {"model", "hardware", "num_devices", "context", "batch", "source",
           "kv_bytes_per_user_per_device", "kv_bytes_per_user_total", "weight_bytes_per_device", "concurrency", "prefill_flops_per_device", "prefill_s",
@@ -188,3 +190,33 @@ def test_kv_compression_errors_name_the_flag():
   assert proc.returncode != 0 and "seq" in proc.stderr
   proc = _run("--kv_compression=help")
   assert proc.returncode == 0 and "kivi" in proc.stdout
+
+
+def test_kv_compression_with_eviction(tmp_path):
+  """Eviction in the main job: a user's cache is what it keeps, kvpress's
+  rule int(T * (1 - ratio)) slots of K/V plus an int32 position per slot,
+  layer and KV head (and a float32 score for H2O), the same from the closed
+  form and from the compiled programs; the decode step's bytes agree with
+  the closed form; composed with int8, the kept slots are int8."""
+  out = tmp_path / "rows.json"
+  T = 131072
+  proc = _run(f"--contexts={T}", "--num_devices=8", "--kv_compression=snapkv:ratio=0.9",
+              "--kv_compression=h2o:ratio=0.9,decode=evict",
+              "--kv_compression=snapkv:ratio=0.9+int8", f"--json_out={out}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = json.loads(out.read_text())
+  by = {(r["kv_compression"], r["source"]): r for r in rows}
+  cfg = lctx.ModelConfig.from_preset("yi-34b")
+  L, K, H = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+  kept = int(T * (1 - 0.9))
+  dense_slot = 2 * L * K * H * 2  # bf16 K and V
+  want = {"snapkv:ratio=0.9": kept * (dense_slot + 4 * L * K),
+          "h2o:decode=evict,ratio=0.9": kept * (dense_slot + 8 * L * K),
+          "snapkv:ratio=0.9+int8": kept * (2 * L * K * (H + 2) + 4 * L * K)}
+  for kv, total in want.items():
+    a, h = by[(kv, "analytic")], by[(kv, "hlo")]
+    assert a["kv_bytes_per_user_total"] == pytest.approx(total, rel=1e-9)
+    assert h["kv_bytes_per_user_total"] == pytest.approx(total, rel=1e-9)
+    assert h["decode_bytes_per_device"] == pytest.approx(a["decode_bytes_per_device"], rel=0.05)
+    assert h["concurrency"] > 8 * by[("", "hlo")]["concurrency"]
+  assert "snapkv:ratio=0.9+int8" in proc.stdout

@@ -175,47 +175,49 @@ def decode_layer(config, cache, parts, l, q, k, v, lengths, plan=None):
   and itself; a row below its budget appends it at slot lengths[b], a row
   at its budget scores the cache and the new token and overwrites the
   lowest (per KV head) with it, or drops the new token if it scores lowest.
-  With a plan, runs per device on its rows and KV heads (shard_map: the
-  per-head scatter needs no collective; a per-layer score sums its heads
-  across the `model` axis). Returns (attn [B, 1, N, H], parts)."""
+  The cache arrays are read and written in place, in either layout. With a
+  plan, runs per device on its rows and KV heads (shard_map: the per-head
+  scatter needs no collective; a per-layer score sums its heads across the
+  `model` axis). Returns (attn [B, 1, N, H], parts)."""
   ev = cache.evict
-  kc, vc, pos_arr, acc_arr = parts
-  layer = [store.layer(x, l) for x in (kc, vc, pos_arr)]
-  layer.append(None if acc_arr is None else store.layer(acc_arr, l))
+  n = 3 if parts[3] is None else 4
+  arrays = list(parts[:n])
   state = (lengths, ev.next_pos, ev.budget, ev.step)
-  fn = functools.partial(_decode_layer_local, config, ev.policy, l)
+  fn = functools.partial(_decode_layer_local, config, ev.policy)
   if plan is None:
-    attn, layer = fn(layer, q, k, v, state, None)
-  else:
-    spec = lambda axes: plan.spec(axes, "decode")
-    cache_spec = spec(("cache_batch", "cache_kv_heads", None, None))
-    n_layer = 3 if acc_arr is None else 4
-    q_spec = spec(("batch", None, "heads", None))
-    kv_spec = spec(("batch", None, "cache_kv_heads", None))
-    row = spec(("cache_batch",))
-    heads = "model" if plan.size("model") > 1 else None
-
-    def local(arrays, q, k, v, state):
-      attn, out = fn(list(arrays) + [None] * (4 - n_layer), q, k, v, state, heads)
-      return attn, out[:n_layer]
-
-    attn, out = jax.shard_map(
-        local, mesh=plan.mesh,
-        in_specs=([cache_spec] * n_layer, q_spec, kv_spec, kv_spec, (row,) * 4),
-        out_specs=(q_spec, [cache_spec] * n_layer), check_vma=False)(
-            layer[:n_layer], q, k, v, state)
-    layer = list(out) + [None] * (4 - n_layer)
-  kc, vc, pos_arr = (store.write_layer(a, l, x) for a, x in zip((kc, vc, pos_arr), layer))
-  if acc_arr is not None:
-    acc_arr = store.write_layer(acc_arr, l, layer[3])
-  return attn, (kc, vc, pos_arr, acc_arr)
+    attn, arrays = fn(arrays, l, q, k, v, state, None)
+    return attn, tuple(arrays) + (None,) * (4 - n)
+  unrolled = isinstance(arrays[0], tuple)
+  spec = lambda axes: plan.spec(axes, "decode")
+  lead = () if unrolled else ("layers",)
+  cache_spec = spec(lead + ("cache_batch", "cache_kv_heads", None, None))
+  q_spec = spec(("batch", None, "heads", None))
+  kv_spec = spec(("batch", None, "cache_kv_heads", None))
+  row = spec(("cache_batch",))
+  heads = "model" if plan.size("model") > 1 else None
+  # The unrolled layout passes layer l's arrays as one-layer tuples (index 0).
+  local_in = [(a[l],) for a in arrays] if unrolled else arrays
+  in_cache = [(cache_spec,) for _ in arrays] if unrolled else [cache_spec] * n
+  attn, out = jax.shard_map(
+      lambda arrays, li, q, k, v, state: fn(arrays, 0 if unrolled else li, q, k, v, state, heads),
+      mesh=plan.mesh,
+      in_specs=(in_cache, spec(()), q_spec, kv_spec, kv_spec, (row,) * 4),
+      out_specs=(q_spec, in_cache), check_vma=False)(
+          local_in, 0 if unrolled else l, q, k, v, state)
+  if unrolled:
+    out = [a[:l] + o + a[l + 1:] for a, o in zip(arrays, out)]
+  return attn, tuple(out) + (None,) * (4 - n)
 
 
-def _decode_layer_local(config, policy, l, layer, q, k, v, state, heads_axis):
-  """decode_layer on one device's blocks: layer = [k [B, K, H, S], v
-  [B, K, S, H], pos [B, K, 1, S], acc [B, K, 1, S] or None]."""
+def _decode_layer_local(config, policy, arrays, l, q, k, v, state, heads_axis):
+  """decode_layer on one device's blocks: arrays = [k, v, pos(, acc)],
+  each stacked [L, ...] or a tuple of layers; layer l read and written in
+  place."""
   method = evict_lib.method(policy)
-  kl, vl, pl, al = layer
+  kc, vc, pc = arrays[:3]
+  ac = arrays[3] if len(arrays) > 3 else None
+  kl, vl, pl = store.layer(kc, l), store.layer(vc, l), store.layer(pc, l)
+  al = None if ac is None else store.layer(ac, l)
   lengths, next_pos, budget, step = state
   B, K, H, S = kl.shape
   N = q.shape[2]
@@ -266,18 +268,19 @@ def _decode_layer_local(config, policy, l, layer, q, k, v, state, heads_axis):
     out_slot = (S - jnp.argmin(scores[..., ::-1], axis=-1)).astype(jnp.int32)  # [B, K]; S: new
     full = (lengths >= budget)[:, None]
     slot = jnp.where(full, out_slot, lengths[:, None])  # [B, K]; S (out of range): not written
-    kl = _write_heads(kl, slot, k[:, 0].astype(kl.dtype), 3)
-    vl = _write_heads(vl, slot, v[:, 0].astype(vl.dtype), 2)
-    pl = _write_heads(pl, slot, jnp.broadcast_to(next_pos[:, None, None], (B, K, 1)), 3)
-    if al is not None:  # every slot's new sum, then the new token's in its slot
-      al = _write_heads(acc[:, :, None, :S], slot, acc[:, :, S:], 3)
-  return attn, [kl, vl, pl, al]
+    kc = _write_heads(kc, l, slot, k[:, 0], 3)
+    vc = _write_heads(vc, l, slot, v[:, 0], 2)
+    pc = _write_heads(pc, l, slot, jnp.broadcast_to(next_pos[:, None, None], (B, K, 1)), 3)
+    if ac is not None:  # every slot's new sum, then the new token's in its slot
+      ac = store.write_layer(ac, l, acc[:, :, None, :S])
+      ac = _write_heads(ac, l, slot, acc[:, :, S:], 3)
+  return attn, [kc, vc, pc] + ([] if ac is None else [ac])
 
 
-def _write_heads(buf, slots_bk, new_bkx, seq_axis: int):
-  """Writes new_bkx[b, k] (one layer's array [B, K, ...] without its batch,
-  head and slot axes) at slot slots_bk[b, k], per KV head, in place;
-  out-of-range slots are dropped."""
+def _write_heads(buf, l, slots_bk, new_bkx, seq_axis: int):
+  """Writes new_bkx[b, k] (layer l's array without its batch, head and slot
+  axes) at slot slots_bk[b, k], per KV head, in place, in either layout
+  (lctx.cache.store); out-of-range slots are dropped."""
   B, K = slots_bk.shape
   bi = jnp.broadcast_to(jnp.arange(B)[:, None], (B, K))
   ki = jnp.broadcast_to(jnp.arange(K)[None, :], (B, K))
@@ -285,4 +288,7 @@ def _write_heads(buf, slots_bk, new_bkx, seq_axis: int):
     bi, ki, slots_bk, new_bkx = (jnp.concatenate([a, a]) for a in (bi, ki, slots_bk, new_bkx))
   index = [bi, ki, slice(None), slice(None)]
   index[seq_axis] = slots_bk
-  return buf.at[tuple(index)].set(new_bkx.astype(buf.dtype), mode="drop")
+  if isinstance(buf, tuple):
+    one = buf[l].at[tuple(index)].set(new_bkx.astype(buf[l].dtype), mode="drop")
+    return buf[:l] + (one,) + buf[l + 1:]
+  return buf.at[(l, *index)].set(new_bkx.astype(buf.dtype), mode="drop")
