@@ -320,8 +320,12 @@ def check_memory(config, rows: int, capacity: int, weight_copies: int, prompt_le
 
 def _slots(config, n: int | None) -> int | None:
   """n cache slots rounded up to what --kv_compression's format needs (a
-  multiple of KIVI's group); the extra slots stay empty."""
+  multiple of KIVI's group); the extra slots stay empty. None with token
+  eviction: lctx.generate sizes the cache to the kept tokens."""
+  from lctx.cache import spec as spec_lib
   from lctx.cache.dense import cache_format
+  if spec_lib.parse(_KV_COMPRESSION.value).of_kind("eviction") is not None:
+    return None
   fmt = None if n is None else cache_format(config, _KV_COMPRESSION.value)
   return n if fmt is None else -(-n // fmt.slot_multiple) * fmt.slot_multiple
 
