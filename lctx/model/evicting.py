@@ -68,11 +68,24 @@ def write_kept(config, cache_parts, l, fmt, kk, vv, pp, acc, count):
   return kc, vc, pos, acc_arr
 
 
-def prefill_layer(config, cache, parts, l, q, k, v, k_store, lengths, n_max, step_budget):
+def lse_of(part) -> jax.Array:
+  """An attention Partial's log-sum-exp per query and head: [B, N, T]."""
+  return (part.max + jnp.log(jnp.maximum(part.sum, 1e-30))).transpose(0, 2, 1)
+
+
+def group_lse(lse_bnt: jax.Array, K: int) -> jax.Array:
+  """[B, N, T] -> [B, K, G, T] (query head n reads KV head n // G)."""
+  B, N, T = lse_bnt.shape
+  return lse_bnt.reshape(B, K, N // K, T)
+
+
+def prefill_layer(config, cache, parts, l, q, k, v, k_store, lengths, n_max, step_budget,
+                  lse=None):
   """One-pass prefill eviction at layer l: scores the T prompt tokens (q, k, v
   [B, T, heads, H], k post-RoPE; k_store: what the format stores) and writes
   the n_max best per row and KV head (budget[b] of them real) into the
-  cache parts (k, v, pos, acc). Returns (parts, count [B])."""
+  cache parts (k, v, pos, acc). lse: the prompt attention's Partial (its
+  normaliser spares column sums a pass). Returns (parts, count [B])."""
   policy = policy_of(cache)
   method = evict_lib.method(policy)
   B, T, K, H = k.shape
@@ -83,7 +96,8 @@ def prefill_layer(config, cache, parts, l, q, k, v, k_store, lengths, n_max, ste
                  valid=jnp.broadcast_to(real[:, None, :], (B, K, T)),
                  acc=jnp.zeros((B, K, T), jnp.float32) if method.accumulates else None,
                  next_pos=lengths, budget=step_budget, layer=l,
-                 step=jnp.zeros((B,), jnp.int32))
+                 step=jnp.zeros((B,), jnp.int32),
+                 lse=None if lse is None else group_lse(lse_of(lse), K))
   idx, count, acc = select(method, policy, c, n_max)
   ks = gather(k_store.transpose(0, 2, 3, 1), idx, 3)
   pp = gather(pos, idx, 2)

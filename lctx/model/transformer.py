@@ -491,9 +491,10 @@ def _evict_prefill(config: ModelConfig, params: Params, tokens: jax.Array, lengt
       k_store = k
     else:
       q, k, v, k_store = _qkv_stored(config, fmt, lp, x, rope)
-    attn = attention.causal_attention(q, k, v, block)
+    part = attention.causal_attention(q, k, v, block, normalize=False)
+    attn = attention.finalize(part, q.dtype)
     parts, _ = evicting.prefill_layer(config, cache, parts, l, q, k, v, k_store, lengths, n_max,
-                                      budget)
+                                      budget, part)
     return _out_and_mlp(config, lp, x, attn), parts
 
   ev = cache.evict
@@ -571,7 +572,8 @@ def _evict_chunked_prefill(config: ModelConfig, params: Params, tokens: jax.Arra
           k=jnp.concatenate([k_old.astype(kt.dtype), kt], axis=-1),
           v=jnp.concatenate([v_old.astype(vt.dtype), vt], axis=-2),
           pos=cand_pos, valid=valid, acc=acc, next_pos=seen, budget=budget, layer=l,
-          step=jnp.zeros((B,), jnp.int32))
+          step=jnp.zeros((B,), jnp.int32),
+          lse=evicting.group_lse(evicting.lse_of(part), K))
       idx, _, acc = select(method, policy, cand, n_max)
       kc, vc = slots.compact(kc, vc, l, kt, vt, idx)
       pa = store.write_prefix(pa, l, gather(cand_pos, idx, 2)[:, :, None, :])

@@ -110,6 +110,8 @@ class Candidates:
   step: [B] int32 decode steps since the prefill (0 in the prefill).
   heads_axis: the mesh axis splitting the heads when run per device
     (shard_map), else None.
+  lse: [B, K, G, Tq] float32, each query's log-sum-exp over the candidates
+    (from the attention that just ran: column_sums then needs one pass), or None.
   """
   q: jax.Array
   q_pos: jax.Array
@@ -125,6 +127,7 @@ class Candidates:
   logits: jax.Array | None = None
   step: jax.Array | None = None
   heads_axis: str | None = None
+  lse: jax.Array | None = None
 
   def mean_over_heads(self, x: jax.Array) -> jax.Array:
     """x [B, K, G, ...] -> the mean over all N query heads [B, ...]; inside a
@@ -157,46 +160,89 @@ class Candidates:
   def softmax(self, q_rows, q_pos, q_valid, transform: Callable | None = None):
     """Attention probabilities [B, K, G, T', S] fp32 of those queries over the
     visible candidates (q_rows None: all new queries, using self.logits when
-    given); transform(logits, q_pos) -> logits before the softmax
-    (Keyformer's Gumbel noise and temperature). Rows that see nothing are 0."""
+    given); transform(logits, q_pos [B, T'], k_pos [B, K, S]) -> logits
+    before the softmax (Keyformer's Gumbel noise and temperature). Rows that
+    see nothing are 0. For a few rows (a window, a decode step): the whole
+    prompt goes through column_sums."""
     if q_rows is None and self.logits is not None:
       s = self.logits
     else:
       s = self.scores(self.q if q_rows is None else q_rows)
     if transform is not None:
-      s = transform(s, q_pos)
+      s = transform(s, q_pos, self.pos)
     vis = self.visible(q_pos, q_valid)
     s = jnp.where(vis, s, EMPTY)
     p = jnp.exp(s - s.max(axis=-1, keepdims=True))
     p = jnp.where(vis, p, 0.0)
     return p / jnp.maximum(p.sum(axis=-1, keepdims=True), 1e-30)
 
-  def column_sums(self, transform: Callable | None = None, rows: int = 1 << 20) -> jax.Array:
+  def column_sums(self, transform: Callable | None = None, q_tile: int = 512,
+                  k_block: int = 2048) -> jax.Array:
     """sum over the new tokens' queries and the G heads of each group of the
-    attention probabilities: [B, K, S] fp32. Queries in blocks (a scan) so
-    the probabilities held at once are about `rows` elements per batch row
-    and KV head; the whole rectangle of logits is computed (the causal mask
-    hides its upper half): 2x the causal attention's FLOPs. With logits at
-    hand (a decode step), one softmax."""
+    attention probabilities: [B, K, S] fp32. With logits at hand (a decode
+    step), one softmax. Otherwise two passes over (query tile, key block)
+    pairs, as flash attention walks them, so nothing grows with T x S: the
+    first finds each query's normaliser (online max and sum), the second sums
+    exp(logit - normaliser) per key; without a transform the attention's
+    own normaliser (self.lse) skips the first. The whole rectangle is walked
+    (the causal mask hides its upper half): about 2x the causal attention's
+    QK FLOPs per pass."""
     if self.logits is not None:
       return self.softmax(None, self.q_pos, self.q_valid, transform).sum(axis=(2, 3))
     B, T, N, H = self.q.shape
-    S = self.k.shape[-1]
-    qb = max(1, min(T, rows // max(1, S * self.group)))
-    nb = -(-T // qb)
-    pad = nb * qb - T
-    q = jnp.pad(self.q, [(0, 0), (0, pad), (0, 0), (0, 0)])
-    qp = jnp.pad(self.q_pos, [(0, 0), (0, pad)])
-    qv = jnp.pad(self.q_valid, [(0, 0), (0, pad)])
-    split = lambda x: jnp.moveaxis(x.reshape(B, nb, qb, *x.shape[2:]), 1, 0)
+    K, S, G = self.pos.shape[1], self.pos.shape[2], self.group
+    qt, kb = min(q_tile, T), min(k_block, S)
+    nq, nk = -(-T // qt), -(-S // kb)
+    pad_q, pad_k = nq * qt - T, nk * kb - S
+    # Tiles: queries [nq, B, qt, N, H], keys [nk, B, K, H, kb]; padding is invisible.
+    q = jnp.pad(self.q, [(0, 0), (0, pad_q), (0, 0), (0, 0)])
+    qp = jnp.pad(self.q_pos, [(0, 0), (0, pad_q)])
+    qv = jnp.pad(self.q_valid, [(0, 0), (0, pad_q)])
+    tiles = lambda x: jnp.moveaxis(x.reshape(B, nq, qt, *x.shape[2:]), 1, 0)
+    q, qp, qv = tiles(q), tiles(qp), tiles(qv)
+    k = jnp.pad(self.k, [(0, 0), (0, 0), (0, 0), (0, pad_k)])
+    kp = jnp.pad(self.pos, [(0, 0), (0, 0), (0, pad_k)])
+    kv = jnp.pad(self.valid, [(0, 0), (0, 0), (0, pad_k)])
+    blocks = lambda x: jnp.moveaxis(x.reshape(*x.shape[:-1], nk, kb), -2, 0)
+    k, kp, kv = blocks(k), blocks(kp), blocks(kv)
 
-    def one(total, xs):
-      qi, pi, vi = xs
-      return total + self.softmax(qi, pi, vi, transform).sum(axis=(2, 3)), None
+    def logits(i, j):  # [B, K, G, qt, kb] (masked) of query tile i, key block j
+      qi = q[i].reshape(B, qt, K, G, H)
+      z = jnp.einsum("btkgh,bkhs->bkgts", qi, k[j].astype(qi.dtype),
+                     preferred_element_type=jnp.float32) * (H ** -0.5)
+      if transform is not None:
+        z = transform(z, qp[i], kp[j])
+      vis = (kv[j][:, :, None, None, :] & qv[i][:, None, None, :, None]
+             & (kp[j][:, :, None, None, :] <= qp[i][:, None, None, :, None]))
+      return jnp.where(vis, z, EMPTY), vis
 
-    total, _ = jax.lax.scan(one, jnp.zeros((B, self.k.shape[1], S), jnp.float32),
-                            (split(q), split(qp), split(qv)))
-    return total
+    def normaliser(i):  # [B, K, G, qt]: max + log(sum exp) over every key block
+      def step(carry, j):
+        m, l = carry
+        z, vis = logits(i, j)
+        m_new = jnp.maximum(m, z.max(axis=-1))
+        l = l * jnp.exp(m - m_new) + jnp.where(vis, jnp.exp(z - m_new[..., None]), 0.0).sum(-1)
+        return (m_new, l), None
+      init = (jnp.full((B, K, G, qt), EMPTY, jnp.float32), jnp.zeros((B, K, G, qt), jnp.float32))
+      (m, l), _ = jax.lax.scan(step, init, jnp.arange(nk))
+      return m + jnp.log(jnp.maximum(l, 1e-30))
+
+    if transform is None and self.lse is not None:  # the attention's own normaliser
+      lse = jnp.moveaxis(jnp.pad(self.lse, [(0, 0)] * 3 + [(0, pad_q)]).reshape(
+          B, K, G, nq, qt), 3, 0)
+    else:
+      lse = jax.lax.map(normaliser, jnp.arange(nq))  # [nq, B, K, G, qt]
+
+    def key_block(j):  # [B, K, kb]: this block's column sums over every query tile
+      def step(total, i):
+        z, vis = logits(i, j)
+        p = jnp.where(vis, jnp.exp(z - lse[i][..., None]), 0.0)
+        return total + p.sum(axis=(2, 3)), None
+      total, _ = jax.lax.scan(step, jnp.zeros((B, K, kb), jnp.float32), jnp.arange(nq))
+      return total
+
+    sums = jax.lax.map(key_block, jnp.arange(nk))  # [nk, B, K, kb]
+    return jnp.moveaxis(sums, 0, 2).reshape(B, K, nk * kb)[..., :S]
 
 
 def last_rows(c: Candidates, n: int):

@@ -42,10 +42,10 @@ class Keyformer(Method):
     K, G = c.pos.shape[1], c.group
     tau = 1.0 + 0.01 * c.step.astype(jnp.float32)[:, None, None, None, None]
 
-    def transform(z, q_pos):  # z [B, K, G, T', S]; q_pos [B, T']
+    def transform(z, q_pos, k_pos):  # z [B, K, G, T', S']; q_pos [B, T']; k_pos [B, K, S']
       heads = (jnp.arange(K)[:, None] * G + jnp.arange(G)[None, :])[None, :, :, None, None]
       g = gumbel(policy["seed"], c.layer, heads, q_pos[:, None, None, :, None],
-                 c.pos[:, :, None, None, :])
+                 k_pos[:, :, None, None, :])
       return (z + g) / tau
 
     acc = c.acc + c.column_sums(transform) / G
