@@ -338,6 +338,10 @@ def generate(config: ModelConfig, params: Params, tokens, *, max_new_tokens: int
     raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
   eos = _stop_ids(config, eos_token_id, pad_token_id)
   fmt = cache_format(config, kv_compression)  # errors before compiling
+  policy = spec_lib.parse(kv_compression).of_kind("eviction")
+  if policy is not None:
+    from lctx.cache import evict
+    evict.check_format(policy, fmt)
   kept, grows = _generate_slots(kv_compression, T)
   if capacity is None:  # the default, rounded up to what the format needs (KIVI: its group)
     multiple = 1 if fmt is None else fmt.slot_multiple
