@@ -625,3 +625,27 @@ def test_seq_meshes_are_refused():
   with pytest.raises(ValueError, match=r"seq"):
     lctx.generate(CFG, params, model()[1], max_new_tokens=2, plan=plan,
                   kv_compression="h2o:ratio=0.5,decode=evict")
+
+
+def test_readme_bytes_table_matches_the_code():
+  """The README's yi-34b table at 1M tokens: every row's kept slots, GB per
+  user and ratio to the dense cache are what lctx.cost.metrics computes."""
+  from pathlib import Path
+  from lctx.cost import analytic
+  text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+  section = text.split("### KV-cache compression: token eviction")[1].split("\n### ")[0]
+  rows = [cells for cells in (line.split("|")[1:-1] for line in section.splitlines()
+                              if line.startswith("| `"))
+          if cells[1].strip().replace(",", "").isdigit()]
+  assert len(rows) >= 10
+  yi = lctx.ModelConfig.from_preset("yi-34b")
+  T = 1 << 20
+  dense = analytic.kv_bytes_per_user(yi, T, "bfloat16")
+  for cells in rows:
+    spec = cells[0].strip().strip("`")
+    spec = "" if spec == "dense" else spec
+    per_token = metrics.kv_token_bytes(yi, spec, T, "bfloat16")
+    total = dense if per_token is None else per_token * T
+    assert cells[1].strip() == f"{metrics.cache_slots(yi, spec, T):,}", spec
+    assert cells[2].strip() == f"{total / 1e9:.2f}", spec
+    assert cells[3].strip() == f"{total / dense:.4f}", spec

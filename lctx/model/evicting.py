@@ -268,6 +268,7 @@ def _decode_layer_local(config, policy, arrays, l, q, k, v, state, heads_axis):
     c = Candidates(q=q, q_pos=next_pos[:, None], q_valid=jnp.ones((B, 1), bool), k=None,
                    v=None, pos=pos_c, valid=valid, acc=acc, next_pos=next_pos + 1,
                    budget=budget, layer=l, logits=logits[:, :, :, None, :], step=step,
+                   probs=p[:, :, :, None, :],
                    heads_axis=heads_axis)
     scores, acc = method.score(policy, c)
     scores = jnp.broadcast_to(scores[:, None] if scores.ndim == 2 else scores, (B, K, S + 1))
@@ -282,6 +283,13 @@ def _decode_layer_local(config, policy, arrays, l, q, k, v, state, heads_axis):
     out_slot = (S - jnp.argmin(scores[..., ::-1], axis=-1)).astype(jnp.int32)  # [B, K]; S: new
     full = (lengths >= budget)[:, None]
     slot = jnp.where(full, out_slot, lengths[:, None])  # [B, K]; S (out of range): not written
+    # The writes must follow the attention's read of the layer. A slot chosen
+    # without the attention (StreamingLLM's, by position) left them unordered
+    # and XLA copied the whole layer to write first (2.7x slower on CPU; an
+    # optimization_barrier copied it too): the slot depends on the output
+    # (a row whose attention is not finite writes nothing).
+    broken = ~jnp.isfinite(out.sum(axis=(2, 3)))  # [B, K]
+    slot = jnp.where(broken, S + 1, slot)
     kc = _write_heads(kc, l, slot, k[:, 0], 3)
     vc = _write_heads(vc, l, slot, v[:, 0], 2)
     pc = _write_heads(pc, l, slot, jnp.broadcast_to(next_pos[:, None, None], (B, K, 1)), 3)

@@ -110,6 +110,8 @@ class Candidates:
   step: [B] int32 decode steps since the prefill (0 in the prefill).
   heads_axis: the mesh axis splitting the heads when run per device
     (shard_map), else None.
+  probs: [B, K, G, Tq, S] float32, those logits' softmax over the visible
+    candidates when at hand too (a decode step), else None.
   lse: [B, K, G, Tq] float32, each query's log-sum-exp over the candidates
     (from the attention that just ran: column_sums then needs one pass), or None.
   """
@@ -128,6 +130,7 @@ class Candidates:
   step: jax.Array | None = None
   heads_axis: str | None = None
   lse: jax.Array | None = None
+  probs: jax.Array | None = None
 
   def mean_over_heads(self, x: jax.Array) -> jax.Array:
     """x [B, K, G, ...] -> the mean over all N query heads [B, ...]; inside a
@@ -164,6 +167,8 @@ class Candidates:
     before the softmax (Keyformer's Gumbel noise and temperature). Rows that
     see nothing are 0. For a few rows (a window, a decode step): the whole
     prompt goes through column_sums."""
+    if q_rows is None and self.probs is not None and transform is None:
+      return self.probs
     if q_rows is None and self.logits is not None:
       s = self.logits
     else:
