@@ -37,8 +37,9 @@ flags.DEFINE_integer("batch", 1, "Rows decoded together.")
 flags.DEFINE_integer("prefill_chunk", 0, "lctx prefills the prompt this many tokens at a time "
                      "(chunked prefill); 0 = one pass.", lower_bound=0)
 flags.DEFINE_string("kv_compression", "", "lctx's KV-cache compression spec (lctx.cache.spec, "
-                    "e.g. int8, kivi:bits=2); each round then also decodes with the dense cache "
-                    "and prints the step ratio beside its bytes floor; 'help' lists the policies.")
+                    "e.g. int8, kivi:bits=2, snapkv:ratio=0.9); each round then also decodes with "
+                    "the dense cache (with eviction: holding the kept tokens) and prints the step "
+                    "ratio beside its bytes floor; 'help' lists the policies.")
 flags.DEFINE_boolean("synthetic_cache", False, "Decode from a cache marked full (T tokens) "
                      "without running the prefill: decode step time does not depend on the "
                      "cached values (prefill is not timed; needs --noreference).")

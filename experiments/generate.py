@@ -78,7 +78,8 @@ _PREFILL_CHUNK = flags.DEFINE_integer(
     lower_bound=0)
 _KV_COMPRESSION = flags.DEFINE_string(
     "kv_compression", "", "KV-cache compression spec (lctx.cache.spec), e.g. int8, int4:group=64, "
-    "fp8, kivi:bits=2,group=32,residual=128; empty = dense; 'help' lists every policy.")
+    "fp8, kivi:bits=2,group=32,residual=128, snapkv:ratio=0.75+int8, h2o:ratio=0.8,decode=evict; "
+    "empty = dense; 'help' lists every policy.")
 _SEED = flags.DEFINE_integer(
     "seed", 0, "Seeds random weights, random prompts and sampling.", lower_bound=0,
     upper_bound=2**63 - 1)  # jax.random.key takes a signed 64-bit seed

@@ -57,7 +57,8 @@ _CONVENTION = flags.DEFINE_enum("convention", "exact", ["exact", "paper"],
                                 "Closed-form convention (see lctx.cost.analytic).")
 _KV_COMPRESSION = flags.DEFINE_multi_string(
     "kv_compression", [], "KV-cache compression spec (lctx.cache.spec), e.g. int8, int4:group=64, "
-    "fp8:scale=head, kivi:bits=2; repeat the flag to put several side by side (the dense cache "
+    "fp8:scale=head, kivi:bits=2, snapkv:ratio=0.9, h2o:ratio=0.9+int8; repeat the flag to put "
+    "several side by side (the dense cache "
     "always comes first); 'help' lists every policy and knob.")
 _WORKERS = flags.DEFINE_integer("workers", 0, "Programs compiled at once (0: one per CPU core).",
                                 lower_bound=0)

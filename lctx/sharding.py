@@ -182,7 +182,7 @@ class Plan:
       layers = lambda x: None if x is None else (per_slot if cache.stacked else
                                                  tuple(per_slot for _ in x))
       ev = cache.evict.replace(pos=layers(cache.evict.pos), acc=layers(cache.evict.acc),
-                               next_pos=batch, budget=batch, step=batch)
+                               next_pos=batch, budget=batch, step=batch, shift=batch)
       return self.cache_shardings(cache.replace(evict=None)).replace(evict=ev)
     if cache.compressed:
       K = self.config.num_kv_heads

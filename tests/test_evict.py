@@ -524,7 +524,7 @@ def _closed_form(spec: str, B: int) -> tuple[int, int]:
     per_slot_layer = 2 * K * H * bits // 8 + 4 * (K * H // group) * itemsize
     fixed_layer = 2 * B * K * H * (residual + group) * itemsize + 4 * B
   evict_per_slot_layer = K * 4 + (K * 4 if spec.startswith("h2o") else 0)
-  counters = 4 * B + 3 * 4 * B  # lengths; next_pos, budget, step
+  counters = 4 * B + 4 * 4 * B  # lengths; next_pos, budget, step, shift
   total = (L * B * slots * (per_slot_layer + evict_per_slot_layer) + L * fixed_layer + counters)
   return slots, total
 
@@ -545,7 +545,7 @@ def test_physical_bytes_match_the_closed_form_metrics_and_the_compiled_step(spec
   assert physical == want, (physical, want)
   # metrics: bytes per context token of one user, all layers, without per-row counters.
   per_user = metrics.kv_token_bytes(CFG, spec, T_BYTES, CFG.dtype) * T_BYTES
-  assert B_BYTES * per_user + 16 * B_BYTES == pytest.approx(physical, rel=1e-12)
+  assert B_BYTES * per_user + 20 * B_BYTES == pytest.approx(physical, rel=1e-12)
   compiled = _decode_jit.lower(params, jax.ShapeDtypeStruct((B_BYTES,), jnp.int32),
                                cache).compile()
   args = compiled.memory_analysis().argument_size_in_bytes - _arg_bytes(params) - 4 * B_BYTES
@@ -578,8 +578,8 @@ def test_snapkv_with_int8_keeps_what_full_precision_keeps():
 def test_chunked_prefill_refuses_formats_it_cannot_compact():
   params, tokens, _ = model()
   lengths = np.array(LENGTHS)
-  with pytest.raises(ValueError, match=r"allowed: a one-pass prefill \(chunk=None\), or a "
-                                       r"per-token format \(int8, int4\)"):
+  with pytest.raises(ValueError, match=r"allowed: a one-pass prefill \(chunk=None\), or "
+                                       r"int8 / int4"):
     lctx.kept_positions(CFG, params, tokens, kv_compression="h2o:ratio=0.5+kivi:group=8,"
                         "residual=16", lengths=lengths, prefill_chunk=16)
   with pytest.raises(ValueError, match=r"allowed: scale=head"):  # per-head kept, shared scale
@@ -649,3 +649,46 @@ def test_readme_bytes_table_matches_the_code():
     assert cells[1].strip() == f"{metrics.cache_slots(yi, spec, T):,}", spec
     assert cells[2].strip() == f"{total / 1e9:.2f}", spec
     assert cells[3].strip() == f"{total / dense:.4f}", spec
+
+
+@pytest.mark.parametrize("method", ["tova", "h2o", "keyformer"])
+def test_decode_evict_on_a_model_axis_wider_than_the_kv_heads(method):
+  """model:8 over 2 KV heads: each KV head on 4 devices, each holding a
+  quarter of its query heads. Group sums (H2O, Keyformer) and TOVA's
+  all-head mean must run across them, else the replicas evict different
+  slots: the tokens equal the unsharded run's."""
+  params, tokens, _ = model()
+  spec = f"{method}:ratio=0.5,decode=evict"
+  want = lctx.generate(CFG, params, tokens, lengths=LENGTHS, max_new_tokens=8,
+                       kv_compression=spec)
+  plan = lctx.sharding.Plan(CFG, lctx.sharding.make_mesh("model:8"))
+  got = lctx.generate(CFG, params, tokens, lengths=LENGTHS, max_new_tokens=8,
+                      kv_compression=spec, plan=plan)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_streaming_llm_positions_cache_keeps_original_positions():
+  """positions=cache re-rotates kept keys to their slots; kept_positions
+  still reports the original positions (the same as positions=original) and
+  decoding continues at RoPE position n_kept."""
+  params, tokens, _ = model()
+  a = lctx.kept_positions(CFG, params, tokens, kv_compression="streaming_llm:ratio=0.5",
+                          lengths=LENGTHS)
+  b = lctx.kept_positions(CFG, params, tokens,
+                          kv_compression="streaming_llm:ratio=0.5,positions=cache",
+                          lengths=LENGTHS)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  cache = engine.new_cache(CFG, params, 2, 32,
+                           kv_compression="streaming_llm:ratio=0.5,positions=cache")
+  _, cache = engine.prefill(CFG, params, tokens, cache, lengths=np.array(LENGTHS))
+  kept = [_kvpress_n_kept(n, 0.5) for n in LENGTHS]
+  np.testing.assert_array_equal(np.asarray(cache.positions), kept)
+  np.testing.assert_array_equal(np.asarray(cache.evict.next_pos), LENGTHS)
+
+
+def test_sinks_above_an_explicit_budget_is_an_error():
+  with pytest.raises(ValueError, match=r"'sinks' = 10 exceeds 'budget' = 4.*sinks <= budget"):
+    spec_lib.parse("snapkv:budget=4,sinks=10")
+  with pytest.raises(ValueError, match=r"'recent' = 1.5.*\[0, 1\]"):
+    spec_lib.parse("h2o:recent=1.5")
+  spec_lib.parse("h2o:recent=1")  # the whole budget recent: allowed

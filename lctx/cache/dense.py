@@ -41,6 +41,9 @@ class EvictState:
   next_pos: [B] int32, the original position of each row's next token (RoPE).
   budget: [B] int32, the slots each row keeps (set by the prefill).
   step: [B] int32, decode steps since the prefill (Keyformer's temperature).
+  shift: [B] int32, positions RoPE skips: a new token is rotated to
+    next_pos - shift (StreamingLLM's positions=cache: the evicted count;
+    else 0), while pos and next_pos stay original positions.
   policy: the eviction Policy (lctx.cache.spec), static.
   """
   pos: object
@@ -48,6 +51,7 @@ class EvictState:
   next_pos: jax.Array
   budget: jax.Array
   step: jax.Array
+  shift: jax.Array
   policy: object = struct.field(pytree_node=False, default=None)
 
 
@@ -72,8 +76,8 @@ class KVCache:
 
   @property
   def positions(self) -> jax.Array:
-    """[B] int32: the original position of each row's next token."""
-    return self.lengths if self.evict is None else self.evict.next_pos
+    """[B] int32: the RoPE position of each row's next token."""
+    return self.lengths if self.evict is None else self.evict.next_pos - self.evict.shift
 
   def _first(self, side):
     x = side["codes"] if isinstance(side, dict) else side
@@ -170,7 +174,7 @@ def _evict_state(config: ModelConfig, batch: int, capacity: int, stacked: bool,
   acc = layers(jnp.float32) if evict.method(policy).accumulates else None
   zeros = jnp.zeros((batch,), jnp.int32)
   return EvictState(layers(jnp.int32), acc, zeros, jnp.full((batch,), capacity, jnp.int32), zeros,
-                    policy)
+                    zeros, policy)
 
 
 def abstract_cache(config: ModelConfig, batch: int, capacity: int,

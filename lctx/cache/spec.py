@@ -25,10 +25,10 @@ the order eviction, quantization, offload (KINDS). Eviction methods
   (fraction removed, kvpress's convention) or budget int >= 0 (tokens kept;
   0: from ratio), and sinks int >= 0 (first tokens always kept):
   streaming_llm       eviction  sinks [4], positions in {original, cache}, decode
-  h2o                 eviction  ratio [0.8], recent float [0.5], decode
+  h2o                 eviction  ratio [0.8], recent float in [0, 1] [0.5], decode
   snapkv              eviction  window int >= 1 [64], kernel odd int [5]
   tova                eviction  decode
-  keyformer           eviction  ratio [0.4], recent float [0.3], seed int [0], decode
+  keyformer           eviction  ratio [0.4], recent float in [0, 1] [0.3], seed int [0], decode
   knorm               eviction  (ratio, budget, sinks only)
   observed_attention  eviction  (ratio, budget, sinks only)
   random              eviction  seed int >= 0 [0]
@@ -264,7 +264,8 @@ def describe() -> str:
   kind, description and knobs (type, default, allowed values, meaning)."""
   lines = ["--kv_compression: KV-cache compression. '' = dense (none); else policies joined by",
            "'+', each NAME or NAME:KEY=VALUE,KEY=VALUE, at most one of each kind, in the order",
-           f"{', '.join(KINDS)}. Example: kivi:bits=2,group=32,residual=128."]
+           f"{', '.join(KINDS)}. Examples: kivi:bits=2,group=32,residual=128; "
+           "snapkv:ratio=0.75,window=32+int8; h2o:ratio=0.8,decode=evict."]
   for name, info in POLICIES.items():
     lines += ["", f"{name} ({info.kind}): {info.doc}"]
     width = max(map(len, info.knobs))

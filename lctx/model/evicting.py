@@ -101,9 +101,9 @@ def prefill_layer(config, cache, parts, l, q, k, v, k_store, lengths, n_max, ste
   idx, count, acc = select(method, policy, c, n_max)
   ks = gather(k_store.transpose(0, 2, 3, 1), idx, 3)
   pp = gather(pos, idx, 2)
-  if cache_positions(policy):
+  if cache_positions(policy):  # rotated to their slots; pos keeps the original positions
     slot = jnp.broadcast_to(jnp.arange(n_max, dtype=jnp.int32), pp.shape)
-    ks, pp = rerotate(config, ks, slot - pp), slot
+    ks = rerotate(config, ks, slot - pp)
   parts = write_kept(config, parts, l, cache.format, ks, gather(c.v, idx, 2), pp,
                      None if acc is None else gather(acc, idx, 2), count)
   return parts, count
@@ -118,9 +118,9 @@ def check_chunked_format(policy, fmt) -> None:
     return
   if not isinstance(fmt, SlotFormat):
     raise ValueError(f"chunked prefill with eviction {policy} and {fmt.spec!r}: it compacts "
-                     f"the cache by moving stored tokens, which {fmt.spec!r} stores in groups "
-                     f"across tokens; allowed: a one-pass prefill (chunk=None), or a per-token "
-                     f"format (int8, int4)")
+                     f"the cache by moving stored tokens, which must each be stored on their "
+                     f"own (int8, int4; fp8's scale is fixed by the first write, KIVI groups "
+                     f"tokens); allowed: a one-pass prefill (chunk=None), or int8 / int4")
   if not evict_lib.method(policy).per_layer and getattr(fmt, "scale", None) == "token":
     raise ValueError(f"chunked prefill with eviction {policy} and {fmt.spec!r}: its scale is "
                      f"shared by the KV heads, which keep different tokens; allowed: "
@@ -191,15 +191,16 @@ def decode_layer(config, cache, parts, l, q, k, v, lengths, plan=None):
   lowest (per KV head) with it, or drops the new token if it scores lowest.
   The cache arrays are read and written in place, in either layout. With a
   plan, runs per device on its rows and KV heads (shard_map: the per-head
-  scatter needs no collective; a per-layer score sums its heads across the
-  `model` axis). Returns (attn [B, 1, N, H], parts)."""
+  scatter needs no collective; scores that sum query heads sum them across
+  the devices holding them: `model`, and `model_rep` when the model axis
+  exceeds the KV heads). Returns (attn [B, 1, N, H], parts)."""
   ev = cache.evict
   n = 3 if parts[3] is None else 4
   arrays = list(parts[:n])
   state = (lengths, ev.next_pos, ev.budget, ev.step)
   fn = functools.partial(_decode_layer_local, config, ev.policy)
   if plan is None:
-    attn, arrays = fn(arrays, l, q, k, v, state, None)
+    attn, arrays = fn(arrays, l, q, k, v, state, (None, None))
     return attn, tuple(arrays) + (None,) * (4 - n)
   unrolled = isinstance(arrays[0], tuple)
   spec = lambda axes: plan.spec(axes, "decode")
@@ -208,12 +209,12 @@ def decode_layer(config, cache, parts, l, q, k, v, lengths, plan=None):
   q_spec = spec(("batch", None, "heads", None))
   kv_spec = spec(("batch", None, "cache_kv_heads", None))
   row = spec(("cache_batch",))
-  heads = "model" if plan.size("model") > 1 else None
+  axes = [a if plan.mesh.shape[a] > 1 else None for a in ("model", "model_rep")]
   # The unrolled layout passes layer l's arrays as one-layer tuples (index 0).
   local_in = [(a[l],) for a in arrays] if unrolled else arrays
   in_cache = [(cache_spec,) for _ in arrays] if unrolled else [cache_spec] * n
   attn, out = jax.shard_map(
-      lambda arrays, li, q, k, v, state: fn(arrays, 0 if unrolled else li, q, k, v, state, heads),
+      lambda arrays, li, q, k, v, state: fn(arrays, 0 if unrolled else li, q, k, v, state, axes),
       mesh=plan.mesh,
       in_specs=(in_cache, spec(()), q_spec, kv_spec, kv_spec, (row,) * 4),
       out_specs=(q_spec, in_cache), check_vma=False)(
@@ -223,7 +224,7 @@ def decode_layer(config, cache, parts, l, q, k, v, lengths, plan=None):
   return attn, tuple(out) + (None,) * (4 - n)
 
 
-def _decode_layer_local(config, policy, arrays, l, q, k, v, state, heads_axis):
+def _decode_layer_local(config, policy, arrays, l, q, k, v, state, axes):
   """decode_layer on one device's blocks: arrays = [k, v, pos(, acc)],
   each stacked [L, ...] or a tuple of layers; layer l read and written in
   place."""
@@ -269,7 +270,7 @@ def _decode_layer_local(config, policy, arrays, l, q, k, v, state, heads_axis):
                    v=None, pos=pos_c, valid=valid, acc=acc, next_pos=next_pos + 1,
                    budget=budget, layer=l, logits=logits[:, :, :, None, :], step=step,
                    probs=p[:, :, :, None, :],
-                   heads_axis=heads_axis)
+                   kv_axis=axes[0], group_axis=axes[1])
     scores, acc = method.score(policy, c)
     scores = jnp.broadcast_to(scores[:, None] if scores.ndim == 2 else scores, (B, K, S + 1))
     keep = pos_c < policy["sinks"]

@@ -509,8 +509,10 @@ def _evicted(cache: KVCache, parts, lengths, budget) -> KVCache:
   k, v, pos, acc = parts
   count = jnp.minimum(budget, lengths).astype(jnp.int32)
   policy = cache.evict.policy
-  next_pos = count if evicting.cache_positions(policy) else lengths.astype(jnp.int32)
-  ev = cache.evict.replace(pos=pos, acc=acc, next_pos=next_pos, budget=budget.astype(jnp.int32),
+  lengths = lengths.astype(jnp.int32)
+  shift = lengths - count if evicting.cache_positions(policy) else jnp.zeros_like(count)
+  ev = cache.evict.replace(pos=pos, acc=acc, next_pos=lengths, shift=shift,
+                           budget=budget.astype(jnp.int32),
                            step=jnp.zeros_like(count))
   return cache.replace(k=k, v=v, lengths=count, evict=ev)
 
@@ -674,7 +676,7 @@ def _evict_decode(config: ModelConfig, params: Params, tokens: jax.Array, cache:
   ev, lengths, fmt = cache.evict, cache.lengths, cache.format
   policy = ev.policy
   evict_now = dict(policy.params).get("decode") == "evict"
-  rope = rope_cos_sin(config, ev.next_pos[:, None])
+  rope = rope_cos_sin(config, (ev.next_pos - ev.shift)[:, None])
   B = lengths.shape[0]
 
   def body(lp, l, carry):

@@ -108,8 +108,8 @@ class Candidates:
     candidates when the caller has them at hand (a decode step: its one
     query's), else None (computed from q and k on demand).
   step: [B] int32 decode steps since the prefill (0 in the prefill).
-  heads_axis: the mesh axis splitting the heads when run per device
-    (shard_map), else None.
+  kv_axis, group_axis: when run per device (shard_map), the mesh axes that
+    split the KV heads and each KV head's group of query heads, else None.
   probs: [B, K, G, Tq, S] float32, those logits' softmax over the visible
     candidates when at hand too (a decode step), else None.
   lse: [B, K, G, Tq] float32, each query's log-sum-exp over the candidates
@@ -128,22 +128,37 @@ class Candidates:
   layer: object
   logits: jax.Array | None = None
   step: jax.Array | None = None
-  heads_axis: str | None = None
+  kv_axis: str | None = None
+  group_axis: str | None = None
   lse: jax.Array | None = None
   probs: jax.Array | None = None
 
-  def mean_over_heads(self, x: jax.Array) -> jax.Array:
-    """x [B, K, G, ...] -> the mean over all N query heads [B, ...]; inside a
-    shard_map whose `heads_axis` splits the heads, over every device's."""
-    total, n = x.sum(axis=(1, 2)), x.shape[1] * x.shape[2]
-    if self.heads_axis is not None:
-      total = jax.lax.psum(total, self.heads_axis)
-      n = n * jax.lax.axis_size(self.heads_axis)
-    return total / n
 
   @property
   def group(self) -> int:
-    return self.q.shape[2] // self.pos.shape[1]
+    """G, the query heads per KV head (all of them, when split over devices)."""
+    g = self.q.shape[2] // self.pos.shape[1]
+    return g * (jax.lax.axis_size(self.group_axis) if self.group_axis else 1)
+
+  def head_ids(self) -> jax.Array:
+    """[K, G'] int32: the global index k * G + g of each local query head."""
+    K, g_local = self.pos.shape[1], self.q.shape[2] // self.pos.shape[1]
+    k0 = jax.lax.axis_index(self.kv_axis) * K if self.kv_axis else 0
+    g0 = jax.lax.axis_index(self.group_axis) * g_local if self.group_axis else 0
+    return ((k0 + jnp.arange(K))[:, None] * self.group + g0 + jnp.arange(g_local)[None, :])
+
+  def over_group(self, x: jax.Array) -> jax.Array:
+    """x [B, K, ...] summed over a group's query heads: across devices too."""
+    return jax.lax.psum(x, self.group_axis) if self.group_axis else x
+
+  def mean_over_heads(self, x: jax.Array) -> jax.Array:
+    """x [B, K, G, ...] -> the mean over all N query heads [B, ...]; inside a
+    shard_map whose axes split the heads, over every device's."""
+    total, n = x.sum(axis=(1, 2)), x.shape[1] * x.shape[2]
+    for axis in (self.kv_axis, self.group_axis):
+      if axis is not None:
+        total, n = jax.lax.psum(total, axis), n * jax.lax.axis_size(axis)
+    return total / n
 
   def scores(self, q_rows: jax.Array) -> jax.Array:
     """q_rows [B, T', N, H] against every candidate: [B, K, G, T', S] fp32,
@@ -193,7 +208,8 @@ class Candidates:
     (the causal mask hides its upper half): about 2x the causal attention's
     QK FLOPs per pass."""
     if self.logits is not None:
-      return self.softmax(None, self.q_pos, self.q_valid, transform).sum(axis=(2, 3))
+      return self.over_group(self.softmax(None, self.q_pos, self.q_valid, transform)
+                             .sum(axis=(2, 3)))
     B, T, N, H = self.q.shape
     K, S, G = self.pos.shape[1], self.pos.shape[2], self.group
     qt, kb = min(q_tile, T), min(k_block, S)
@@ -291,7 +307,14 @@ class Method:
     return None
 
   def validate(self, policy: Policy) -> None:
-    """Knob checks at parse time (ValueError)."""
+    """Knob checks at parse time (ValueError). Subclasses extend it."""
+    if policy["budget"] and policy["sinks"] > policy["budget"]:
+      raise ValueError(f"policy {policy.name!r}: key 'sinks' = {policy['sinks']} exceeds "
+                       f"'budget' = {policy['budget']} (sinks are kept within the budget); "
+                       f"allowed: sinks <= budget")
+    if "recent" in dict(policy.params) and policy["recent"] > 1:
+      raise ValueError(f"policy {policy.name!r}: key 'recent' = {policy['recent']} is a "
+                       f"fraction of the kept tokens; allowed: a float in [0, 1]")
 
 
 def recent_window(policy: Policy, c: Candidates) -> jax.Array:

@@ -23,8 +23,8 @@ class H2O(Method):
          "arXiv 2306.14048)")
   knobs = {
       **common_knobs(ratio=0.8),
-      "recent": Knob(float, 0.5, "fraction of the kept tokens that are the most recent",
-                     low=0.0, high=1.0000001),
+      "recent": Knob(float, 0.5, "fraction of the kept tokens that are the most recent, "
+                     "in [0, 1]", low=0.0),
       "decode": DECODE_KNOB,
   }
   accumulates = True

@@ -30,8 +30,8 @@ class Keyformer(Method):
          "arXiv 2403.09054)")
   knobs = {
       **common_knobs(ratio=0.4),
-      "recent": Knob(float, 0.3, "fraction of the kept tokens that are the most recent",
-                     low=0.0, high=1.0000001),
+      "recent": Knob(float, 0.3, "fraction of the kept tokens that are the most recent, "
+                     "in [0, 1]", low=0.0),
       "seed": Knob(int, 0, "seed of the Gumbel noise", low=0),
       "decode": DECODE_KNOB,
   }
@@ -43,7 +43,7 @@ class Keyformer(Method):
     tau = 1.0 + 0.01 * c.step.astype(jnp.float32)[:, None, None, None, None]
 
     def transform(z, q_pos, k_pos):  # z [B, K, G, T', S']; q_pos [B, T']; k_pos [B, K, S']
-      heads = (jnp.arange(K)[:, None] * G + jnp.arange(G)[None, :])[None, :, :, None, None]
+      heads = c.head_ids()[None, :, :, None, None]
       g = gumbel(policy["seed"], c.layer, heads, q_pos[:, None, None, :, None],
                  k_pos[:, :, None, None, :])
       return (z + g) / tau

@@ -33,6 +33,7 @@ class SnapKV(Method):
   }
 
   def validate(self, policy):
+    super().validate(policy)
     if policy["kernel"] % 2 == 0:
       raise ValueError(f"policy 'snapkv': key 'kernel' = {policy['kernel']} must be odd "
                        f"(centred pooling); allowed: 1, 3, 5, 7, ...")

@@ -33,6 +33,7 @@ class StreamingLLM(Method):
   decode = True
 
   def validate(self, policy):
+    super().validate(policy)
     if policy["positions"] == "cache" and policy["decode"] == "evict":
       raise ValueError("policy 'streaming_llm': positions=cache re-rotates the kept keys once, "
                        "after the prefill; with decode=evict it would have to re-rotate them "
