@@ -266,10 +266,7 @@ def _spec_of(cache: KVCache) -> str | None:
 
 def _prompt_slots(cache: KVCache, T: int) -> int:
   """Cache slots a prompt of T tokens fills: T, or what eviction keeps."""
-  if not cache.evicting:
-    return T
-  from lctx.cache.evict.base import n_kept
-  return n_kept(cache.evict.policy, T)
+  return _generate_slots(str(cache.evict.policy), T)[0] if cache.evicting else T
 
 
 def _appends(cache: KVCache) -> bool:
@@ -299,7 +296,8 @@ def kept_positions(config: ModelConfig, params: Params, tokens, *, kv_compressio
   tokens, lengths = _check_tokens(config, tokens, lengths)
   from lctx.cache.evict.base import n_kept
   n = n_kept(policy, tokens.shape[1])
-  multiple = 1 if cache_format(config, spec) is None else cache_format(config, spec).slot_multiple
+  fmt = cache_format(config, spec)
+  multiple = 1 if fmt is None else fmt.slot_multiple
   cache = new_cache(config, params, tokens.shape[0], -(-n // multiple) * multiple,
                     kv_compression=spec)
   _, cache = prefill(config, params, tokens, cache, lengths, chunk=prefill_chunk)

@@ -167,6 +167,14 @@ class CacheSegment:
     return SourceSegment(source, self.block, self.trips).partial(q_btnh)
 
 
+def cache_segment(kv_k, kv_v, l, length, block: int, trips: float | None = None) -> CacheSegment:
+  """Layer l's cache slots [0, length) as a segment, read from the cache
+  buffers in place, for either layout (stacked [L, ...] or a tuple of layers)."""
+  if isinstance(kv_k, tuple):
+    return CacheSegment(kv_k[l], kv_v[l], length, None, block, trips)
+  return CacheSegment(kv_k, kv_v, length, l, block, trips)
+
+
 @dataclasses.dataclass(frozen=True)
 class SourceSegment:
   """A segment over the slots of a `Blocks` source: the queries in tiles, each

@@ -28,18 +28,10 @@ import jax.numpy as jnp
 
 from lctx.cache import evict as evict_lib
 from lctx.cache import store
-from lctx.cache.evict.base import EMPTY, PROTECTED, Candidates, gather, kept_table, select
+from lctx.cache.evict.base import EMPTY, PROTECTED, Candidates, gather, kept_table, scored, select
 from lctx.cache.quant.base import SlotFormat, View
 from lctx.model import attention
 from lctx.model.layers import apply_rope, rope_cos_sin
-
-
-def policy_of(cache):
-  return cache.evict.policy
-
-
-def _pos_layer(arr, l):
-  return store.layer(arr, l)[:, :, 0, :]  # [B, K, S]
 
 
 def rerotate(config, k_bkhn: jax.Array, delta_bkn: jax.Array) -> jax.Array:
@@ -86,7 +78,7 @@ def prefill_layer(config, cache, parts, l, q, k, v, k_store, lengths, n_max, ste
   the n_max best per row and KV head (budget[b] of them real) into the
   cache parts (k, v, pos, acc). lse: the prompt attention's Partial (its
   normaliser spares column sums a pass). Returns (parts, count [B])."""
-  policy = policy_of(cache)
+  policy = cache.evict.policy
   method = evict_lib.method(policy)
   B, T, K, H = k.shape
   pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, K, T))
@@ -138,9 +130,7 @@ class Slots:
 
   def segments(self, kc, vc, l, filled, block, trips):
     if self.fmt is None:
-      if isinstance(kc, tuple):
-        return [attention.CacheSegment(kc[l], vc[l], filled, None, block, trips)]
-      return [attention.CacheSegment(kc, vc, filled, l, block, trips)]
+      return [attention.cache_segment(kc, vc, l, filled, block, trips)]
     return [attention.SourceSegment(src, block, trips)
             for src in self.fmt.sources(View(kc, vc, l), filled)]
 
@@ -271,12 +261,7 @@ def _decode_layer_local(config, policy, arrays, l, q, k, v, state, axes):
                    budget=budget, layer=l, logits=logits[:, :, :, None, :], step=step,
                    probs=p[:, :, :, None, :],
                    kv_axis=axes[0], group_axis=axes[1])
-    scores, acc = method.score(policy, c)
-    scores = jnp.broadcast_to(scores[:, None] if scores.ndim == 2 else scores, (B, K, S + 1))
-    keep = pos_c < policy["sinks"]
-    extra = method.protected(policy, c)
-    if extra is not None:
-      keep = keep | extra
+    scores, keep, acc = scored(method, policy, c)
     scores = jnp.where(keep | ~valid, PROTECTED, scores)
     # The lowest score goes; among equals the newest (the new token first), as
     # the prefill's top-k keeps the lower positions. With every candidate

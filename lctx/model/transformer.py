@@ -108,12 +108,7 @@ _cache_slots = store.slots
 _cache_write_token = store.write_token
 
 
-def _segment(kv_k, kv_v, l, length, block: int, trips: float | None = None):
-  """Layer l's cache slots [0, length) as an attention segment, read from the
-  cache buffers in place, for either layout."""
-  if isinstance(kv_k, tuple):
-    return attention.CacheSegment(kv_k[l], kv_v[l], length, None, block, trips)
-  return attention.CacheSegment(kv_k, kv_v, length, l, block, trips)
+_segment = attention.cache_segment
 
 
 # ---- embedding and head ----------------------------------------------------------

@@ -332,6 +332,22 @@ def recent(c: Candidates, n) -> jax.Array:
   return c.pos >= (c.next_pos - n)[:, None, None]
 
 
+def scored(method: Method, policy: Policy, c: Candidates):
+  """The method's scores for every candidate, float32 [B, K, S] (a per-layer
+  method's broadcast to K), which candidates are protected [B, K, S] (the
+  first `sinks` positions and method.protected), and the new accumulators
+  ([B, K, S] or None): what the prefill's selector and the decode step's
+  one-out choice both start from."""
+  scores, acc = method.score(policy, c)
+  B, K, S = c.pos.shape
+  scores = jnp.broadcast_to(scores[:, None] if scores.ndim == 2 else scores, (B, K, S))
+  keep = c.pos < policy["sinks"]
+  extra = method.protected(policy, c)
+  if extra is not None:
+    keep = keep | extra
+  return scores.astype(jnp.float32), keep, acc
+
+
 def select(method: Method, policy: Policy, c: Candidates, n_max: int):
   """The selector: per (row, KV head), the `budget[b]` candidates to keep.
 
@@ -342,14 +358,8 @@ def select(method: Method, policy: Policy, c: Candidates, n_max: int):
   positions and the method's own (method.protected). Ties go to the lower
   candidate index (jax.lax.top_k).
   """
-  scores, acc = method.score(policy, c)
-  B, K, S = c.pos.shape
-  scores = jnp.broadcast_to(scores[:, None] if scores.ndim == 2 else scores, (B, K, S))
-  keep = c.pos < policy["sinks"]
-  extra = method.protected(policy, c)
-  if extra is not None:
-    keep = keep | extra
-  scores = jnp.where(keep, PROTECTED, scores.astype(jnp.float32))
+  scores, keep, acc = scored(method, policy, c)
+  scores = jnp.where(keep, PROTECTED, scores)
   scores = jnp.where(c.valid, scores, EMPTY)
   _, top = jax.lax.top_k(scores, n_max)  # [B, K, n_max], best first
   count = jnp.minimum(c.budget, c.valid[:, 0].sum(axis=-1)).astype(jnp.int32)
