@@ -28,6 +28,19 @@ def model(model: str, dtype: str):
     raise app.UsageError(f"--model={model}: {e}") from e
 
 
+def kv_heads(config, num_kv_heads: int, flag: str = "--kv_heads"):
+  """`config` converted to `num_kv_heads` KV heads (lctx.convert.gqa_config,
+  the config of lctx.mha_to_gqa's mean-pooled model); 0 = `config` as it is.
+  A UsageError naming `flag` and the allowed divisors for a bad count."""
+  if not num_kv_heads:
+    return config
+  from lctx import convert
+  try:
+    return convert.gqa_config(config, num_kv_heads)
+  except ValueError as e:
+    raise app.UsageError(f"{flag}={num_kv_heads}: {e}") from e
+
+
 def hardware(hardware: str, dtype: str):
   """The HardwareSpec; a bad name is a UsageError listing the choices, and a spec
   without a peak for `dtype` is refused (cpu-local measures float32 and `dtype`)."""

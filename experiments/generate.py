@@ -55,6 +55,10 @@ _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "A GGUF file, an HF checkpoint directory (config.json + "
     "*.safetensors) or an orbax directory written by lctx.save_params. Default: random "
     "weights from --seed (or the packaged weights of --model=smollm2-135m).")
+_CONVERT_KV_HEADS = flags.DEFINE_integer(
+    "convert_kv_heads", 0, "Convert the loaded weights to this many KV heads by mean-pooling "
+    "each group's K/V projections (lctx.mha_to_gqa; GQA paper, not uptrained), a divisor of "
+    "the model's KV heads; 0 = off.", lower_bound=0)
 _PROMPT = flags.DEFINE_multi_string(
     "prompt", None, "Prompt text, tokenized by the model's tokenizer; repeat for more rows.")
 _CHAT = flags.DEFINE_bool(
@@ -97,13 +101,19 @@ _DTYPE = flags.DEFINE_enum(
 _SCAN_LAYERS = flags.DEFINE_bool(
     "scan_layers", True, "Stacked layers under lax.scan; false = unrolled per-layer params.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write the tokens and run details here.")
+_SWAP_EVERY = flags.DEFINE_integer(
+    "swap_every", 0, "Serve a second user (its own random prompt) on the same device: every N "
+    "tokens one user's KV cache goes to pinned host memory and the other's comes back "
+    "(lctx.cache.offload.swap); checks the first user's tokens against a run without "
+    "swapping. 0 = off.", lower_bound=0)
 _MESH = flags.DEFINE_string(
     "mesh", None, "Run sharded on a device mesh, e.g. model:8, data:2,model:4, seq:8 or "
     "data:2,seq:2,model:2 (axes data, seq, model). Default: one device.")
 
 OWN_FLAGS = ("model", "checkpoint", "prompt", "chat", "ignore_eos", "prompt_len", "prompt_tokens",
              "batch", "max_new_tokens", "seed", "temperature", "top_k", "top_p", "dtype",
-             "scan_layers", "json_out", "mesh", "prefill_chunk", "kv_compression")
+             "scan_layers", "json_out", "mesh", "prefill_chunk", "kv_compression",
+             "convert_kv_heads", "swap_every")
 
 
 def _ints(values) -> bool:
@@ -222,6 +232,19 @@ def load_params(config, weights: Weights):
   except ValueError as e:
     raise app.UsageError(f"--checkpoint={weights.path} (orbax) does not fit "
                          f"--model={_MODEL.value}: {e}") from e
+
+
+def convert_config(config):
+  """The config --convert_kv_heads turns `config` into (itself when 0): a
+  UsageError naming the flag and the allowed values for a bad count, before
+  any weight loads or anything compiles."""
+  if not _CONVERT_KV_HEADS.value:
+    return config
+  from lctx import convert
+  try:
+    return convert.gqa_config(config, _CONVERT_KV_HEADS.value)
+  except ValueError as e:
+    raise app.UsageError(f"--convert_kv_heads={_CONVERT_KV_HEADS.value}: {e}") from e
 
 
 def load_model(seed: int):
@@ -379,6 +402,40 @@ def run_generate(config, params, prompt: np.ndarray, lengths: np.ndarray, sampli
   return plan.to_host(out)[:B]
 
 
+def run_swapping(config, params, prompt: np.ndarray, lengths: np.ndarray, sampling, stop=None,
+                 plan=None, rows=None, width=None, capacity=None):
+  """--swap_every: the prompt's rows (user A) and a second user B (random
+  prompts of the same lengths, from --seed + 1) take turns on the device,
+  --swap_every tokens each, swapping caches through host memory
+  (lctx.session.generate_swapping). Returns (A's tokens, B's tokens, swaps)."""
+  import jax
+  from lctx import session
+  other = make_prompt(config.vocab_size, *prompt.shape, _SEED.value + 1)
+  other = np.where(np.arange(prompt.shape[1]) < lengths[:, None], other, 0)
+  B, T = prompt.shape
+  users, lens = [prompt, other], [lengths, lengths]
+  if plan is not None:  # dummy rows and padding as run_generate pads them
+    def pad(x):
+      padded = np.zeros((rows, width), np.int32)
+      padded[:B, :T], padded[B:, :T] = x, x[:1]
+      return padded
+    users = [pad(u) for u in users]
+    padded_lengths = np.full((rows,), lengths[0])
+    padded_lengths[:B] = lengths
+    lens = [padded_lengths, padded_lengths]
+  eos, pad_id = stop if stop else (None, None)
+  try:
+    (a, b), swaps = session.generate_swapping(
+        config, params, users, lengths=lens, max_new_tokens=_MAX_NEW_TOKENS.value,
+        swap_every=_SWAP_EVERY.value, sampling=sampling, key=jax.random.key(_SEED.value),
+        capacity=None if plan is None else _slots(config, capacity), plan=plan,
+        eos_token_id=eos, pad_token_id=pad_id, prefill_chunk=_PREFILL_CHUNK.value or None,
+        kv_compression=_KV_COMPRESSION.value)
+  except ValueError as e:
+    raise app.UsageError(f"--swap_every={_SWAP_EVERY.value}: {e}") from e
+  return a[:B], b[:B], swaps
+
+
 def _check_prompt_flags() -> None:
   given = [f"--{n}" for n in ("prompt", "prompt_tokens", "prompt_len") if flags.FLAGS[n].present]
   if len(given) > 1:
@@ -453,7 +510,8 @@ def main(argv):
   import jax
   import lctx
 
-  config, weights = resolve_model(_SEED.value)
+  source, weights = resolve_model(_SEED.value)
+  config = convert_config(source)  # --convert_kv_heads: the model that runs
   check_kv_compression(config)
   tokenizer, no_tokenizer = load_tokenizer(weights)
   if _PROMPT.value:
@@ -505,7 +563,13 @@ def main(argv):
   cli.warn_beyond_positions(config, [T + new], what=f"prompt {T} + {new} new tokens: context")
   print("flags: " + " ".join(f"--{n}={flags.FLAGS[n].value}" for n in OWN_FLAGS), flush=True)
 
-  params = load_params(config, weights)
+  params = load_params(source, weights)
+  if _CONVERT_KV_HEADS.value:
+    converted, params = lctx.mha_to_gqa(source, params, _CONVERT_KV_HEADS.value)
+    assert converted == config, (converted, config)
+    print(f"converted: KV heads N/K = {source.num_heads}/{source.num_kv_heads} -> "
+          f"{config.num_kv_heads} (mean-pooled, not uptrained): dense KV cache "
+          f"{source.kv_bytes_per_token():,} -> {config.kv_bytes_per_token():,} bytes/token")
   if not _SCAN_LAYERS.value:
     params = lctx.unstack_layers(params)
   sampling = lctx.SamplingConfig(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
@@ -515,6 +579,14 @@ def main(argv):
                         capacity)
   tokens = np.asarray(jax.block_until_ready(tokens)).tolist()
   seconds = time.perf_counter() - start
+  swapped = None
+  if _SWAP_EVERY.value:
+    a, b, swaps = run_swapping(config, params, prompt, lengths, sampling, stop, plan, rows_,
+                               width, capacity)
+    swapped = {"swaps": swaps, "same_tokens": a.tolist() == tokens, "other_user_tokens": b.tolist()}
+    print(f"swap_every={_SWAP_EVERY.value}: two users took turns, {swaps} context switches "
+          f"through pinned host memory; user A's tokens "
+          f"{'equal' if swapped['same_tokens'] else 'DIFFER FROM'} the run without swapping")
 
   prompts = [p[:n] for p, n in zip(prompt.tolist(), lengths.tolist())]
   answers = [answer(t, stop) for t in tokens]
@@ -532,6 +604,8 @@ def main(argv):
     out = {"tokens": tokens, "prompt": prompts, "model": config.name,
            "num_params": config.num_params, "weights": weights.label, "seconds": seconds,
            "flags": {n: flags.FLAGS[n].value for n in OWN_FLAGS}}
+    if swapped is not None:
+      out["swap"] = swapped
     if texts is not None:
       out.update(text=texts, prompt_text=[tokenizer.decode(p) for p in prompts],
                  stop_reason=[r for _, r in answers],

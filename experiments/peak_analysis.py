@@ -31,6 +31,9 @@ from absl import app, flags
 from experiments import cli, costing, distributed
 
 _MODEL = flags.DEFINE_string("model", "yi-34b", "Preset name or config.json path.")
+_KV_HEADS = flags.DEFINE_integer("kv_heads", 0, "Cost the model converted to this many KV heads "
+                                 "(lctx.mha_to_gqa's mean-pooled GQA; a divisor of its own); "
+                                 "0 = the model's own.", lower_bound=0)
 _HARDWARE = flags.DEFINE_string("hardware", "a100-80g-sxm", "Hardware preset (configs/hardware) "
                                 "or spec json, or cpu-local (measured).")
 _NUM_DEVICES = flags.DEFINE_list("num_devices", ["1", "2", "4", "8"],
@@ -161,6 +164,27 @@ def format_throughput(rows, metrics) -> str:
         f"{_gb(h.decode_temp_bytes_per_device) + '|' + _gb(h.prefill_temp_bytes_per_device):>16}"
         f"   {'':>13} {_ratio(q['concurrency']):>6} {_ratio(q['prefill_s']):>7} "
         f"{_ratio(q['decode_step_s']):>7} {_ratio(q['context_switch_s']):>7}")
+  return "\n".join(lines)
+
+
+def format_switch(rows) -> str:
+  """Beside each context switch, its alternative: drop the cache and prefill
+  the context again (recompute); and for a streamed (offload) cache, the
+  decode step with and without transfer/compute overlap."""
+  w = _kv_width(rows)
+  head = (f"{'context':>9} {'mesh':>14} {'kv cache':>{w}} {'switch s':>15} "
+          f"{'recompute s':>17} {'cheaper':>9}   {'decode ms overlapped|serial (hlo)':>34}")
+  lines = ["Context switch (one user's cache out, another's in) vs recompute (prefill again); "
+           "analytic | hlo:", head]
+  for (T, _, mesh, kv), by in _pairs(rows).items():
+    a, h = by["analytic"], by["hlo"]
+    cheaper = "switch" if h.context_switch_s <= h.prefill_s else "recompute"
+    stream = (f"{h.decode_step_s * 1e3:.2f}|{h.decode_step_s_serial * 1e3:.2f}"
+              if h.host_bytes_per_user_per_device else "-")
+    lines.append(
+        f"{T:>9} {mesh:>14} {_kv(kv):>{w}} "
+        f"{f'{a.context_switch_s:.3f}|{h.context_switch_s:.3f}':>15} "
+        f"{f'{a.prefill_s:.2f}|{h.prefill_s:.2f}':>17} {cheaper:>9}   {stream:>34}")
   return "\n".join(lines)
 
 
@@ -307,7 +331,7 @@ def main(argv):
   meshes = _mesh_flags()
   costing.require_devices(max(metrics.num_devices(m) for m, _ in meshes),
                           max(meshes, key=lambda mf: metrics.num_devices(mf[0]))[1])
-  config = costing.model(_MODEL.value, _DTYPE.value)
+  config = costing.kv_heads(costing.model(_MODEL.value, _DTYPE.value), _KV_HEADS.value)
   kv_specs = _kv_specs(config, contexts)
   _check_meshes(config, meshes, contexts, _BATCH.value, _PREFILL_CHUNK.value, kv_specs)
   hw = costing.hardware(_HARDWARE.value, _DTYPE.value)  # cpu-local measures: after the checks
@@ -356,6 +380,8 @@ def main(argv):
     print(shortfalls)
   print()
   print(format_throughput(rows, metrics))
+  print()
+  print(format_switch(rows))
   print(f"total {time.perf_counter() - start:.1f} s")
   report = [dataclasses.asdict(r) for r in rows]
   pairs = _pairs(rows)

@@ -3,6 +3,7 @@
 from lctx import sharding
 from lctx.cache import KVCache, init_cache
 from lctx.config import ModelConfig
+from lctx.convert import mha_to_gqa
 from lctx.engine import decode_step, forward, generate, kept_positions, prefill
 from lctx.model.params import abstract_params, init_params, stack_layers, unstack_layers
 from lctx.sampling import SamplingConfig
@@ -10,7 +11,7 @@ from lctx.sampling import SamplingConfig
 __all__ = [
     "KVCache", "ModelConfig", "SamplingConfig", "abstract_params", "decode_step", "forward",
     "generate", "init_cache", "init_params", "kept_positions", "load_gguf_checkpoint", "load_hf_checkpoint", "load_tokenizer",
-    "prefill", "restore_params",
+    "mha_to_gqa", "prefill", "restore_params",
     "save_params", "sharding", "stack_layers", "unstack_layers",
 ]
 

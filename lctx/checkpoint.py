@@ -184,6 +184,7 @@ def load_hf_checkpoint(path, param_dtype: str | None = None,
   path = Path(path).expanduser()
   overrides = {k: v for k, v in (("param_dtype", param_dtype), ("dtype", dtype)) if v is not None}
   config = ModelConfig.from_hf_config(path, **overrides)
+  _no_hf_kv_sharing(config, "import")  # before opening any tensor file
   with contextlib.ExitStack() as stack:
     return config, params_from_tensors(config, _Tensors(path, stack))
 
@@ -194,6 +195,7 @@ def params_from_tensors(config: ModelConfig, tensors) -> Params:
   ValueError naming the tensor) and get(name) -> np.ndarray. Every tensor is
   checked before any is copied, then copied one leaf at a time (peak host
   memory: about one leaf in the target dtype beside the source)."""
+  _no_hf_kv_sharing(config, "import")
   target = _np_dtype(config.param_dtype)
   top, per_layer = _hf_top_spec(config), _hf_layer_spec(config)
   layer_name = lambda l, suffix: f"model.layers.{l}.{suffix}"
@@ -234,6 +236,19 @@ def params_from_tensors(config: ModelConfig, tensors) -> Params:
   params["layers"] = layers
   assert set(params) == set(top_shapes(config)) | {"layers"}
   return params
+
+
+def _no_hf_kv_sharing(config: ModelConfig, what: str) -> None:
+  """ValueError for a config with cross-layer KV sharing: HF and GGUF
+  checkpoints hold K/V projections in every layer and no transformers model
+  shares them, so an import would silently drop the sharing layers' K/V
+  weights and an export would have nothing to put in their place."""
+  if config.kv_share_every > 1:
+    raise ValueError(f"cannot {what} HF/GGUF weights for config {config.name!r} with "
+                     f"kv_share_every={config.kv_share_every}: those checkpoints have K/V "
+                     f"projections in every layer (no transformers model shares them); "
+                     f"allowed: kv_share_every=1 (train or init a shared-KV model, and save it "
+                     f"with lctx.save_params)")
 
 
 def _to_device(x: np.ndarray, target) -> jax.Array:
@@ -366,7 +381,10 @@ def hf_config_dict(config: ModelConfig) -> dict[str, Any]:
   with q/k norm, Qwen2ForCausalLM with q/k/v biases only, else LlamaForCausalLM
   (attention_bias: q/k/v/o biases). ValueError for a combination no
   transformers model of these computes (q/k norm or o bias without the
-  matching q/k/v biases)."""
+  matching q/k/v biases). With cross-layer KV sharing (kv_share_every > 1)
+  the dict also holds lctx's own key kv_share_every, which ModelConfig reads
+  back and transformers does not (no transformers model computes it:
+  to_hf_state_dict refuses such params)."""
   rs = config.rope_scaling
   rope_scaling = None
   if rs.rope_type == "linear":
@@ -401,6 +419,7 @@ def hf_config_dict(config: ModelConfig) -> dict[str, Any]:
       "tie_word_embeddings": config.tie_word_embeddings,
       "max_position_embeddings": config.max_position_embeddings,
       "mlp_bias": False,
+      **({"kv_share_every": config.kv_share_every} if config.kv_share_every > 1 else {}),
   }
 
 
@@ -413,6 +432,7 @@ def to_hf_state_dict(config: ModelConfig, params: Params) -> dict[str, np.ndarra
   transposed HF shape followed by a transpose. The params must hold exactly
   the leaves the config has (ValueError otherwise: nothing is dropped).
   """
+  _no_hf_kv_sharing(config, "export")
   params = stack_layers(params)
   want = set(_hf_layer_spec(config))
   if set(params["layers"]) != want:

@@ -91,6 +91,10 @@ GENERIC_KEYS = frozenset({
     "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
     "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
     "suppress_tokens", "begin_suppress_tokens", "attn_implementation"})
+# Keys of lctx's own (no transformers model reads them; hf_config_dict writes
+# them only when they differ from their default):
+#   kv_share_every  cross-layer KV sharing (ModelConfig.kv_share_every), default 1.
+LCTX_KEYS = frozenset({"kv_share_every"})
 LLAMA_ARCHITECTURES = ("LlamaForCausalLM", "LlamaModel")
 
 
@@ -183,6 +187,10 @@ class ModelConfig:
   qkv_bias: bool = False  # biases on the Q, K and V projections (Qwen2; Llama attention_bias)
   o_bias: bool = False  # bias on the output projection (Llama attention_bias; InternLM)
   qk_norm: bool = False  # RMSNorm over head_dim of each q and k head, before RoPE (Qwen3)
+  # Cross-layer KV sharing (Brandon et al. 2024, Cross-Layer Attention): layers in
+  # consecutive groups of s; the group's first layer computes K/V into cache layer
+  # l // s, the others attend to it with their own queries. 1: no sharing.
+  kv_share_every: int = 1
   param_dtype: str = "float32"  # storage dtype of the weights
   dtype: str = "float32"  # compute dtype of activations and the KV cache
   name: str = "custom"
@@ -193,6 +201,10 @@ class ModelConfig:
       value = getattr(self, field)
       if not _is_pos_int(value):
         raise ValueError(f"ModelConfig.{field} must be a positive integer, got {value!r}")
+    s = self.kv_share_every
+    if not _is_pos_int(s) or self.num_layers % s:
+      raise ValueError(f"ModelConfig.kv_share_every={s!r} must be a positive integer dividing "
+                       f"num_layers ({self.num_layers}); allowed: {_divisors(self.num_layers)}")
     for field in ("rms_norm_eps", "rope_theta"):
       if not _is_pos_num(getattr(self, field)):
         raise ValueError(f"ModelConfig.{field} must be > 0, got {getattr(self, field)!r}")
@@ -223,9 +235,23 @@ class ModelConfig:
     return self.num_heads // self.num_kv_heads
 
   @property
+  def num_kv_layers(self) -> int:
+    """Layers that compute and cache K/V: L / kv_share_every (the cache's layers)."""
+    return self.num_layers // self.kv_share_every
+
+  @property
+  def kv_params_per_layer(self) -> int:
+    """Parameters of one layer's K/V projections: w_k, w_v (2*D*K*H), their
+    biases (2*K*H) and the k norm weights (H), where the config has them."""
+    D, K, H = self.hidden_size, self.num_kv_heads, self.head_dim
+    return 2 * D * K * H + 2 * K * H * self.qkv_bias + H * self.qk_norm
+
+  @property
   def params_per_layer(self) -> int:
     """Two norms, Q/K/V/O and the SwiGLU matrices, plus the optional attention
-    biases (N*H + 2*K*H for Q/K/V, D for O) and q/k norm weights (2*H)."""
+    biases (N*H + 2*K*H for Q/K/V, D for O) and q/k norm weights (2*H), for a
+    layer that computes its own K/V (with kv_share_every > 1, only L / s
+    layers do: num_params)."""
     D, F, N, K, H = (self.hidden_size, self.intermediate_size, self.num_heads,
                      self.num_kv_heads, self.head_dim)
     n = 2 * D + D * N * H + 2 * D * K * H + N * H * D + 3 * D * F
@@ -234,15 +260,18 @@ class ModelConfig:
 
   @property
   def num_params(self) -> int:
-    """Exact parameter count: embeddings, L layers, final norm, untied head."""
+    """Exact parameter count: embeddings, L layers (K/V projections in L / s of
+    them), final norm, untied head."""
     embed = self.vocab_size * self.hidden_size
     head = 0 if self.tie_word_embeddings else embed
-    return embed + head + self.num_layers * self.params_per_layer + self.hidden_size
+    shared = (self.num_layers - self.num_kv_layers) * self.kv_params_per_layer
+    return embed + head + self.num_layers * self.params_per_layer - shared + self.hidden_size
 
   def kv_bytes_per_token(self, dtype: str | None = None) -> int:
-    """Bytes of K and V per token over all layers: 2 * L * K * H * itemsize."""
+    """Bytes of K and V per token held in the cache: 2 * (L / s) * K * H * itemsize
+    (s = kv_share_every; a decode step still reads each cache layer s times)."""
     itemsize = np.dtype(_np_dtype(dtype or self.dtype)).itemsize
-    return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+    return 2 * self.num_kv_layers * self.num_kv_heads * self.head_dim * itemsize
 
   def param_bytes(self, dtype: str | None = None) -> int:
     return self.num_params * np.dtype(_np_dtype(dtype or self.param_dtype)).itemsize
@@ -295,6 +324,10 @@ class ModelConfig:
       rope_theta, rope_scaling = _parse_internlm_rotary(hf)
     else:
       rope_theta, rope_scaling = _parse_rope(hf)
+    L = ints["num_hidden_layers"]
+    share = _field(hf, "kv_share_every", 1, lambda v: _is_pos_int(v) and L % v == 0,
+                   f"a positive integer dividing num_hidden_layers ({L}): {_divisors(L)}",
+                   "kv_share_every")
     kwargs = dict(
         vocab_size=ints["vocab_size"],
         hidden_size=D,
@@ -315,6 +348,7 @@ class ModelConfig:
         qkv_bias=qkv_bias,
         o_bias=o_bias,
         qk_norm=qk_norm,
+        kv_share_every=share,
         name=name,
     )
     kwargs.update(overrides)
@@ -403,7 +437,8 @@ def _check_architecture(hf: Mapping[str, Any]) -> str:
 
   model_type = hf.get("model_type", _NO_DEFAULT)
   if model_type is _NO_DEFAULT:
-    unknown = sorted(k for k, v in hf.items() if k not in LLAMA_KEYS | GENERIC_KEYS | reported
+    unknown = sorted(k for k, v in hf.items() if k not in LLAMA_KEYS | GENERIC_KEYS | LCTX_KEYS
+                     | reported
                      and not k.startswith("_") and k != "layer_norm_eps" and v is not None)
     if unknown:
       problems.append(f"{unknown} (keys of no Llama config; without model_type a config is "

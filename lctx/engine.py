@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from lctx.cache import spec as spec_lib
-from lctx.cache.dense import KVCache, cache_format, init_cache
+from lctx.cache.dense import KVCache, cache_format, check_evict_sharing, init_cache
 from lctx.config import ModelConfig
 from lctx.model import transformer
-from lctx.model.params import Params, abstract_params
+from lctx.model.params import STACKED, Params, abstract_params, num_stacked
 from lctx.sampling import SamplingConfig, sample
 from lctx.sharding import Plan
 
@@ -147,11 +147,14 @@ _PARAMS_OK: dict = {}  # (config, treedef) -> the leaf shapes that match it
 
 
 def _expected_params(config: ModelConfig, unrolled: bool) -> Params:
-  """abstract_params(config) (ShapeDtypeStructs), stacked or per-layer."""
+  """abstract_params(config) (ShapeDtypeStructs), stacked or per-layer
+  (layers, and kv_layers under cross-layer KV sharing)."""
   abstract = abstract_params(config)
   if unrolled:
-    one = {k: jax.ShapeDtypeStruct(x.shape[1:], x.dtype) for k, x in abstract["layers"].items()}
-    abstract["layers"] = tuple(dict(one) for _ in range(config.num_layers))
+    for key in STACKED:
+      if key in abstract:
+        one = {k: jax.ShapeDtypeStruct(x.shape[1:], x.dtype) for k, x in abstract[key].items()}
+        abstract[key] = tuple(dict(one) for _ in range(num_stacked(config, key)))
   return abstract
 
 
@@ -172,9 +175,15 @@ def check_params(config: ModelConfig, params: Params) -> None:
     want = ["embed", "final_norm", "layers"] + ([] if config.tie_word_embeddings else ["lm_head"])
     raise ValueError(f"{where}: expected a dict with keys {want}, got {found}")
   unrolled = isinstance(params["layers"], (tuple, list))
-  if unrolled and len(params["layers"]) != config.num_layers:
-    raise ValueError(f"{where}: params['layers'] holds {len(params['layers'])} per-layer "
-                     f"dicts, expected num_layers = {config.num_layers}")
+  for name, n, what in (("layers", config.num_layers, "num_layers"),
+                        ("kv_layers", config.num_kv_layers, "num_kv_layers")):
+    held = params.get(name)
+    if unrolled and isinstance(held, (tuple, list)) and len(held) != n:
+      raise ValueError(f"{where}: params[{name!r}] holds {len(held)} per-layer dicts, expected "
+                       f"{what} = {n}")
+    if name == "kv_layers" and held is not None and unrolled != isinstance(held, (tuple, list)):
+      raise ValueError(f"{where}: params['layers'] and params['kv_layers'] must share a layout "
+                       f"(both stacked, or both tuples of per-layer dicts: lctx.unstack_layers)")
   want = {jax.tree_util.keystr(p): tuple(x.shape)
           for p, x in jax.tree_util.tree_flatten_with_path(_expected_params(config, unrolled))[0]}
   got = {jax.tree_util.keystr(p): tuple(np.shape(x))
@@ -339,6 +348,7 @@ def generate(config: ModelConfig, params: Params, tokens, *, max_new_tokens: int
   policy = spec_lib.parse(kv_compression).of_kind("eviction")
   if policy is not None:
     from lctx.cache import evict
+    check_evict_sharing(config, policy)
     evict.check_format(policy, fmt)
   kept, grows = _generate_slots(kv_compression, T)
   if capacity is None:  # the default, rounded up to what the format needs (KIVI: its group)

@@ -24,7 +24,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from lctx.cache.dense import K_CACHE_AXES, V_CACHE_AXES, KVCache
 from lctx.config import ModelConfig
-from lctx.model.params import param_logical_axes
+from lctx.model.params import STACKED, param_logical_axes
 
 MESH_AXES = ("data", "seq", "model")  # what users name in a mesh spec
 MODEL_REP = "model_rep"  # internal: the part of `model` beyond the KV heads (see Plan)
@@ -160,13 +160,16 @@ class Plan:
   def param_shardings(self, params: Any, mode: str = "decode") -> Any:
     """Shardings for a params tree, stacked or unrolled (layers a tuple of dicts)."""
     axes = param_logical_axes(self.config)
-    out = {k: self.sharding(axes[k], mode) for k in params if k != "layers"}
-    layer_axes = axes["layers"]
-    if isinstance(params["layers"], (tuple, list)):
-      one = {k: self.sharding(layer_axes[k][1:], mode) for k in params["layers"][0]}
-      out["layers"] = type(params["layers"])(one for _ in params["layers"])
-    else:
-      out["layers"] = {k: self.sharding(layer_axes[k], mode) for k in params["layers"]}
+    out = {k: self.sharding(axes[k], mode) for k in params if k not in STACKED}
+    for key in STACKED:  # layers, and kv_layers (cross-layer KV sharing): as w_k / w_v
+      if key not in params:
+        continue
+      layer_axes = axes[key]
+      if isinstance(params[key], (tuple, list)):
+        one = {k: self.sharding(layer_axes[k][1:], mode) for k in params[key][0]}
+        out[key] = type(params[key])(one for _ in params[key])
+      else:
+        out[key] = {k: self.sharding(layer_axes[k], mode) for k in params[key]}
     return out
 
   def cache_shardings(self, cache: KVCache) -> KVCache:
@@ -175,6 +178,10 @@ class Plan:
     they share with it: batch, and KV heads where an array has one entry per
     KV head (a scale shared by all heads is replicated); their slot axes are
     not split (compressed caches run on meshes without `seq`, check)."""
+    if cache.offload:  # k and v in pinned host memory, split as on the device
+      on_device = self.cache_shardings(cache.replace(offload=False))
+      host = lambda side: jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), side)
+      return on_device.replace(k=host(on_device.k), v=host(on_device.v), offload=True)
     lead = (LAYERS,) if cache.stacked else ()
     batch = self.sharding((CACHE_BATCH,), "decode")
     if cache.evicting:  # positions and scores per (row, KV head, slot), split like the keys

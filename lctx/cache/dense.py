@@ -1,6 +1,8 @@
 """The KV cache: fixed capacity, per-row fill lengths, updated in place;
 dense, or compressed by a policy (lctx.cache.spec, lctx.cache.quant).
 
+The cache holds config.num_kv_layers layers: L, or L / s under cross-layer KV
+sharing (config.kv_share_every = s: layer l reads cache layer l // s).
 Per layer, keys are [B, K, H, S] and values [B, K, S, H] (S = capacity): both
 decode-attention products are then batched matmuls over (b, k) with the
 contiguous operand the CPU backend wants (see lctx.model.attention). The layers
@@ -65,6 +67,9 @@ class KVCache:
   format: object = struct.field(pytree_node=False, default=None)
   # Token eviction's state (EvictState), None without eviction.
   evict: EvictState | None = None
+  # The `offload` policy: k and v live in pinned host memory and the layer loop
+  # streams them (lctx.model.streaming); static.
+  offload: bool = struct.field(pytree_node=False, default=False)
 
   @property
   def compressed(self) -> bool:
@@ -136,7 +141,7 @@ def init_cache(config: ModelConfig, batch: int, capacity: int, stacked: bool = T
   or None: dense). ValueError for a bad spec (cache_format) or a capacity the
   format cannot hold (e.g. not a multiple of KIVI's group)."""
   fmt = cache_format(config, kv_compression, capacity=capacity)
-  dtype, L = jnp.dtype(config.dtype), config.num_layers
+  dtype, L = jnp.dtype(config.dtype), config.num_kv_layers
   evict = _evict_state(config, batch, capacity, stacked, kv_compression, fmt)
   if fmt is not None:
     _layer_shapes(config, batch, capacity)  # the positivity checks
@@ -147,14 +152,32 @@ def init_cache(config: ModelConfig, batch: int, capacity: int, stacked: bool = T
     side = lambda i: {name: (jnp.stack([lay[i][name] for lay in layers]) if stacked
                              else tuple(lay[i][name] for lay in layers))
                       for name in layers[0][i]}
-    return KVCache(side(0), side(1), jnp.zeros((batch,), jnp.int32), fmt, evict)
+    return _placed(KVCache(side(0), side(1), jnp.zeros((batch,), jnp.int32), fmt, evict),
+                   kv_compression)
   k_shape, v_shape = _layer_shapes(config, batch, capacity)
   if stacked:
     k, v = jnp.zeros((L, *k_shape), dtype), jnp.zeros((L, *v_shape), dtype)
   else:
     k = tuple(jnp.zeros(k_shape, dtype) for _ in range(L))
     v = tuple(jnp.zeros(v_shape, dtype) for _ in range(L))
-  return KVCache(k, v, jnp.zeros((batch,), jnp.int32), None, evict)
+  return _placed(KVCache(k, v, jnp.zeros((batch,), jnp.int32), None, evict), kv_compression)
+
+
+def _placed(cache: KVCache, kv_compression) -> KVCache:
+  """With the `offload` policy, K and V in pinned host memory (lctx.model.streaming).
+  ValueError for a cache offload cannot stream: a format whose write is not
+  one slot per token (KIVI, KVQuant, fp8's first-write scale) or eviction."""
+  from lctx.cache import spec as spec_lib
+  from lctx.cache.quant.base import SlotFormat
+  parsed = spec_lib.parse(kv_compression)
+  if parsed.of_kind("offload") is None:
+    return cache
+  if (cache.format is not None and not isinstance(cache.format, SlotFormat)) or cache.evicting:
+    raise ValueError(f"kv_compression {str(parsed)!r}: offload streams caches whose every "
+                     f"slot is written on its own; allowed: offload, int8+offload, "
+                     f"int4+offload (with any knobs)")
+  host = lambda side: jax.device_put(side, jax.memory.Space.Host)
+  return cache.replace(k=host(cache.k), v=host(cache.v), offload=True)
 
 
 def _evict_state(config: ModelConfig, batch: int, capacity: int, stacked: bool,
@@ -165,16 +188,30 @@ def _evict_state(config: ModelConfig, batch: int, capacity: int, stacked: bool,
   policy = spec_lib.parse(kv_compression).of_kind("eviction")
   if policy is None:
     return None
+  check_evict_sharing(config, policy)
   evict.check_format(policy, fmt)
   shape = (batch, config.num_kv_heads, 1, capacity)
   def layers(dtype):
     if stacked:
-      return jnp.zeros((config.num_layers, *shape), dtype)
-    return tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+      return jnp.zeros((config.num_kv_layers, *shape), dtype)
+    return tuple(jnp.zeros(shape, dtype) for _ in range(config.num_kv_layers))
   acc = layers(jnp.float32) if evict.method(policy).accumulates else None
   zeros = jnp.zeros((batch,), jnp.int32)
   return EvictState(layers(jnp.int32), acc, zeros, jnp.full((batch,), capacity, jnp.int32), zeros,
                     zeros, policy)
+
+
+def check_evict_sharing(config: ModelConfig, policy) -> None:
+  """ValueError for token eviction (policy: its name or Policy) on a model with
+  cross-layer KV sharing: eviction selects the tokens of each layer from that
+  layer's own attention, and a shared cache layer would need one selection for
+  its whole group of layers, which lctx does not implement."""
+  if policy is not None and config.kv_share_every > 1:
+    raise ValueError(f"kv_compression with token eviction ({policy}) on a model with "
+                     f"kv_share_every={config.kv_share_every}: eviction selects tokens per "
+                     f"layer, and a shared cache layer would need one selection per group of "
+                     f"{config.kv_share_every} layers (not implemented); allowed: "
+                     f"kv_share_every=1, or a quantization-only or dense cache")
 
 
 def abstract_cache(config: ModelConfig, batch: int, capacity: int,

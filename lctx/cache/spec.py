@@ -20,6 +20,8 @@ the order eviction, quantization, offload (KINDS). Eviction methods
                          residual int >= 0, a multiple of group [128]
   kvquant  quantization  bits in {2, 4, 8} [4], outliers float in [0, 0.5) [0.01],
                          sinks int >= 0 [1]
+  offload  offload       (no knobs) the cache in host memory, streamed layer by layer
+                         (lctx.cache.offload); with dense, int8 or int4 caches
 
   Eviction (lctx.cache.evict); every one also takes ratio float in [0, 1)
   (fraction removed, kvpress's convention) or budget int >= 0 (tokens kept;
@@ -265,10 +267,12 @@ def describe() -> str:
   lines = ["--kv_compression: KV-cache compression. '' = dense (none); else policies joined by",
            "'+', each NAME or NAME:KEY=VALUE,KEY=VALUE, at most one of each kind, in the order",
            f"{', '.join(KINDS)}. Examples: kivi:bits=2,group=32,residual=128; "
-           "snapkv:ratio=0.75,window=32+int8; h2o:ratio=0.8,decode=evict."]
+           "snapkv:ratio=0.75,window=32+int8; h2o:ratio=0.8,decode=evict; int8+offload."]
   for name, info in POLICIES.items():
     lines += ["", f"{name} ({info.kind}): {info.doc}"]
-    width = max(map(len, info.knobs))
+    width = max(map(len, info.knobs), default=0)
+    if not info.knobs:
+      lines.append("  (no knobs)")
     for key, knob in info.knobs.items():
       lines.append(f"  {key:<{width}}  {knob.type.__name__}, default {knob.default}, "
                    f"{knob.allowed}: {knob.doc}")
@@ -353,6 +357,10 @@ POLICIES: dict[str, PolicyInfo] = {
                              "precision", low=0, high=0.5),
             "sinks": Knob(int, 1, "first tokens kept in full precision", low=0),
         }),
+    "offload": PolicyInfo(
+        "offload", "the cache lives in pinned host memory; a decode step brings each layer to "
+        "the device one layer ahead of use (FlexGen, Sheng et al. 2023, arXiv 2303.06865)",
+        {}),
 }
 
 

@@ -25,6 +25,13 @@ Two conventions:
            and all-T logits included) + attention L*D*T^2 (the count that fits
            the paper's 14.1 s at 50K); a decode step reads all weights.
 
+Cross-layer KV sharing (config.kv_share_every = s): the cache holds L / s
+layers, so a token's cache bytes (capacity, concurrency, context switch) and
+the K/V projections' parameters and FLOPs are divided by s; attention FLOPs
+are not (every layer still attends), and neither are the KV bytes a decode
+step reads: each layer of a group reads its group's cache layer, s reads per
+cache layer (kv_reads).
+
 Hardware arguments are duck-typed: a plain number, or any object with the
 attributes of lctx.cost.hardware.HardwareSpec (`flops(dtype)` or `peak_flops`,
 `hbm_bytes`, `hbm_bandwidth`, `host_bandwidth`).
@@ -114,9 +121,18 @@ def weight_bytes(config, dtype: str | None = None, convention: str = "exact",
 
 
 def kv_bytes_per_token(config, dtype: str | None = None) -> int:
-  """2 * L * K * H * itemsize (dtype defaults to config.dtype)."""
-  return (2 * config.num_layers * config.num_kv_heads * config.head_dim *
+  """2 * L * K * H * itemsize (dtype defaults to config.dtype): what a token
+  holds in the cache; with cross-layer KV sharing L / s cache layers."""
+  return (2 * config.num_kv_layers * config.num_kv_heads * config.head_dim *
           itemsize(dtype or config.dtype))
+
+
+def kv_reads(config) -> int:
+  """Reads of each cache layer per decode step: 1, or kv_share_every (s)
+  under cross-layer KV sharing, where all s layers of a group attend the
+  group's cache layer (each after the previous layer's output: the reads
+  cannot be merged)."""
+  return config.kv_share_every
 
 
 def kv_bytes_per_user(config, T: int, dtype: str | None = None,
@@ -133,10 +149,12 @@ def kv_bytes_per_user(config, T: int, dtype: str | None = None,
 def layer_matmul_params(config) -> int:
   """Weights of the L layers' matrices (Q, K, V, O and the SwiGLU gate, up and
   down): the parameters every token multiplies; norms, attention biases, q/k
-  norm weights and embeddings excluded. N * H need not equal D."""
+  norm weights and embeddings excluded. N * H need not equal D. With
+  cross-layer KV sharing only L / s layers have K and V matrices."""
   D, F, N, K, H = (config.hidden_size, config.intermediate_size, config.num_heads,
                    config.num_kv_heads, config.head_dim)
-  return config.num_layers * (2 * D * N * H + 2 * D * K * H + 3 * D * F)
+  return (config.num_layers * (2 * D * N * H + 3 * D * F)
+          + config.num_kv_layers * 2 * D * K * H)
 
 
 def flops_per_token(config, convention: str = "exact",
@@ -203,14 +221,18 @@ def decode_step_bytes(config, B: int, T: int, dtype: str | None = None,
 
   exact: all weights minus the (V - B) embedding rows not looked up (untied
   only; tied tables are read whole as the head) + B * kv. paper: weights + B * kv.
-  Activations (B * D per layer) are negligible and not counted.
+  kv: the user's cache read kv_reads times (cross-layer KV sharing: every
+  layer of a group reads the group's cache layer, L layers' worth of reads
+  from L / s layers of cache). Activations (B * D per layer) are negligible
+  and not counted.
   """
   B = _check_pos_int("B", B)
   w_dtype = dtype or config.param_dtype
   w = weight_bytes(config, w_dtype, convention, paper_params)
   if convention == "exact" and not config.tie_word_embeddings:
     w -= max(config.vocab_size - B, 0) * config.hidden_size * itemsize(w_dtype)
-  return w + B * kv_bytes_per_user(config, T, kv_dtype or dtype, kv_token_bytes)
+  return w + B * kv_reads(config) * kv_bytes_per_user(config, T, kv_dtype or dtype,
+                                                      kv_token_bytes)
 
 
 def decode_step_seconds(config, B: int, T: int, hw, g: int = 1, dtype: str | None = None,
@@ -233,7 +255,7 @@ def decode_step_seconds(config, B: int, T: int, hw, g: int = 1, dtype: str | Non
                             kv_token_bytes)
   if model == "memory":
     return total / (g * bw)
-  kv = B * kv_bytes_per_user(config, T, kv_dtype or dtype, kv_token_bytes)
+  kv = B * kv_reads(config) * kv_bytes_per_user(config, T, kv_dtype or dtype, kv_token_bytes)
   compute = B * flops_per_token(config, convention, paper_params) / _peak_flops(
       hw, dtype or config.dtype)
   return (kv / bw + max(compute, (total - kv) / bw)) / g

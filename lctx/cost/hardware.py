@@ -137,6 +137,9 @@ class HardwareSpec:
   # What this hardware achieves of the peaks above, from cited measurements
   # (configs/hardware 'calibration' blocks); None: no sourced calibration.
   calibration: Calibration | None = None
+  # Host (CPU) memory per device that can hold offloaded KV caches, bytes;
+  # None: not stated (offload's concurrency is then bounded by HBM only).
+  host_memory_bytes: float | None = None
 
   def __post_init__(self):
     if not isinstance(self.name, str) or not self.name:
@@ -160,8 +163,12 @@ class HardwareSpec:
     if self.calibration is not None and not isinstance(self.calibration, Calibration):
       raise ValueError(f"HardwareSpec.calibration must be a Calibration, a mapping or None, "
                        f"got {self.calibration!r}")
+    if self.host_memory_bytes is not None:
+      _check_positive("host_memory_bytes", self.host_memory_bytes)
+      object.__setattr__(self, "host_memory_bytes", float(self.host_memory_bytes))
     sources = _pairs(self.sources, "sources")
-    allowed = REQUIRED_FIELDS[1:] + tuple(f"calibration.{f}" for f in CALIBRATION_FIELDS)
+    allowed = REQUIRED_FIELDS[1:] + ("host_memory_bytes",) + tuple(
+        f"calibration.{f}" for f in CALIBRATION_FIELDS)
     for field, text in sources:
       if field not in allowed:
         raise ValueError(f"HardwareSpec.sources key {field!r} not allowed; allowed: {allowed}")
@@ -204,7 +211,7 @@ class HardwareSpec:
     missing = [k for k in REQUIRED_FIELDS if k not in d]
     if missing:
       raise ValueError(f"hardware spec is missing required field(s) {missing}")
-    allowed = REQUIRED_FIELDS + ("sources", "calibration")
+    allowed = REQUIRED_FIELDS + ("sources", "calibration", "host_memory_bytes")
     unknown = sorted(set(d) - set(allowed))
     if unknown:
       raise ValueError(f"hardware spec has unknown field(s) {unknown}; allowed: {allowed}")

@@ -901,58 +901,96 @@ def shard_bytes(shape: str, attrs: str) -> float:
 
 def host_transfer_bytes(text: str, sharded: bool) -> float:
   """Bytes one device moves between host and device memory in a module that
-  still carries JAX's memory placements (annotate_device_placement custom
-  calls; host arguments and results in S(5)): a value annotated for the
-  memory it is not in crosses the link once; a host argument read by device
-  code crosses once; a device value returned into host memory crosses once.
-  Loops multiply by their trip count. `sharded`: the module is not yet
-  partitioned, so a value's shard is read from its HLO sharding."""
+  still carries JAX's memory placements (host arguments and results in S(5);
+  annotate_device_placement custom calls where a value changes memory kind).
+
+  Host-ness flows from the entry's host arguments through bitcasts, tuples,
+  loops and calls. A crossing is charged once per: a value annotated for the
+  memory it is not in; a (dynamic-)slice of a host value (the block fetched,
+  its size); a device update written into a host buffer (dynamic-update-slice:
+  the update's size, the buffer stays in host memory); any other device code
+  reading a host value (the whole value, once); a device value returned into
+  host memory. Loops multiply by their trip count. `sharded`: the module is
+  not yet partitioned, so a value's shard is read from its HLO sharding."""
   module = parse(text)
   host_params, host_results = _entry_host_layouts(text)
   size = (lambda i: shard_bytes(i.shape, i.attrs)) if sharded else (
       lambda i: shape_bytes(i.shape))
 
-  def walk(name: str, entry: bool) -> float:
+  def walk(name: str, host_args: set[int], entry: bool) -> tuple[float, set[int] | bool]:
+    """(bytes moved, which of the root's tuple elements (or whether the root) is on host)."""
     instrs = module.computations[name]
     by_name = {i.name: i for i in instrs}
     on_host, read, total = set(), set(), 0.0
+    host_tuple: dict[str, set[int]] = {}  # tuple-valued instructions: their host elements
     for i in instrs:
-      if i.opcode == "parameter" and entry and int(i.args.strip() or -1) in host_params:
-        on_host.add(i.name)
+      op = i.operands[0] if i.operands else None
+      if i.opcode == "parameter":
+        index = int(i.args.strip() or -1)
+        if i.shape.startswith("("):  # a loop body's or a call's tuple argument
+          host_tuple[i.name] = set(host_args) if not entry else set()
+        elif index in (host_params if entry else host_args):
+          on_host.add(i.name)
+      elif i.opcode == "get-tuple-element":
+        k = int(re.search(r"index=(\d+)", i.attrs).group(1))
+        if op in on_host or k in host_tuple.get(op, ()):
+          on_host.add(i.name)
+      elif i.opcode == "tuple":
+        host_tuple[i.name] = {k for k, o in enumerate(i.operands) if o in on_host}
       elif i.opcode == "custom-call" and _PLACEMENT in i.attrs:
         to_host = any(k in i.attrs for k in _HOST_KINDS)
-        if to_host != (i.operands[0] in on_host):
+        if to_host != (op in on_host):
           total += size(i)
         if to_host:
           on_host.add(i.name)
-        read.add(i.operands[0])
-      elif (i.opcode in ("bitcast", "reshape", "copy", "transpose", "get-tuple-element") or
-            _SHARDING_MARK.search(i.attrs)) and i.operands and i.operands[0] in on_host:
+        read.add(op)
+      elif (i.opcode in ("bitcast", "reshape", "copy", "transpose") or
+            _SHARDING_MARK.search(i.attrs)) and op in on_host:
         on_host.add(i.name)  # the same value, still in host memory
+      elif i.opcode in ("dynamic-slice", "slice") and op in on_host:
+        total += size(i)  # a block brought from host memory
+      elif i.opcode == "dynamic-update-slice" and op in on_host:
+        on_host.add(i.name)  # written in place in host memory
+        if i.operands[1] not in on_host:
+          total += size(by_name[i.operands[1]]) if i.operands[1] in by_name else 0.0
       elif i.opcode == "while":
         trips = _trip_count(module, i) or 1
-        total += trips * sum(walk(b, False) for b in _called(i, "body"))
+        carried = host_tuple.get(op, set())
+        for body in _called(i, "body"):
+          moved, _ = walk(body, carried, False)
+          total += trips * moved
+        host_tuple[i.name] = set(carried)
       elif i.opcode == "conditional":
         branches = _called(i, "branch_computations") or (
             _called(i, "true_computation") + _called(i, "false_computation"))
-        total += max((walk(b, False) for b in branches), default=0.0)
+        total += max((walk(b, set(), False)[0] for b in branches), default=0.0)
       elif i.opcode == "call":
-        total += sum(walk(c, False) for c in _called(i, "to_apply"))
-      if i.opcode != "tuple" and i.name not in on_host:
+        args = {k for k, o in enumerate(i.operands) if o in on_host}
+        for callee in _called(i, "to_apply"):
+          moved, out = walk(callee, args, False)
+          total += moved
+          if isinstance(out, set):
+            host_tuple[i.name] = out
+          elif out:
+            on_host.add(i.name)
+      elif i.opcode not in ("tuple", "get-tuple-element") and i.name not in on_host:
         for o in i.operands:  # device code reading a host value: it crosses once
-          if o in on_host and o not in read and o != i.name and o in by_name and \
-              by_name[o].opcode == "parameter":
+          if o in on_host and o not in read and o != i.name and o in by_name:
             total += size(by_name[o])
             read.add(o)
-    if entry and host_results and instrs:
-      root = instrs[-1]
+    root = instrs[-1] if instrs else None
+    if entry and host_results and root is not None:
       outs = root.operands if root.opcode == "tuple" else [root.name]
       for k, o in enumerate(outs):
         if k in host_results and o not in on_host and o in by_name:
           total += size(by_name[o])
-    return total
+    if root is None:
+      return total, False
+    if root.opcode == "tuple":
+      return total, host_tuple.get(root.name, set())
+    return total, root.name in on_host
 
-  return walk(module.entry, True)
+  return walk(module.entry, set(), True)[0]
 
 
 def _host_placement_hlo(lowered) -> str:

@@ -27,10 +27,10 @@ import jax.numpy as jnp
 
 from lctx import engine, sharding
 from lctx.cache import spec as spec_lib
-from lctx.cache.dense import abstract_cache, cache_format
+from lctx.cache.dense import abstract_cache, cache_format, check_evict_sharing
 from lctx.config import ModelConfig
 from lctx.cost import analytic, hlo
-from lctx.model.params import abstract_params
+from lctx.model.params import STACKED, abstract_params
 
 SOURCES = ("analytic", "hlo")
 
@@ -69,6 +69,12 @@ class Metrics:
   calibration_source: str = ""
   prefill_chunk: int = 0  # the prefill's chunk (0: one pass)
   kv_compression: str = ""  # the cache's compression spec (lctx.cache.spec; "": dense)
+  # The `offload` policy (the cache in host memory, streamed one layer ahead):
+  # decode_step_s is then sum over layers of max(compute, next layer's
+  # transfer) (overlapped); decode_step_s_serial is compute + transfer.
+  # Without offload both are the same and host_bytes_per_user_per_device is 0.
+  decode_step_s_serial: float = 0.0
+  host_bytes_per_user_per_device: float = 0.0
 
 
 def mesh_label(mesh: str | int) -> str:
@@ -100,6 +106,39 @@ def _fit(hbm: float, weights: float, kv: float, decode_fixed: float, decode_per_
   return n, (shortfall if n == 0 else 0.0)
 
 
+def offloaded(kv_compression) -> bool:
+  """Whether a compression spec keeps the cache in host memory (`offload`)."""
+  return spec_lib.parse(kv_compression).of_kind("offload") is not None
+
+
+def overlapped_seconds(compute_s: float, transfer_s: float, blocks: int) -> float:
+  """A layer loop that fetches block l + 1 while layer l computes
+  (lctx.model.streaming), with `blocks` equal layers: the first block's
+  transfer, then sum over layers of max(compute(l), transfer(l + 1)), the
+  last layer's compute alone (FRAMEWORK.md, "Beyond the paper"). Equals
+  compute_s when nothing is transferred."""
+  if blocks <= 0 or transfer_s <= 0:
+    return compute_s
+  c, t = compute_s / blocks, transfer_s / blocks
+  return t + (blocks - 1) * max(c, t) + c
+
+
+def _fit_offloaded(hw, hbm_free: float, decode_fixed: float, blocks_per_user: float,
+                   prefill_temp: float, host_per_user: float) -> tuple[int, float]:
+  """Users per replica when caches live in host memory: the device holds each
+  decoding user's blocks in flight (blocks_per_user), the host holds the
+  caches (hw.host_memory_bytes per device; unbounded when the spec does not
+  state it)."""
+  n = math.floor((hbm_free - decode_fixed) / blocks_per_user) if blocks_per_user else 10**9
+  if hbm_free < prefill_temp:
+    n = 0
+  if hw.host_memory_bytes is not None and host_per_user:
+    n = min(n, math.floor(hw.host_memory_bytes / host_per_user))
+  n = max(n, 0)
+  shortfall = max(decode_fixed + blocks_per_user, prefill_temp) - hbm_free
+  return n, (shortfall if n == 0 else 0.0)
+
+
 def _sessions(users: int, replicas: int, prefill_s: float, G: int,
               decode_s_at) -> tuple[float, float]:
   """(decode tokens/s, sessions/hour) of waves of `users` sessions: each
@@ -120,6 +159,7 @@ def cache_slots(config: ModelConfig, kv_compression, T: int) -> int:
   policy = spec.of_kind("eviction")
   if policy is None:
     return T
+  check_evict_sharing(config, policy)
   from lctx.cache.evict.base import n_kept
   fmt = cache_format(config, spec)
   multiple = 1 if fmt is None else fmt.slot_multiple
@@ -135,7 +175,7 @@ def evict_slot_bytes(config: ModelConfig, kv_compression) -> int:
   if policy is None:
     return 0
   per_head = 4 + (4 if evict.method(policy).accumulates else 0)
-  return config.num_layers * config.num_kv_heads * per_head
+  return config.num_kv_layers * config.num_kv_heads * per_head
 
 
 def kv_token_bytes(config: ModelConfig, kv_compression, T: int,
@@ -155,7 +195,8 @@ def kv_token_bytes(config: ModelConfig, kv_compression, T: int,
   if fmt is None:
     per_slot, fixed = analytic.kv_bytes_per_token(config, dtype), 0.0
   else:
-    per_slot, fixed = config.num_layers * fmt.bytes_per_token(), config.num_layers * fmt.fixed_bytes(1)
+    L = config.num_kv_layers  # the cache's layers (L / s under cross-layer KV sharing)
+    per_slot, fixed = L * fmt.bytes_per_token(), L * fmt.fixed_bytes(1)
   return (slots * (per_slot + extra) + fixed) / T
 
 
@@ -181,29 +222,48 @@ def from_closed_form(config: ModelConfig, hw, mesh: str | int, T: int, B: int = 
   label, g = mesh_label(mesh), num_devices(mesh)
   conc = analytic.concurrency(config, T, hw, g, dtype, convention, kv_token_bytes=tb)
   prefill_s = analytic.prefill_seconds(config, T, hw, g, dtype, convention)
-  step = lambda b: analytic.decode_step_seconds(config, b, T, hw, g, dtype, convention,
-                                                kv_token_bytes=tb)
-  tokens_s, sessions_h = _sessions(conc.users, 1, prefill_s, generated_tokens, step)
+  compute = lambda b: analytic.decode_step_seconds(config, b, T, hw, g, dtype, convention,
+                                                   kv_token_bytes=tb)
   kv_user = analytic.kv_bytes_per_user(config, T, dtype, tb)
+  users, shortfall, switch_s = conc.users, conc.shortfall_bytes / g, None
+  blocks = _kv_layers(config)
+  transfer = lambda b: 0.0
+  if offloaded(spec):  # every step brings each user's cache over the host link
+    transfer = lambda b: b * kv_user / g / hw.host_bandwidth
+    free = hw.hbm_bytes - analytic.weight_bytes(config, dtype, convention) / g
+    users, shortfall = _fit_offloaded(hw, free, 0.0, 2 * kv_user / g / blocks, 0.0,
+                                      kv_user / g)
+    switch_s = 0.0  # both users' caches already live in host memory
+  step = lambda b: overlapped_seconds(compute(b), transfer(b), blocks)
+  tokens_s, sessions_h = _sessions(users, 1, prefill_s, generated_tokens, step)
   return Metrics(
       config.name, hw.name, label, g, T, B, "analytic",
       kv_bytes_per_user_per_device=kv_user / g,
       kv_bytes_per_user_total=kv_user,
       weight_bytes_per_device=analytic.weight_bytes(config, dtype, convention) / g,
       decode_temp_bytes_per_device=0.0, prefill_temp_bytes_per_device=0.0,
-      concurrency=conc.users, shortfall_bytes_per_device=conc.shortfall_bytes / g,
+      concurrency=users, shortfall_bytes_per_device=shortfall,
       prefill_flops_per_device=analytic.prefill_flops(config, T, convention) / g,
       prefill_s=prefill_s,
       decode_bytes_per_device=analytic.decode_step_bytes(config, B, T, dtype, convention,
                                                          kv_token_bytes=tb) / g,
       decode_step_s=step(B),
-      context_switch_s=analytic.context_switch_seconds(config, T, hw, dtype,
-                                                       kv_token_bytes=tb),
+      context_switch_s=switch_s if switch_s is not None else analytic.context_switch_seconds(
+          config, T, hw, dtype, kv_token_bytes=tb),
       generated_tokens=generated_tokens, decode_tokens_per_s=tokens_s,
       sessions_per_hour=sessions_h,
       prefill_s_calibrated=prefill_s / cal.matmul_efficiency_for(dtype),
-      decode_step_s_calibrated=step(B) / cal.memory_efficiency,
-      calibration_source=cal.source, kv_compression=spec)
+      decode_step_s_calibrated=overlapped_seconds(compute(B) / cal.memory_efficiency,
+                                                  transfer(B), blocks),
+      calibration_source=cal.source, kv_compression=spec,
+      decode_step_s_serial=compute(B) + transfer(B),
+      host_bytes_per_user_per_device=kv_user / g if offloaded(spec) else 0.0)
+
+
+def _kv_layers(config: ModelConfig) -> int:
+  """Cache layers (blocks a streamed step fetches): L, or L / s with
+  cross-layer KV sharing."""
+  return getattr(config, "num_kv_layers", config.num_layers)
 
 
 # Bytes each device sends per byte of the buffer a collective is counted by
@@ -278,9 +338,9 @@ def _with_weight_dtype(params, weight_dtype: str | None):
   if weight_dtype not in COST_WEIGHT_DTYPES:
     raise ValueError(f"weight_dtype={weight_dtype!r}; allowed: None or one of "
                      f"{COST_WEIGHT_DTYPES}")
-  layers = {k: (jax.ShapeDtypeStruct(v.shape, jnp.float8_e4m3fn) if k.startswith("w_") else v)
-            for k, v in params["layers"].items()}
-  return {**params, "layers": layers}
+  fp8 = lambda layers: {k: (jax.ShapeDtypeStruct(v.shape, jnp.float8_e4m3fn)
+                            if k.startswith("w_") else v) for k, v in layers.items()}
+  return {**params, **{k: fp8(params[k]) for k in STACKED if k in params}}
 
 
 def _once(fn):
@@ -373,6 +433,11 @@ def swap_costs(config: ModelConfig, mesh: str, T: int, kv_compression: str = "")
   # XLA's partitioner rejects a host placement of a replicated array on a
   # multi-device mesh (a RET_CHECK; a compressed cache's per-row counts or
   # cross-head scales): those move whole on every device, counted below.
+  # An offloaded cache's arrays already live in host memory: nothing moves.
+  kept = [(x, p) for x, p in zip(arrays, placed) if p.memory_kind != "pinned_host"]
+  if not kept:
+    return hlo.Costs()
+  arrays, placed = zip(*kept)
   split = [(x, p) for x, p in zip(arrays, placed)
            if p.num_devices == 1 or not p.is_fully_replicated]
   whole = sum(x.size * jnp.dtype(x.dtype).itemsize for x, p in zip(arrays, placed)
@@ -459,16 +524,35 @@ def from_hlo(config: ModelConfig, hw, mesh: str | int, T: int, B: int = 1,
   one_user = abstract_cache(config, 1, cache_slots(config, spec, T), kv_compression=spec)
   weights = per_device_bytes(params, plan.param_shardings(params))
   cache_shardings = plan.cache_shardings(one_user)
-  kv = per_device_bytes(cache_arrays(one_user), cache_arrays(cache_shardings))
+  arrays, placed = jax.tree.leaves(cache_arrays(one_user)), jax.tree.leaves(
+      cache_arrays(cache_shardings))
+  on_host = [p.memory_kind == "pinned_host" for p in placed]
+  kv = per_device_bytes([x for x, h in zip(arrays, on_host) if not h],
+                        [p for p, h in zip(placed, on_host) if not h])
+  host_kv = per_device_bytes([x for x, h in zip(arrays, on_host) if h],
+                             [p for p, h in zip(placed, on_host) if h])
+  blocks = _kv_layers(config)
   # A decode step's temporaries: a layer's weight slices (fixed) and each
   # user's slice of one layer's cache, which a scanned step copies out before
   # its matmuls (see hlo.peak_bytes); measured at B users, split by that rule.
-  per_user = kv / config.num_layers
+  # A streamed (offload) cache: two layer blocks per user in flight.
+  per_user = (kv + 2 * host_kv) / blocks
   fixed = max(decode.temp_bytes - (B // d) * per_user, 0.0)
-  users, shortfall = _fit(hw.hbm_bytes, weights, kv, fixed, per_user, prefill_temp)
-  step_s = roofline_seconds(decode, hw, dtype)
-  # Another user in the batch reads its cache once more (the measured step is at B).
-  step = lambda b: step_s + (b - B) / d * kv / hw.hbm_bandwidth
+  if host_kv:
+    users, shortfall = _fit_offloaded(hw, hw.hbm_bytes - weights - kv, fixed, per_user,
+                                      prefill_temp, host_kv)
+  else:
+    users, shortfall = _fit(hw.hbm_bytes, weights, kv, fixed, per_user, prefill_temp)
+  compute_s = roofline_seconds(decode, hw, dtype)
+  transfer_s = decode.host_transfer_bytes / hw.host_bandwidth
+  step_s = overlapped_seconds(compute_s, transfer_s, blocks)
+  # Another user in the batch reads its cache once more (the measured step is
+  # at B; under cross-layer KV sharing every layer of a group reads the
+  # group's cache layer: kv_reads); a streamed one also brings it over the host link.
+  reads = analytic.kv_reads(config)
+  step = lambda b: overlapped_seconds(
+      compute_s + (b - B) / d * (kv + host_kv) * reads / hw.hbm_bandwidth,
+      transfer_s * b / B, blocks)
   prefill_s = roofline_seconds(prefill, hw, dtype)
   tokens_s, sessions_h = _sessions(users * d, d, prefill_s, generated_tokens, step)
   return Metrics(
@@ -487,9 +571,11 @@ def from_hlo(config: ModelConfig, hw, mesh: str | int, T: int, B: int = 1,
       generated_tokens=generated_tokens, decode_tokens_per_s=tokens_s,
       sessions_per_hour=sessions_h,
       prefill_s_calibrated=calibrated.calibrated_seconds(prefill, hw, dtype, cal),
-      decode_step_s_calibrated=calibrated.calibrated_seconds(decode, hw, dtype, cal),
+      decode_step_s_calibrated=overlapped_seconds(
+          calibrated.calibrated_seconds(decode, hw, dtype, cal), transfer_s, blocks),
       calibration_source=cal.source, prefill_chunk=chunk_used(mesh, T, prefill_chunk),
-      kv_compression=spec)
+      kv_compression=spec, decode_step_s_serial=compute_s + transfer_s,
+      host_bytes_per_user_per_device=host_kv)
 
 
 RATIO_FIELDS = ("kv_bytes_per_user_per_device", "weight_bytes_per_device", "concurrency", "prefill_s",

@@ -16,6 +16,11 @@ The layer loop follows the params' layout: stacked layers run under
 `lax.scan` (fast to compile at any depth), a tuple of per-layer dicts runs
 unrolled (each layer reads its own weight and cache buffers with no slicing
 copies: about 2x faster decode on CPU, measured in experiments/bench_decode).
+Cross-layer KV sharing (config.kv_share_every = s > 1, _kv_loop): the loop
+runs over groups of s layers; the group's first layer computes K/V with its
+params["kv_layers"] weights, writes them into cache layer l // s and attends
+them; the other layers compute only their queries and attend the same K/V
+(the chunk's or prompt's own K/V, and cache layer l // s, read only).
 """
 
 from __future__ import annotations
@@ -29,10 +34,10 @@ import numpy as np
 from lctx.cache import store
 from lctx.cache import evict
 from lctx.cache.evict.base import Candidates, gather, select
-from lctx.cache.dense import KVCache
+from lctx.cache.dense import KVCache, check_evict_sharing
 from lctx.cache.quant.base import View
 from lctx.config import ModelConfig
-from lctx.model import attention, evicting
+from lctx.model import attention, evicting, streaming
 from lctx.model.layers import apply_rope, rms_norm, rope_cos_sin, swiglu
 from lctx.model.params import Params
 
@@ -42,7 +47,7 @@ PREFILL_BLOCK = 512
 # ---- pieces of one layer -----------------------------------------------------
 
 def _qkv(config: ModelConfig, lp: Params, x_btd: jax.Array, rope: tuple[jax.Array, jax.Array],
-         raw_k: bool = False):
+         raw_k: bool = False, kv: bool = True):
   """Q, K (rotated by the RoPE tables `rope` = (cos, sin), computed once for
   all layers) and V of one layer.
 
@@ -50,12 +55,19 @@ def _qkv(config: ModelConfig, lp: Params, x_btd: jax.Array, rope: tuple[jax.Arra
   attention_bias); with config.qk_norm each head of q and k is RMS-normalised
   over head_dim with weights shared by the heads, after the bias and before
   RoPE (Qwen3). raw_k: also return k before RoPE (a cache format that
-  stores keys unrotated, e.g. KVQuant)."""
+  stores keys unrotated, e.g. KVQuant). kv=False: q alone (a layer that
+  attends its group's K/V under cross-layer KV sharing has no K/V weights)."""
   # Separate Q, K, V matmuls: a fused [D, N + 2K, H] projection measured 2x
   # slower in CPU prefill (slicing its output costs more than it saves).
   dtype = x_btd.dtype
   h = rms_norm(x_btd, lp["attn_norm"], config.rms_norm_eps)
   q = jnp.einsum("btd,dnh->btnh", h, lp["w_q"].astype(dtype))
+  if not kv:
+    if config.qkv_bias:
+      q = q + lp["b_q"].astype(dtype)
+    if config.qk_norm:
+      q = rms_norm(q, lp["q_norm"], config.rms_norm_eps)
+    return apply_rope(q, *rope)
   k = jnp.einsum("btd,dkh->btkh", h, lp["w_k"].astype(dtype))
   v = jnp.einsum("btd,dkh->btkh", h, lp["w_v"].astype(dtype))
   if config.qkv_bias:
@@ -99,6 +111,104 @@ def _layer_loop(layers, carry, body: Callable):
   return carry
 
 
+def _kv_loop(config: ModelConfig, params: Params, carry, body: Callable):
+  """Runs body(lp, l, carry, shared) -> (carry, kv) over the layers, where
+  shared is None for a layer that computes its own K/V and kv is what it
+  computed (_layer_qkv's (k, v, k_store)).
+
+  Without sharing (kv_share_every = 1): _layer_loop, every layer shared=None,
+  l its index. With kv_share_every = s > 1 the layers run in groups of s:
+  the group's first layer gets its params["kv_layers"] weights merged into
+  lp and shared=None; each other layer of the group gets the first layer's
+  kv as shared; all of them l = g, the group's (and its cache layer's)
+  index. Stacked params: one scan over the L / s groups (layers reshaped to
+  [L / s, s, ...]), the s layers of a group unrolled in its body; unrolled
+  params: a Python loop.
+  """
+  layers, s = params["layers"], config.kv_share_every
+  if s == 1:
+    return _layer_loop(layers, carry, lambda lp, l, c: body(lp, l, c, None)[0])
+
+  def group(lps, kv_lp, g, c):
+    c, kv = body({**lps[0], **kv_lp}, g, c, None)
+    for lp in lps[1:]:
+      c, _ = body(lp, g, c, kv)
+    return c
+
+  if isinstance(layers, (tuple, list)):
+    for g, kv_lp in enumerate(params["kv_layers"]):
+      carry = group(layers[g * s:(g + 1) * s], kv_lp, g, carry)
+    return carry
+  G = config.num_kv_layers
+  grouped = jax.tree.map(lambda a: a.reshape(G, s, *a.shape[1:]), layers)
+
+  def step(c, xs):
+    lg, kv_lp, g = xs
+    return group([jax.tree.map(lambda a: a[j], lg) for j in range(s)], kv_lp, g, c), None
+
+  carry, _ = jax.lax.scan(step, carry, (grouped, params["kv_layers"], jnp.arange(G)))
+  return carry
+
+
+def _units(config: ModelConfig, params: Params):
+  """The layers grouped by the cache layer they read (one per layer, or the
+  kv_share_every = s layers of a group): stacked (a pytree with a leading
+  [L / s] axis) or a list (unrolled params), for lctx.model.streaming."""
+  layers, s = params["layers"], config.kv_share_every
+  if s == 1:
+    return layers
+  if isinstance(layers, (tuple, list)):
+    return [(tuple(layers[g * s:(g + 1) * s]), kv) for g, kv in enumerate(params["kv_layers"])]
+  G = config.num_kv_layers
+  return {"layers": jax.tree.map(lambda a: a.reshape(G, s, *a.shape[1:]), layers),
+          "kv": params["kv_layers"]}
+
+
+def _run_unit(config: ModelConfig, unit, l, carry, body: Callable):
+  """One unit of _units through body (as _kv_loop runs it), at cache layer l."""
+  s = config.kv_share_every
+  if s == 1:
+    return body(unit, l, carry, None)[0]
+  if isinstance(unit, dict):
+    lps, kv_lp = [jax.tree.map(lambda a: a[j], unit["layers"]) for j in range(s)], unit["kv"]
+  else:
+    lps, kv_lp = unit
+  carry, kv = body({**lps[0], **kv_lp}, l, carry, None)
+  for lp in lps[1:]:
+    carry, _ = body(lp, l, carry, kv)
+  return carry
+
+
+def _cache_loop(config: ModelConfig, params: Params, x, cache: KVCache, body: Callable,
+                write_back: Callable):
+  """_kv_loop over (x, cache.k, cache.v), or for a streamed (`offload`)
+  cache, lctx.model.streaming.layer_loop: each cache layer's block fetched
+  one ahead, the unit's layers run on it at index 0, write_back(host, l,
+  block) after. Returns (x, k, v)."""
+  if not cache.offload:
+    return _kv_loop(config, params, (x, cache.k, cache.v), body)
+
+  def unit(u, l, x, block):
+    x, k, v = _run_unit(config, u, 0, (x, *block), body)
+    return x, (k, v)
+
+  x, (k, v) = streaming.layer_loop(_units(config, params), x, (cache.k, cache.v), unit,
+                                   write_back)
+  return x, k, v
+
+
+def _layer_qkv(config: ModelConfig, fmt, lp: Params, x: jax.Array, rope, shared):
+  """(q, k, v, k_store) of one layer: k_store the keys the cache stores (k,
+  or before RoPE for a format that stores them so); with shared (its group's
+  (k, v, k_store), cross-layer KV sharing) only q is computed."""
+  if shared is not None:
+    return (_qkv(config, lp, x, rope, kv=False), *shared)
+  if fmt is None:
+    q, k, v = _qkv(config, lp, x, rope)
+    return q, k, v, k
+  return _qkv_stored(config, fmt, lp, x, rope)
+
+
 # ---- cache access, for both layouts (lctx.cache.store) ------------------------------
 
 _cache_layer = store.layer
@@ -135,11 +245,12 @@ def forward(config: ModelConfig, params: Params, tokens: jax.Array,
   B, T = tokens.shape
   rope = rope_cos_sin(config, jnp.broadcast_to(jnp.arange(T), (B, T)))  # one table, all layers
 
-  def body(lp, l, x):
-    q, k, v = _qkv(config, lp, x, rope)
-    return _out_and_mlp(config, lp, x, attention.causal_attention(q, k, v, block))
+  def body(lp, l, x, shared):
+    q, k, v, k_store = _layer_qkv(config, None, lp, x, rope, shared)
+    attn = attention.causal_attention(q, k, v, block)
+    return _out_and_mlp(config, lp, x, attn), (k, v, k_store)
 
-  x = _layer_loop(params["layers"], _embed(config, params, tokens), body)
+  x = _kv_loop(config, params, _embed(config, params, tokens), body)
   return _logits(config, params, x)
 
 
@@ -163,9 +274,11 @@ def _manual_over_cache(plan, mode: str, fn, k_cache, v_cache, l, args, args_axes
                      mode)(k_cache, v_cache, l, *args)
 
 
-def _prefill_attention(config: ModelConfig, k_cache, v_cache, l, q, k, v, block: int, plan):
+def _prefill_attention(config: ModelConfig, k_cache, v_cache, l, q, k, v, block: int, plan,
+                       write: bool = True):
   """Writes the prompt's K/V into cache slots [0, T) of layer l and runs its
-  causal attention; with a `seq` mesh axis, sequence-parallel.
+  causal attention; with a `seq` mesh axis, sequence-parallel. write=False:
+  attention only (a layer sharing its group's K/V, already written).
 
   Each seq shard all-gathers K and V and attends its own queries at their
   offset. All-gather rather than a ring: with GQA, K and V are N / K times
@@ -177,8 +290,9 @@ def _prefill_attention(config: ModelConfig, k_cache, v_cache, l, q, k, v, block:
   against S/s slots) made every device gather the whole cache.
   """
   if plan is None or not plan.seq_parallel:
-    k_cache = _cache_write_prefix(k_cache, l, k.transpose(0, 2, 3, 1).astype(config.dtype))
-    v_cache = _cache_write_prefix(v_cache, l, v.transpose(0, 2, 1, 3).astype(config.dtype))
+    if write:
+      k_cache = _cache_write_prefix(k_cache, l, k.transpose(0, 2, 3, 1).astype(config.dtype))
+      v_cache = _cache_write_prefix(v_cache, l, v.transpose(0, 2, 1, 3).astype(config.dtype))
     return attention.causal_attention(q, k, v, block), k_cache, v_cache
 
   def local(kc, vc, l, q, k, v):
@@ -186,6 +300,8 @@ def _prefill_attention(config: ModelConfig, k_cache, v_cache, l, q, k, v, block:
     v_all = jax.lax.all_gather(v, "seq", axis=1, tiled=True)
     out = attention.causal_attention(q, k_all, v_all, block,
                                      q_offset=jax.lax.axis_index("seq") * q.shape[1])
+    if not write:
+      return out, kc, vc
     T, S = k_all.shape[1], _cache_layer(vc, l).shape[-2]  # S: this shard's slots
     start = jax.lax.axis_index("seq") * S
     slots = start + jnp.arange(S)
@@ -203,10 +319,11 @@ def _prefill_attention(config: ModelConfig, k_cache, v_cache, l, q, k, v, block:
 
 
 def _chunk_attention(config: ModelConfig, k_cache, v_cache, l, q, k, v, start,
-                     block: int, trips: float | None, plan):
+                     block: int, trips: float | None, plan, write: bool = True):
   """One prefill chunk's attention at layer l: writes its K/V into the cache
   slots [start, start + C), then merges two segments, the cache slots
   [0, start) (CacheSegment) and the chunk itself (ChunkSegment, causal).
+  write=False: no write (a layer sharing its group's K/V, already written).
 
   With a `seq` mesh axis the cache stays split along its slots and the
   chunk's tokens along seq (C/s per device); per device (shard_map): the
@@ -219,8 +336,9 @@ def _chunk_attention(config: ModelConfig, k_cache, v_cache, l, q, k, v, start,
   """
   dtype = config.dtype
   if plan is None or not plan.seq_parallel:
-    k_cache = _cache_write_slots(k_cache, l, k.transpose(0, 2, 3, 1).astype(dtype), start, 3)
-    v_cache = _cache_write_slots(v_cache, l, v.transpose(0, 2, 1, 3).astype(dtype), start, 2)
+    if write:
+      k_cache = _cache_write_slots(k_cache, l, k.transpose(0, 2, 3, 1).astype(dtype), start, 3)
+      v_cache = _cache_write_slots(v_cache, l, v.transpose(0, 2, 1, 3).astype(dtype), start, 2)
     part = attention.attend(q, [_segment(k_cache, v_cache, l, start, block, trips),
                                 attention.ChunkSegment(k, v, block)])
     return attention.finalize(part, q.dtype), k_cache, v_cache
@@ -238,13 +356,14 @@ def _chunk_attention(config: ModelConfig, k_cache, v_cache, l, q, k, v, start,
     inside = (p + jnp.arange(W) >= a) & (p + jnp.arange(W) < a + C)
     rows = jnp.clip(p + jnp.arange(W) - a, 0, C - 1)
 
-    def write(buf, new, axis):  # the window with the chunk's slots blended in, in place
+    def blend(buf, new, axis):  # the window with the chunk's slots blended in, in place
       old = _cache_slots(buf, l, p, W, axis)
       mask = inside if axis == 3 else inside[:, None]
       return _cache_write_slots(buf, l, jnp.where(mask, new.astype(old.dtype), old), p, axis)
 
-    kc = write(kc, k_all[:, rows].transpose(0, 2, 3, 1), 3)
-    vc = write(vc, v_all[:, rows].transpose(0, 2, 1, 3), 2)
+    if write:
+      kc = blend(kc, k_all[:, rows].transpose(0, 2, 3, 1), 3)
+      vc = blend(vc, v_all[:, rows].transpose(0, 2, 1, 3), 2)
     # Every query of the chunk over this device's slice, merged across seq and
     # handed back to the device holding it; then its own queries over the chunk.
     prefix = _segment(kc, vc, l, jnp.clip(a, 0, S), block, trips).partial(gather(q))
@@ -284,10 +403,13 @@ def _qkv_stored(config, fmt, lp, x, rope):
   return q, k, v, k
 
 
-def _format_prefill(fmt, kc, vc, l, q, k, v, k_store, lengths, block: int):
+def _format_prefill(fmt, kc, vc, l, q, k, v, k_store, lengths, block: int, write: bool = True):
   """One-pass prefill at layer l with a compressed cache: the prompt's keys
-  and values go into the format; the prompt attends itself at full precision
-  (its K/V are at hand, as in any serving kernel)."""
+  and values go into the format (unless write=False: a layer sharing its
+  group's K/V); the prompt attends itself at full precision (its K/V are at
+  hand, as in any serving kernel)."""
+  if not write:
+    return attention.causal_attention(q, k, v, block), kc, vc
   with jax.named_scope(attention.WRITE_SCOPE):
     view = fmt.write_prefix(View(kc, vc, l), k_store.transpose(0, 2, 3, 1),
                             v.transpose(0, 2, 1, 3), lengths)
@@ -295,26 +417,33 @@ def _format_prefill(fmt, kc, vc, l, q, k, v, k_store, lengths, block: int):
 
 
 def _format_chunk(config, fmt, kc, vc, l, q, k, v, k_store, start, lengths, block: int,
-                  trips):
+                  trips, write: bool = True):
   """One prefill chunk at layer l with a compressed cache: the chunk's K/V go
-  into the format, then its queries attend the format's sources for slots
-  [0, start) (dequantized block by block) and the chunk itself."""
-  with jax.named_scope(attention.WRITE_SCOPE):
-    view = fmt.write_chunk(View(kc, vc, l), k_store.transpose(0, 2, 3, 1),
-                           v.transpose(0, 2, 1, 3), start, lengths)
+  into the format (unless write=False: a layer sharing its group's K/V),
+  then its queries attend the format's sources for slots [0, start)
+  (dequantized block by block) and the chunk itself."""
+  view = View(kc, vc, l)
+  if write:
+    with jax.named_scope(attention.WRITE_SCOPE):
+      view = fmt.write_chunk(view, k_store.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3),
+                             start, lengths)
   segments = [attention.SourceSegment(src, block, trips)
               for src in fmt.sources(view, start, _rotate(config))]
   part = attention.attend(q, segments + [attention.ChunkSegment(k, v, block)])
   return attention.finalize(part, q.dtype), view.k, view.v
 
 
-def _format_decode(config, fmt, kc, vc, l, lengths, q, k_store, v, capacity: int):
+def _format_decode(config, fmt, kc, vc, l, lengths, q, k_store, v, capacity: int,
+                   write: bool = True):
   """A decode step at layer l with a compressed cache: the token goes into
-  the format at slot lengths[b]; attention reads slots [0, lengths] block by
-  block (QUANT_DECODE_BLOCK), charging the whole capacity's blocks, as the
-  dense step reads the whole layer."""
-  with jax.named_scope(attention.WRITE_SCOPE):
-    view = fmt.write_token(View(kc, vc, l), k_store[:, 0], v[:, 0], lengths)
+  the format at slot lengths[b] (unless write=False: a layer sharing its
+  group's K/V, which its first layer wrote); attention reads slots
+  [0, lengths] block by block (QUANT_DECODE_BLOCK), charging the whole
+  capacity's blocks, as the dense step reads the whole layer."""
+  view = View(kc, vc, l)
+  if write:
+    with jax.named_scope(attention.WRITE_SCOPE):
+      view = fmt.write_token(view, k_store[:, 0], v[:, 0], lengths)
   blk = min(QUANT_DECODE_BLOCK, capacity)
   segments = [attention.SourceSegment(src, blk, -(-capacity // blk))
               for src in fmt.sources(view, lengths + 1, _rotate(config))]
@@ -371,18 +500,21 @@ def _chunked_prefill(config: ModelConfig, params: Params, tokens: jax.Array,
       x0 = plan.constrain(x0, plan.sharding(("batch", "seq", "embed"), "prefill"))
     rope = rope_cos_sin(config, jnp.broadcast_to(start + jnp.arange(size), (B, size)))
 
-    def body(lp, l, c):
+    def body(lp, l, c, shared):
       x, kc, vc = c
+      q, k, v, k_store = _layer_qkv(config, fmt, lp, x, rope, shared)
+      write = shared is None
       if fmt is None:
-        q, k, v = _qkv(config, lp, x, rope)
-        attn, kc, vc = _chunk_attention(config, kc, vc, l, q, k, v, start, block, trips, plan)
+        attn, kc, vc = _chunk_attention(config, kc, vc, l, q, k, v, start, block, trips, plan,
+                                        write)
       else:
-        q, k, v, k_store = _qkv_stored(config, fmt, lp, x, rope)
         attn, kc, vc = _format_chunk(config, fmt, kc, vc, l, q, k, v, k_store, start, lengths,
-                                     block, trips)
-      return _out_and_mlp(config, lp, x, attn), kc, vc
+                                     block, trips, write)
+      return (_out_and_mlp(config, lp, x, attn), kc, vc), (k, v, k_store)
 
-    x, k_cache, v_cache = _layer_loop(params["layers"], (x0, k_cache, v_cache), body)
+    x, k_cache, v_cache = _cache_loop(
+        config, params, x0, cache.replace(k=k_cache, v=v_cache), body,
+        lambda host, l, block: streaming.write_back_slots(host, l, block, start, size))
     inside = (last_row >= start) & (last_row < start + size)
     row = x[jnp.arange(B), jnp.clip(last_row - start, 0, size - 1)]
     return k_cache, v_cache, jnp.where(inside[:, None], row, last)
@@ -434,6 +566,7 @@ def prefill(config: ModelConfig, params: Params, tokens: jax.Array, lengths: jax
   chunk = check_chunk(chunk, plan, T)
   _check_format_plan(cache, plan)
   if cache.evicting:
+    check_evict_sharing(config, cache.evict.policy)
     return _evict_prefill(config, params, tokens, lengths, cache, block, chunk)
   if T > cache.capacity:
     raise ValueError(f"prompt length {T} exceeds the cache capacity {cache.capacity}")
@@ -443,20 +576,20 @@ def prefill(config: ModelConfig, params: Params, tokens: jax.Array, lengths: jax
 
   fmt = cache.format
 
-  def body(lp, l, carry):
+  def body(lp, l, carry, shared):
     x, k_cache, v_cache = carry
+    q, k, v, k_store = _layer_qkv(config, fmt, lp, x, rope, shared)
+    write = shared is None
     if fmt is None:
-      q, k, v = _qkv(config, lp, x, rope)
       attn, k_cache, v_cache = _prefill_attention(config, k_cache, v_cache, l, q, k, v, block,
-                                                  plan)
+                                                  plan, write)
     else:
-      q, k, v, k_store = _qkv_stored(config, fmt, lp, x, rope)
       attn, k_cache, v_cache = _format_prefill(fmt, k_cache, v_cache, l, q, k, v, k_store,
-                                               lengths, block)
-    return _out_and_mlp(config, lp, x, attn), k_cache, v_cache
+                                               lengths, block, write)
+    return (_out_and_mlp(config, lp, x, attn), k_cache, v_cache), (k, v, k_store)
 
-  x, k_cache, v_cache = _layer_loop(
-      params["layers"], (_embed(config, params, tokens), cache.k, cache.v), body)
+  x, k_cache, v_cache = _cache_loop(config, params, _embed(config, params, tokens), cache, body,
+                                    streaming.write_back_layer)
   last = x[jnp.arange(B), lengths - 1]  # [B, D]
   return _logits(config, params, last), cache.replace(k=k_cache, v=v_cache,
                                                       lengths=lengths.astype(jnp.int32))
@@ -597,8 +730,10 @@ def _evict_chunked_prefill(config: ModelConfig, params: Params, tokens: jax.Arra
 
 
 def _decode_attention(config: ModelConfig, k_cache, v_cache, l, lengths, q, k, v,
-                      seq_axis: str | None = None):
+                      seq_axis: str | None = None, write: bool = True):
   """Writes the new token's K/V and attends over the cache slots [0, lengths].
+  write=False: attends only (a layer sharing its group's K/V: its first
+  layer wrote the token into the same cache layer).
 
   With seq_axis (inside shard_map), the cache arrays are this device's slice
   of the sequence: the token is written only by the shard owning its slot, and
@@ -607,8 +742,9 @@ def _decode_attention(config: ModelConfig, k_cache, v_cache, l, lengths, q, k, v
   # Local shapes: a shard may hold a subset of rows, heads and slots.
   S = _cache_layer(v_cache, l).shape[-2]
   offset = 0 if seq_axis is None else jax.lax.axis_index(seq_axis) * S
-  k_cache = _cache_write_token(k_cache, l, lengths - offset, k[:, 0].astype(config.dtype), 3)
-  v_cache = _cache_write_token(v_cache, l, lengths - offset, v[:, 0].astype(config.dtype), 2)
+  if write:
+    k_cache = _cache_write_token(k_cache, l, lengths - offset, k[:, 0].astype(config.dtype), 3)
+    v_cache = _cache_write_token(v_cache, l, lengths - offset, v[:, 0].astype(config.dtype), 2)
   # One block of the whole slice: a decode step scores all S slots in one product.
   local = jnp.clip(lengths + 1 - offset, 0, S)  # this slice's slots up to the new token
   part = _segment(k_cache, v_cache, l, local, block=S).partial(q)
@@ -630,33 +766,35 @@ def decode(config: ModelConfig, params: Params, tokens: jax.Array, cache: KVCach
   fmt = cache.format
   _check_format_plan(cache, plan)
   if cache.evicting:
+    check_evict_sharing(config, cache.evict.policy)
     return _evict_decode(config, params, tokens, cache, plan)
 
-  def attend(k_cache, v_cache, l, q, k, v):
+  def attend(k_cache, v_cache, l, q, k, v, write):
     if plan is None or not plan.seq_parallel:
-      return _decode_attention(config, k_cache, v_cache, l, lengths, q, k, v)
+      return _decode_attention(config, k_cache, v_cache, l, lengths, q, k, v, write=write)
     # Manual over the whole mesh: each device its batch rows, heads and sequence slice.
     q_axes, new_axes = ("batch", None, "heads", None), ("batch", None, "cache_kv_heads", None)
     fn = lambda kc, vc, l, lens, q, k, v: _decode_attention(
-        config, kc, vc, l, lens, q, k, v, "seq")
+        config, kc, vc, l, lens, q, k, v, "seq", write)
     return _manual_over_cache(plan, "decode", fn, k_cache, v_cache, l, (lengths, q, k, v),
                               (("batch",), q_axes, new_axes, new_axes), q_axes)
 
   rope = rope_cos_sin(config, lengths[:, None])
 
-  def body(lp, l, carry):
+  def body(lp, l, carry, shared):
     x, k_cache, v_cache = carry
+    q, k, v, k_store = _layer_qkv(config, fmt, lp, x, rope, shared)  # [B, 1, heads, H]
+    write = shared is None
     if fmt is None:
-      q, k, v = _qkv(config, lp, x, rope)  # [B, 1, heads, H]
-      attn, k_cache, v_cache = attend(k_cache, v_cache, l, q, k, v)
+      attn, k_cache, v_cache = attend(k_cache, v_cache, l, q, k, v, write)
     else:
-      q, k, v, k_store = _qkv_stored(config, fmt, lp, x, rope)
       attn, k_cache, v_cache = _format_decode(config, fmt, k_cache, v_cache, l, lengths, q,
-                                              k_store, v, cache.capacity)
-    return _out_and_mlp(config, lp, x, attn), k_cache, v_cache
+                                              k_store, v, cache.capacity, write)
+    return (_out_and_mlp(config, lp, x, attn), k_cache, v_cache), (k, v, k_store)
 
-  x, k_cache, v_cache = _layer_loop(
-      params["layers"], (_embed(config, params, tokens[:, None]), cache.k, cache.v), body)
+  x, k_cache, v_cache = _cache_loop(
+      config, params, _embed(config, params, tokens[:, None]), cache, body,
+      lambda host, l, block: streaming.write_back_slot(host, l, block, lengths))
   return _logits(config, params, x[:, 0]), cache.replace(k=k_cache, v=v_cache,
                                                          lengths=lengths + 1)
 
