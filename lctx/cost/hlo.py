@@ -904,79 +904,93 @@ def host_transfer_bytes(text: str, sharded: bool) -> float:
   still carries JAX's memory placements (host arguments and results in S(5);
   annotate_device_placement custom calls where a value changes memory kind).
 
-  Host-ness flows from the entry's host arguments through bitcasts, tuples,
-  loops and calls. A crossing is charged once per: a value annotated for the
-  memory it is not in; a (dynamic-)slice of a host value (the block fetched,
-  its size); a device update written into a host buffer (dynamic-update-slice:
-  the update's size, the buffer stays in host memory); any other device code
-  reading a host value (the whole value, once); a device value returned into
-  host memory. Loops multiply by their trip count. `sharded`: the module is
-  not yet partitioned, so a value's shard is read from its HLO sharding."""
+  Host values are followed from the entry's host arguments through bitcasts,
+  tuples, loops and calls. A crossing is charged once per: a value annotated
+  for the memory it is not in; a (dynamic-)slice of a host value (a block
+  fetched: its size); a device update written into a host buffer
+  (dynamic-update-slice: the update's size; the buffer stays in host memory);
+  any other device code reading a host value (the whole value, once); a
+  device value returned into host memory. Loops multiply by their trip
+  count. `sharded`: the module is not yet partitioned, so a value's shard is
+  read from its HLO sharding, or, where it has none, taken as the same
+  fraction of it as the host argument it comes from holds of its own."""
   module = parse(text)
   host_params, host_results = _entry_host_layouts(text)
-  size = (lambda i: shard_bytes(i.shape, i.attrs)) if sharded else (
-      lambda i: shape_bytes(i.shape))
 
-  def walk(name: str, host_args: set[int], entry: bool) -> tuple[float, set[int] | bool]:
-    """(bytes moved, which of the root's tuple elements (or whether the root) is on host)."""
+  def size(i, fraction: float = 1.0) -> float:
+    if not sharded:
+      return shape_bytes(i.shape)
+    if "sharding={devices=" in i.attrs:
+      return shard_bytes(i.shape, i.attrs)
+    return shape_bytes(i.shape) * fraction
+
+  def walk(name: str, host_args: dict[int, float], entry: bool):
+    """(bytes moved, the root's host elements {index: fraction} for a tuple
+    root, else its fraction or None when it is not on host)."""
     instrs = module.computations[name]
     by_name = {i.name: i for i in instrs}
-    on_host, read, total = set(), set(), 0.0
-    host_tuple: dict[str, set[int]] = {}  # tuple-valued instructions: their host elements
+    on_host: dict[str, float] = {}  # host value -> the fraction of it one device holds
+    host_tuple: dict[str, dict[int, float]] = {}  # tuple values: their host elements
+    read, total = set(), 0.0
     for i in instrs:
       op = i.operands[0] if i.operands else None
       if i.opcode == "parameter":
         index = int(i.args.strip() or -1)
         if i.shape.startswith("("):  # a loop body's or a call's tuple argument
-          host_tuple[i.name] = set(host_args) if not entry else set()
-        elif index in (host_params if entry else host_args):
-          on_host.add(i.name)
+          host_tuple[i.name] = {} if entry else dict(host_args)
+        elif entry and index in host_params:
+          whole = shape_bytes(i.shape)
+          on_host[i.name] = size(i) / whole if whole else 1.0
+        elif not entry and index in host_args:
+          on_host[i.name] = host_args[index]
       elif i.opcode == "get-tuple-element":
         k = int(re.search(r"index=(\d+)", i.attrs).group(1))
-        if op in on_host or k in host_tuple.get(op, ()):
-          on_host.add(i.name)
+        if op in on_host:
+          on_host[i.name] = on_host[op]
+        elif k in host_tuple.get(op, {}):
+          on_host[i.name] = host_tuple[op][k]
       elif i.opcode == "tuple":
-        host_tuple[i.name] = {k for k, o in enumerate(i.operands) if o in on_host}
+        host_tuple[i.name] = {k: on_host[o] for k, o in enumerate(i.operands) if o in on_host}
       elif i.opcode == "custom-call" and _PLACEMENT in i.attrs:
         to_host = any(k in i.attrs for k in _HOST_KINDS)
         if to_host != (op in on_host):
           total += size(i)
         if to_host:
-          on_host.add(i.name)
+          on_host[i.name] = on_host.get(op, 1.0)
         read.add(op)
       elif (i.opcode in ("bitcast", "reshape", "copy", "transpose") or
             _SHARDING_MARK.search(i.attrs)) and op in on_host:
-        on_host.add(i.name)  # the same value, still in host memory
+        on_host[i.name] = on_host[op]  # the same value, still in host memory
       elif i.opcode in ("dynamic-slice", "slice") and op in on_host:
-        total += size(i)  # a block brought from host memory
+        total += size(i, on_host[op])  # a block brought from host memory
       elif i.opcode == "dynamic-update-slice" and op in on_host:
-        on_host.add(i.name)  # written in place in host memory
-        if i.operands[1] not in on_host:
-          total += size(by_name[i.operands[1]]) if i.operands[1] in by_name else 0.0
+        on_host[i.name] = on_host[op]  # written in place in host memory
+        update = by_name.get(i.operands[1])
+        if update is not None and update.name not in on_host:
+          total += size(update, on_host[op])
       elif i.opcode == "while":
         trips = _trip_count(module, i) or 1
-        carried = host_tuple.get(op, set())
+        carried = host_tuple.get(op, {})
         for body in _called(i, "body"):
-          moved, _ = walk(body, carried, False)
-          total += trips * moved
-        host_tuple[i.name] = set(carried)
+          total += trips * walk(body, carried, False)[0]
+        host_tuple[i.name] = dict(carried)
       elif i.opcode == "conditional":
         branches = _called(i, "branch_computations") or (
             _called(i, "true_computation") + _called(i, "false_computation"))
-        total += max((walk(b, set(), False)[0] for b in branches), default=0.0)
+        total += max((walk(b, {}, False)[0] for b in branches), default=0.0)
       elif i.opcode == "call":
-        args = {k for k, o in enumerate(i.operands) if o in on_host}
+        args = {k: on_host[o] for k, o in enumerate(i.operands) if o in on_host}
         for callee in _called(i, "to_apply"):
           moved, out = walk(callee, args, False)
           total += moved
-          if isinstance(out, set):
+          if isinstance(out, dict):
             host_tuple[i.name] = out
-          elif out:
-            on_host.add(i.name)
+          elif out is not None:
+            on_host[i.name] = out
       elif i.opcode not in ("tuple", "get-tuple-element") and i.name not in on_host:
         for o in i.operands:  # device code reading a host value: it crosses once
           if o in on_host and o not in read and o != i.name and o in by_name:
-            total += size(by_name[o])
+            total += size(by_name[o], on_host[o])
             read.add(o)
     root = instrs[-1] if instrs else None
     if entry and host_results and root is not None:
@@ -985,12 +999,12 @@ def host_transfer_bytes(text: str, sharded: bool) -> float:
         if k in host_results and o not in on_host and o in by_name:
           total += size(by_name[o])
     if root is None:
-      return total, False
+      return total, None
     if root.opcode == "tuple":
-      return total, host_tuple.get(root.name, set())
-    return total, root.name in on_host
+      return total, host_tuple.get(root.name, {})
+    return total, on_host.get(root.name)
 
-  return walk(module.entry, set(), True)[0]
+  return walk(module.entry, {}, True)[0]
 
 
 def _host_placement_hlo(lowered) -> str:

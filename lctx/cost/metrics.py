@@ -233,12 +233,14 @@ def from_closed_form(config: ModelConfig, hw, mesh: str | int, T: int, B: int = 
     free = hw.hbm_bytes - analytic.weight_bytes(config, dtype, convention) / g
     users, shortfall = _fit_offloaded(hw, free, 0.0, 2 * kv_user / g / blocks, 0.0,
                                       kv_user / g)
+    # A one-pass prefill streams each layer's block in and back out once.
+    prefill_s = overlapped_seconds(prefill_s, 2 * kv_user / g / hw.host_bandwidth, blocks)
     switch_s = 0.0  # both users' caches already live in host memory
   step = lambda b: overlapped_seconds(compute(b), transfer(b), blocks)
   tokens_s, sessions_h = _sessions(users, 1, prefill_s, generated_tokens, step)
   return Metrics(
       config.name, hw.name, label, g, T, B, "analytic",
-      kv_bytes_per_user_per_device=kv_user / g,
+      kv_bytes_per_user_per_device=0.0 if offloaded(spec) else kv_user / g,
       kv_bytes_per_user_total=kv_user,
       weight_bytes_per_device=analytic.weight_bytes(config, dtype, convention) / g,
       decode_temp_bytes_per_device=0.0, prefill_temp_bytes_per_device=0.0,
@@ -553,7 +555,12 @@ def from_hlo(config: ModelConfig, hw, mesh: str | int, T: int, B: int = 1,
   step = lambda b: overlapped_seconds(
       compute_s + (b - B) / d * (kv + host_kv) * reads / hw.hbm_bandwidth,
       transfer_s * b / B, blocks)
-  prefill_s = roofline_seconds(prefill, hw, dtype)
+  # A streamed cache's prefill fetches every layer's block per chunk (and
+  # writes the chunk back): overlapped with each layer's compute as in decode.
+  prefill_blocks = blocks * max(-(-T // (chunk_used(mesh, T, prefill_chunk) or T)), 1)
+  prefill_transfer_s = prefill.host_transfer_bytes / hw.host_bandwidth
+  prefill_s = overlapped_seconds(roofline_seconds(prefill, hw, dtype), prefill_transfer_s,
+                                 prefill_blocks)
   tokens_s, sessions_h = _sessions(users * d, d, prefill_s, generated_tokens, step)
   return Metrics(
       config.name, hw.name, label, num_devices(mesh), T, B, "hlo",
@@ -570,7 +577,8 @@ def from_hlo(config: ModelConfig, hw, mesh: str | int, T: int, B: int = 1,
       context_switch_s=swap.host_transfer_bytes / hw.host_bandwidth,
       generated_tokens=generated_tokens, decode_tokens_per_s=tokens_s,
       sessions_per_hour=sessions_h,
-      prefill_s_calibrated=calibrated.calibrated_seconds(prefill, hw, dtype, cal),
+      prefill_s_calibrated=overlapped_seconds(calibrated.calibrated_seconds(
+          prefill, hw, dtype, cal), prefill_transfer_s, prefill_blocks),
       decode_step_s_calibrated=overlapped_seconds(
           calibrated.calibrated_seconds(decode, hw, dtype, cal), transfer_s, blocks),
       calibration_source=cal.source, prefill_chunk=chunk_used(mesh, T, prefill_chunk),

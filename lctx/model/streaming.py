@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from lctx.cache import store
 
-HOST, DEVICE = jax.memory.Space.Host, jax.memory.Space.Device
+DEVICE = jax.memory.Space.Device
 _AXIS = {"k": 3, "v": 2}  # a one-layer cache array's slot axis (lctx.cache.store)
 
 
@@ -48,8 +48,17 @@ def fetch(host, l):
                for side in host)
 
 
+def _to(x, value):
+  """value in the memory space of cache array x (one array or a tuple of
+  layers): host; the device when a cost analysis traces abstract host
+  arrays, whose placement is then in the jit's shardings."""
+  return jax.device_put(value, jax.typeof(x[0] if isinstance(x, tuple) else x).memory_space)
+
+
 def _write_layer(x, l, new):
-  return store.write_layer(x, l, jax.device_put(new[0], HOST))
+  if isinstance(x, tuple):
+    return x[:l] + (_to(x[l], new[0]),) + x[l + 1:]
+  return store.write_layer(x, l, _to(x, new[0]))
 
 
 def write_back_layer(host, l, block):
@@ -64,7 +73,7 @@ def write_back_slots(host, l, block, start, n: int):
   def one(side_name):
     axis = _AXIS[side_name]
     return lambda x, b: store.write_slots(
-        x, l, jax.device_put(store.slots(b, 0, start, n, axis), HOST), start, axis)
+        x, l, _to(x, store.slots(b, 0, start, n, axis)), start, axis)
   return tuple(_zip(one(name), side, blk) for name, side, blk in zip("kv", host, block))
 
 
@@ -81,7 +90,7 @@ def write_back_slot(host, l, block, slots):
         start[axis] = slots[row]
         size = list(b.shape[1:])
         size[0], size[axis] = 1, 1
-        entry = jax.device_put(jax.lax.dynamic_slice(b[0], start, size), HOST)
+        entry = _to(x, jax.lax.dynamic_slice(b[0], start, size))
         if isinstance(x, tuple):
           x = x[:l] + (jax.lax.dynamic_update_slice(x[l], entry, start),) + x[l + 1:]
         else:
@@ -107,18 +116,19 @@ def layer_loop(layers, carry, host, body: Callable, write_back: Callable):
     return carry, host
 
   L = jax.tree.leaves(layers)[0].shape[0]
+  # Layer l's weights by index, as scan would slice them: slicing the stack
+  # to its first L - 1 layers instead would copy nearly all the weights.
+  weights = lambda l: jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, l, 0, False), layers)
 
-  def step(c, xs):
+  def step(c, l):
     carry, host, block = c
-    lp, l = xs
     nxt = fetch(host, l + 1)  # issued before this layer's compute, independent of it
-    carry, block = body(lp, l, carry, block)
+    carry, block = body(weights(l), l, carry, block)
     return (carry, write_back(host, l, block), nxt), None
 
   c = (carry, host, fetch(host, 0))
   if L > 1:
-    head = jax.tree.map(lambda a: a[:L - 1], layers)
-    c, _ = jax.lax.scan(step, c, (head, jnp.arange(L - 1)))
+    c, _ = jax.lax.scan(step, c, jnp.arange(L - 1))
   carry, host, block = c
-  carry, block = body(jax.tree.map(lambda a: a[L - 1], layers), L - 1, carry, block)
+  carry, block = body(weights(L - 1), L - 1, carry, block)
   return carry, write_back(host, L - 1, block)
