@@ -59,8 +59,7 @@ def test_swap_round_trip_is_bitwise(spec, mesh):
       assert x.sharding == y.sharding
 
 
-@pytest.mark.parametrize("mesh,spec", [(None, s) for s in SPECS] + [("model:2", ""),
-                                                                     ("model:2", "int8")])
+@pytest.mark.parametrize("mesh,spec", [(None, s) for s in SPECS[:3]] + [("model:2", "int8")])
 def test_swap_moves_the_physical_bytes(spec, mesh):
   """The compiled switch's host transfers (read from its HLO) are the
   cache's physical bytes each way: one device's share on a mesh."""
@@ -77,7 +76,7 @@ def test_swap_moves_the_physical_bytes(spec, mesh):
     assert moved == 2 * cache.physical_bytes
 
 
-@pytest.mark.parametrize("spec", ["", "int8", "snapkv:ratio=0.5,window=4"])
+@pytest.mark.parametrize("spec", ["", "snapkv:ratio=0.5,window=4"])
 def test_two_users_swapping_get_their_own_tokens(spec):
   """Two users taking turns on the device, caches swapped through host
   memory every 3 tokens: each gets exactly what lctx.generate gives it alone."""
@@ -93,7 +92,7 @@ def test_two_users_swapping_get_their_own_tokens(spec):
 
 def test_swapping_with_sampling_and_eos_matches_generate():
   rng = np.random.default_rng(2)
-  prompts = [rng.integers(0, CFG.vocab_size, (2, 8)) for _ in range(3)]
+  prompts = [rng.integers(0, CFG.vocab_size, (2, 8)) for _ in range(2)]
   kw = dict(max_new_tokens=9, sampling=lctx.SamplingConfig(0.9, 5), key=jax.random.key(3),
             eos_token_id=[5, 7, 11])
   outs, swaps = session.generate_swapping(CFG, PARAMS, prompts, swap_every=2, **kw)
@@ -140,8 +139,8 @@ SHARE_CFG = CFG.replace(num_layers=4, kv_share_every=2)
 SHARE_PARAMS = lctx.init_params(SHARE_CFG, seed=1)
 
 
-@pytest.mark.parametrize("layout", ["stacked", "unrolled"])
-@pytest.mark.parametrize("spec", ["", "int8", "int4", "share+int8"])
+@pytest.mark.parametrize("spec,layout", [("", "stacked"), ("", "unrolled"), ("int8", "stacked"),
+                                         ("int4", "unrolled"), ("share+int8", "stacked")])
 def test_streamed_decode_is_on_device_decode_bitwise(spec, layout):
   """From the same state, decode steps on a host-resident cache streamed one
   layer ahead give bitwise the logits and cache of on-device decode."""
@@ -164,8 +163,7 @@ def test_streamed_decode_is_on_device_decode_bitwise(spec, layout):
   assert_bitwise(on_device(streamed), cache)
 
 
-@pytest.mark.parametrize("chunk", [None, 5])
-@pytest.mark.parametrize("spec", ["", "int8"])
+@pytest.mark.parametrize("spec,chunk", [("", None), ("int8", None), ("", 5)])
 def test_streamed_prefill_matches_on_device(spec, chunk):
   """One-pass prefill streams bitwise; a chunked one to float rounding (XLA
   fuses the chunk loop's body differently around the fetched block)."""
