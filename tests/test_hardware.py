@@ -27,7 +27,8 @@ def test_preset_loads_and_cites(name):
   assert hw.flops("bfloat16") > 0 and set(hw.peak_flops_dict) <= set(FLOPS_DTYPES)
   # Every figure carries a citation.
   calibrated = {f"calibration.{f}" for f in hw.to_dict().get("calibration", {})}
-  assert set(hw.sources_dict) == {"peak_flops", *NUMERIC_FIELDS} | calibrated
+  host = {"host_memory_bytes"} if hw.host_memory_bytes is not None else set()
+  assert set(hw.sources_dict) == {"peak_flops", *NUMERIC_FIELDS} | calibrated | host
   assert hash(hw) == hash(load_hardware(name))
   # B_crit = FLOP/s / bandwidth lies in a sane range for every accelerator.
   assert 50 < hw.flops("bfloat16") / hw.hbm_bandwidth < 700

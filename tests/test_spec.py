@@ -108,7 +108,7 @@ def error(text: str, *parts: str):
 
 def test_unknown_policy():
   error("int3", "'int3'", "int8, int4, fp8, kivi, kvquant", "--kv_compression=help")
-  error("int8+h3o", "'h3o'", "int8, int4, fp8, kivi, kvquant, streaming_llm, h2o")
+  error("int8+h3o", "'h3o'", "int8, int4, fp8, kivi, kvquant, offload, streaming_llm, h2o")
   error("int8+h2o", "'h2o' (eviction) must come before 'int8'")
   error("h2o:ratio=1", "policy 'h2o'", "'ratio' = 1.0", "a float in [0.0, 1.0)")
   error("snapkv:kernel=4", "policy 'snapkv'", "'kernel' = 4 must be odd")

@@ -271,8 +271,6 @@ def describe() -> str:
   for name, info in POLICIES.items():
     lines += ["", f"{name} ({info.kind}): {info.doc}"]
     width = max(map(len, info.knobs), default=0)
-    if not info.knobs:
-      lines.append("  (no knobs)")
     for key, knob in info.knobs.items():
       lines.append(f"  {key:<{width}}  {knob.type.__name__}, default {knob.default}, "
                    f"{knob.allowed}: {knob.doc}")
