@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lctx.cache import spec as spec_lib
+from lctx.cache import offload, spec as spec_lib
 from lctx.cache.dense import KVCache, cache_format, check_evict_sharing, init_cache
 from lctx.config import ModelConfig
 from lctx.model import transformer
@@ -231,6 +231,7 @@ def prefill(config: ModelConfig, params: Params, tokens, cache: KVCache, lengths
   chunk = transformer.check_chunk(chunk, plan, tokens.shape[1])
   if tokens.shape[0] != cache.batch:
     raise ValueError(f"batch of tokens ({tokens.shape[0]}) != cache batch ({cache.batch})")
+  offload.check_on_device(cache)
   needed = _prompt_slots(cache, tokens.shape[1])
   if needed > cache.capacity:
     what = ("prompt length" if not cache.evicting else
@@ -254,6 +255,7 @@ def decode_step(config: ModelConfig, params: Params, tokens, cache: KVCache,
     raise ValueError(f"tokens must have shape ({cache.batch},) (one per cache row), "
                      f"got {tuple(tokens.shape)}")
   tokens = _check_token_ids(config, tokens, 1, f"[{cache.batch}]")
+  offload.check_on_device(cache)
   if not isinstance(cache.lengths, jax.core.Tracer) and _appends(cache):
     fullest = int(jnp.max(cache.lengths))
     if fullest >= cache.capacity:

@@ -254,6 +254,7 @@ def _finish(proc):
   return proc.returncode, stdout, stderr
 
 
+@pytest.mark.slow  # the entry point end to end (subprocess); -m slow runs it
 def test_generate_convert_kv_heads(tmp_path):
   from experiments.generate import make_prompt
   out = tmp_path / "out.json"

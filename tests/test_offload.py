@@ -110,6 +110,7 @@ def test_swapping_errors():
     session.generate_swapping(CFG, PARAMS, [], max_new_tokens=2, swap_every=1)
 
 
+@pytest.mark.slow  # the entry point end to end (subprocess); -m slow runs it
 def test_generate_flag_swap_every(tmp_path):
   out = tmp_path / "out.json"
   proc = subprocess.run([sys.executable, "-m", "experiments.generate", "--swap_every=3",
@@ -276,3 +277,15 @@ def test_offload_metrics():
     assert compiled.decode_step_s_serial == pytest.approx(
         metrics.roofline_seconds(decode, hw, "bfloat16") + decode.host_transfer_bytes
         / hw.host_bandwidth)
+
+
+@pytest.mark.parametrize("spec", ["", "int8+offload"])
+def test_a_swapped_out_cache_is_refused_until_it_comes_back(spec):
+  cache = engine.new_cache(CFG, PARAMS, 1, 8, kv_compression=spec)
+  host = offload.to_host(cache)
+  with pytest.raises(ValueError, match="to_device"):
+    lctx.prefill(CFG, PARAMS, np.zeros((1, 4), np.int32), host)
+  with pytest.raises(ValueError, match="to_device"):
+    lctx.decode_step(CFG, PARAMS, jnp.zeros((1,), jnp.int32), host)
+  logits, _ = lctx.prefill(CFG, PARAMS, np.zeros((1, 4), np.int32), offload.to_device(host))
+  assert logits.shape == (1, CFG.vocab_size)

@@ -85,3 +85,21 @@ def on_host(cache: KVCache) -> bool:
   """True when every array of a concrete cache is in host memory."""
   return all(getattr(x, "sharding", None) is not None and x.sharding.memory_kind == HOST
              for x in jax.tree.leaves(cache))
+
+
+def check_on_device(cache: KVCache) -> None:
+  """ValueError when a concrete cache's arrays are not where a prefill or
+  decode step reads them: in device memory, except a streamed (`offload`)
+  cache's K and V, in host memory. A swapped-out cache (to_host, swap) must
+  come back with to_device first."""
+  want_host = lambda path: cache.offload and path and getattr(path[0], "name", None) in ("k", "v")
+  for path, x in jax.tree_util.tree_leaves_with_path(cache):
+    kind = getattr(getattr(x, "sharding", None), "memory_kind", None)
+    if kind is None or isinstance(x, jax.core.Tracer):
+      continue
+    expected = HOST if want_host(path) else DEVICE
+    if kind != expected:
+      where = jax.tree_util.keystr(path)
+      raise ValueError(f"cache{where} is in {kind} memory, not {expected}: a cache swapped "
+                       f"out with lctx.cache.offload.to_host or swap comes back with "
+                       f"offload.to_device before a prefill or decode step")
