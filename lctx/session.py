@@ -40,7 +40,8 @@ def generate_swapping(config: ModelConfig, params: Params, prompts, *, max_new_t
       or swap_every < 1:
     raise ValueError(f"swap_every must be a positive integer (tokens per turn), got "
                      f"{swap_every!r}")
-  if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+  if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) \
+      or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
   if not prompts:
     raise ValueError("prompts: at least one user's [B, T] prompt")
@@ -62,6 +63,10 @@ def generate_swapping(config: ModelConfig, params: Params, prompts, *, max_new_t
     kept, grows = engine._generate_slots(str(kv_compression or ""), T)
     multiple = getattr(cache_format(config, kv_compression), "slot_multiple", 1)
     cap = capacity or -(-(kept + (max_new_tokens if grows else 0)) // multiple) * multiple
+    needed = kept + (max_new_tokens - 1 if grows else 0)
+    if needed > cap:  # before anything runs, as lctx.generate says it
+      raise ValueError(f"prompt length {T} ({kept} tokens kept) + max_new_tokens "
+                       f"{max_new_tokens} needs {needed} cache slots but capacity is {cap}")
     cache = engine.new_cache(config, params, tokens.shape[0], cap, plan=plan,
                              kv_compression=kv_compression)
     logits, cache = engine.prefill(config, params, tokens, cache, lens, plan=plan,

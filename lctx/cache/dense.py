@@ -129,6 +129,8 @@ def cache_format(config: ModelConfig, kv_compression=None, block: int | None = N
   from lctx.cache import quant, spec as spec_lib  # quant pulls in every format
   parsed = spec_lib.parse(kv_compression)
   parsed.check(config.head_dim, block)
+  _check_offload(parsed)
+  check_evict_sharing(config, parsed.of_kind("eviction"))
   if parsed.quantization is None:
     return None
   return quant.make_format(parsed.quantization, config, capacity)
@@ -163,19 +165,29 @@ def init_cache(config: ModelConfig, batch: int, capacity: int, stacked: bool = T
   return _placed(KVCache(k, v, jnp.zeros((batch,), jnp.int32), None, evict), kv_compression)
 
 
-def _placed(cache: KVCache, kv_compression) -> KVCache:
-  """With the `offload` policy, K and V in pinned host memory (lctx.model.streaming).
-  ValueError for a cache offload cannot stream: a format whose write is not
-  one slot per token (KIVI, KVQuant, fp8's first-write scale) or eviction."""
-  from lctx.cache import spec as spec_lib
-  from lctx.cache.quant.base import SlotFormat
-  parsed = spec_lib.parse(kv_compression)
+# Formats whose every slot is written on its own: what a streamed cache can
+# send back slot by slot (lctx.model.streaming).
+OFFLOAD_FORMATS = ("int8", "int4")
+
+
+def _check_offload(parsed) -> None:
+  """ValueError for an `offload` spec with a cache it cannot stream: a format
+  whose write is not one slot per token (KIVI's groups, KVQuant, fp8's
+  first-write scale), or token eviction; at any capacity."""
   if parsed.of_kind("offload") is None:
-    return cache
-  if (cache.format is not None and not isinstance(cache.format, SlotFormat)) or cache.evicting:
+    return
+  quant = parsed.quantization
+  if parsed.of_kind("eviction") is not None or (quant and quant.name not in OFFLOAD_FORMATS):
     raise ValueError(f"kv_compression {str(parsed)!r}: offload streams caches whose every "
                      f"slot is written on its own; allowed: offload, int8+offload, "
                      f"int4+offload (with any knobs)")
+
+
+def _placed(cache: KVCache, kv_compression) -> KVCache:
+  """With the `offload` policy, K and V in pinned host memory (lctx.model.streaming)."""
+  from lctx.cache import spec as spec_lib
+  if spec_lib.parse(kv_compression).of_kind("offload") is None:
+    return cache
   host = lambda side: jax.device_put(side, jax.memory.Space.Host)
   return cache.replace(k=host(cache.k), v=host(cache.v), offload=True)
 
