@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import lctx
+from tests.test_experiments import finish  # waits, kills on timeout
 from lctx import ModelConfig, engine
 from lctx.convert import gqa_config
 
@@ -244,16 +245,6 @@ def _start(module, *args):
                           stderr=subprocess.PIPE, text=True)
 
 
-def _finish(proc):
-  try:
-    stdout, stderr = proc.communicate(timeout=300)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait()
-  return proc.returncode, stdout, stderr
-
-
 @pytest.mark.slow  # the entry point end to end (subprocess); -m slow runs it
 def test_generate_convert_kv_heads(tmp_path):
   from experiments.generate import make_prompt
@@ -265,11 +256,11 @@ def test_generate_convert_kv_heads(tmp_path):
   new_config, params = lctx.mha_to_gqa(config, lctx.init_params(config, 0), 1)
   want = lctx.generate(new_config, params, make_prompt(config.vocab_size, 1, 5, 0),
                        max_new_tokens=4, key=jax.random.key(0))
-  rc, stdout, stderr = _finish(bad)
+  rc, stdout, stderr = finish(bad)
   assert rc == 2 and stdout == ""  # refused before anything printed, loaded or compiled
   assert stderr.strip().splitlines()[-1].startswith("error: --convert_kv_heads=4: ")
   assert "allowed: [1, 2]" in stderr
-  rc, stdout, stderr = _finish(run)
+  rc, stdout, stderr = finish(run)
   assert rc == 0, stderr[-3000:]
   assert ("converted: KV heads N/K = 8/2 -> 1 (mean-pooled, not uptrained): dense KV cache "
           "256 -> 128 bytes/token") in stdout
@@ -284,9 +275,9 @@ def test_peak_analysis_kv_heads(tmp_path):
   common = ["--model=tiny", "--contexts=256", "--num_devices=1"]
   run = _start("experiments.peak_analysis", *common, "--kv_heads=1",
                f"--json_out={tmp_path / 'rows.json'}")
-  rc, _, stderr = _finish(_start("experiments.peak_analysis", *common, "--kv_heads=3"))
+  rc, _, stderr = finish(_start("experiments.peak_analysis", *common, "--kv_heads=3"))
   assert rc == 2 and "error: --kv_heads=3: " in stderr and "allowed: [1, 2]" in stderr
-  rc, stdout, stderr = _finish(run)
+  rc, stdout, stderr = finish(run)
   assert rc == 0, stderr[-3000:]
   assert "model tiny-kv1 " in stdout
   rows = {r["source"]: r for r in json.loads((tmp_path / "rows.json").read_text())}
