@@ -55,15 +55,9 @@ def _to(x, value):
   return jax.device_put(value, jax.typeof(x[0] if isinstance(x, tuple) else x).memory_space)
 
 
-def _write_layer(x, l, new):
-  if isinstance(x, tuple):
-    return x[:l] + (_to(x[l], new[0]),) + x[l + 1:]
-  return store.write_layer(x, l, _to(x, new[0]))
-
-
 def write_back_layer(host, l, block):
   """The whole block back into layer l of the host arrays (a prefill)."""
-  return tuple(_zip(lambda x, b: _write_layer(x, l, b), side, blk)
+  return tuple(_zip(lambda x, b: store.write_layer(x, l, _to(x, b[0])), side, blk)
                for side, blk in zip(host, block))
 
 
