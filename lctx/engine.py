@@ -352,18 +352,7 @@ def generate(config: ModelConfig, params: Params, tokens, *, max_new_tokens: int
     from lctx.cache import evict
     check_evict_sharing(config, policy)
     evict.check_format(policy, fmt)
-  kept, grows = _generate_slots(kv_compression, T)
-  if capacity is None:  # the default, rounded up to what the format needs (KIVI: its group)
-    multiple = 1 if fmt is None else fmt.slot_multiple
-    capacity = -(-(kept + (max_new_tokens if grows else 0)) // multiple) * multiple
-  fmt = cache_format(config, kv_compression, capacity=capacity)  # None: dense at this capacity
-  if fmt is not None and capacity % fmt.slot_multiple:
-    raise ValueError(f"cache capacity {capacity} with kv_compression {kv_compression!r}: "
-                     f"allowed: a multiple of {fmt.slot_multiple}")
-  needed = kept + (max_new_tokens - 1 if grows else 0)
-  if needed > capacity:
-    raise ValueError(f"prompt length {T} ({kept} tokens kept) + max_new_tokens {max_new_tokens} "
-                     f"needs {needed} cache slots but capacity is {capacity}")
+  capacity = generate_capacity(config, kv_compression, T, max_new_tokens, capacity)
   if key is None:
     if not sampling.greedy:
       raise ValueError("sampling with temperature > 0 needs an explicit PRNG key (key=...)")
@@ -377,6 +366,28 @@ def generate(config: ModelConfig, params: Params, tokens, *, max_new_tokens: int
   return _generate_jit(config, params, tokens, lengths, key, max_new_tokens=int(max_new_tokens),
                        capacity=int(capacity), sampling=sampling, block=block, plan=plan, eos=eos,
                        chunk=prefill_chunk or None, kv_compression=kv_compression)
+
+
+def generate_capacity(config: ModelConfig, kv_compression: str, T: int, max_new_tokens: int,
+                      capacity: int | None = None) -> int:
+  """The cache slots a generation of max_new_tokens after a prompt of T
+  tokens uses: `capacity`, or by default the prompt's kept slots plus the new
+  tokens, rounded up to the format's slot multiple (KIVI: its group).
+  ValueError for a capacity the format cannot hold or the run does not fit."""
+  fmt = cache_format(config, kv_compression)
+  kept, grows = _generate_slots(kv_compression, T)
+  if capacity is None:
+    multiple = 1 if fmt is None else fmt.slot_multiple
+    capacity = -(-(kept + (max_new_tokens if grows else 0)) // multiple) * multiple
+  fmt = cache_format(config, kv_compression, capacity=capacity)  # None: dense at this capacity
+  if fmt is not None and capacity % fmt.slot_multiple:
+    raise ValueError(f"cache capacity {capacity} with kv_compression {kv_compression!r}: "
+                     f"allowed: a multiple of {fmt.slot_multiple}")
+  needed = kept + (max_new_tokens - 1 if grows else 0)
+  if needed > capacity:
+    raise ValueError(f"prompt length {T} ({kept} tokens kept) + max_new_tokens {max_new_tokens} "
+                     f"needs {needed} cache slots but capacity is {capacity}")
+  return capacity
 
 
 def _generate_slots(kv_compression: str, T: int) -> tuple[int, bool]:

@@ -15,7 +15,7 @@ import numpy as np
 
 from lctx import engine
 from lctx.cache import offload
-from lctx.cache.dense import cache_format
+from lctx.cache import spec as spec_lib
 from lctx.config import ModelConfig
 from lctx.model.params import Params
 from lctx.sampling import SamplingConfig, sample
@@ -60,13 +60,8 @@ def generate_swapping(config: ModelConfig, params: Params, prompts, *, max_new_t
   for tokens, lens in zip(prompts, lengths):
     tokens, lens = engine._check_tokens(config, tokens, lens)
     T = tokens.shape[1]
-    kept, grows = engine._generate_slots(str(kv_compression or ""), T)
-    multiple = getattr(cache_format(config, kv_compression), "slot_multiple", 1)
-    cap = capacity or -(-(kept + (max_new_tokens if grows else 0)) // multiple) * multiple
-    needed = kept + (max_new_tokens - 1 if grows else 0)
-    if needed > cap:  # before anything runs, as lctx.generate says it
-      raise ValueError(f"prompt length {T} ({kept} tokens kept) + max_new_tokens "
-                       f"{max_new_tokens} needs {needed} cache slots but capacity is {cap}")
+    cap = engine.generate_capacity(config, str(spec_lib.parse(kv_compression)), T,
+                                   int(max_new_tokens), capacity)
     cache = engine.new_cache(config, params, tokens.shape[0], cap, plan=plan,
                              kv_compression=kv_compression)
     logits, cache = engine.prefill(config, params, tokens, cache, lens, plan=plan,
