@@ -839,3 +839,74 @@ def _evict_decode(config: ModelConfig, params: Params, tokens: jax.Array, cache:
     grow = jnp.where(lengths >= ev.budget, lengths, lengths + 1)
   new_ev = ev.replace(pos=pos, acc=acc, next_pos=ev.next_pos + 1, step=ev.step + 1)
   return _logits(config, params, x[:, 0]), cache.replace(k=k, v=v, lengths=grow, evict=new_ev)
+
+
+# ---- one prefill, many eviction policies (the quality harness) ----------------
+
+def prefill_capture(config: ModelConfig, params: Params, tokens: jax.Array, lengths: jax.Array,
+                    block: int = PREFILL_BLOCK):
+  """An uncompressed one-pass prefill that keeps what each layer's eviction
+  would score: returns (logits [B, V] of each row's last token, captured),
+  captured = per layer (q [B, T, N, H], k [B, T, K, H] post-RoPE, v, the
+  attention's Partial), each stacked over the layers [L, ...].
+
+  In the one-pass protocol (kvpress's) a layer's hidden states do not depend
+  on what the layers below keep, so this is the common first half of every
+  evicting prefill of these tokens: `evict_from_capture` finishes it for any
+  policy, as _evict_prefill would, without running the model again.
+  ValueError under cross-layer KV sharing (eviction refuses it anyway)."""
+  if config.kv_share_every != 1:
+    raise ValueError(f"prefill_capture with kv_share_every={config.kv_share_every}: eviction "
+                     f"needs one cache layer per layer; allowed: kv_share_every=1")
+  B, T = tokens.shape
+  rope = rope_cos_sin(config, jnp.broadcast_to(jnp.arange(T), (B, T)))
+
+  def layer(lp, x):
+    q, k, v = _qkv(config, lp, x, rope)
+    part = attention.causal_attention(q, k, v, block, normalize=False)
+    return _out_and_mlp(config, lp, x, attention.finalize(part, q.dtype)), (q, k, v, part)
+
+  x = _embed(config, params, tokens)
+  if isinstance(params["layers"], (tuple, list)):
+    per_layer = []
+    for lp in params["layers"]:
+      x, c = layer(lp, x)
+      per_layer.append(c)
+    captured = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
+  else:
+    x, captured = jax.lax.scan(lambda x, lp: layer(lp, x), x, params["layers"])
+  return _logits(config, params, x[jnp.arange(B), lengths - 1]), captured
+
+
+def evict_from_capture(config: ModelConfig, captured, lengths: jax.Array,
+                       cache: KVCache) -> KVCache:
+  """The evicting cache `cache` (empty; its policy and format) filled from a
+  prefill_capture of prompts of `lengths` [B]: each layer selects and writes
+  its kept tokens exactly as the one-pass evicting prefill does
+  (evicting.prefill_layer). ValueError for a cache that does not evict, a
+  format storing keys before RoPE, or too small a capacity."""
+  if not cache.evicting:
+    raise ValueError("evict_from_capture needs an evicting cache (an eviction policy in "
+                     "kv_compression)")
+  fmt = cache.format
+  if fmt is not None and fmt.pre_rope:
+    raise ValueError(f"evict_from_capture with {fmt.spec!r}: keys stored before RoPE; allowed: "
+                     f"formats storing rotated keys (int8, int4, fp8, kivi)")
+  T = captured[1].shape[-3]
+  budget, n_max = evicting.budgets(cache.evict.policy, lengths, T)
+  if n_max > cache.capacity:
+    raise ValueError(f"{cache.evict.policy} keeps up to {n_max} tokens; the cache capacity is "
+                     f"{cache.capacity} (allowed: a capacity >= {n_max})")
+
+  def body(c, l, parts):
+    q, k, v, part = c["c"]
+    return evicting.prefill_layer(config, cache, parts, l, q, k, v, k, lengths, n_max, budget,
+                                  part)[0]
+
+  ev = cache.evict
+  if isinstance(cache.k, (tuple, list)):  # a cache per layer: static layer indices
+    layers = [{"c": jax.tree.map(lambda a: a[l], captured)} for l in range(len(cache.k))]
+  else:
+    layers = {"c": captured}
+  parts = _layer_loop(layers, (cache.k, cache.v, ev.pos, ev.acc), body)
+  return _evicted(cache, parts, lengths, budget)

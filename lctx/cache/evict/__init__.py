@@ -8,13 +8,15 @@ from lctx.cache.evict.h2o import H2O
 from lctx.cache.evict.keyformer import Keyformer
 from lctx.cache.evict.knorm import Knorm
 from lctx.cache.evict.observed_attention import ObservedAttention
+from lctx.cache.evict.oracle import AntiOracle, Oracle
 from lctx.cache.evict.random import Random
 from lctx.cache.evict.snapkv import SnapKV
 from lctx.cache.evict.streaming_llm import StreamingLLM
 from lctx.cache.evict.tova import TOVA
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    StreamingLLM(), H2O(), SnapKV(), TOVA(), Keyformer(), Knorm(), ObservedAttention(), Random())}
+    StreamingLLM(), H2O(), SnapKV(), TOVA(), Keyformer(), Knorm(), ObservedAttention(), Random(),
+    Oracle(), AntiOracle())}
 
 
 def method(policy) -> Method:
