@@ -4,6 +4,7 @@
   python -m experiments.one_m_vs_4k --json_out=1m_vs_4k.json --plot_out=1m_vs_4k.png
   python -m experiments.one_m_vs_4k --rows=dense,int8,kv_heads=4+int4   # a subset
   python -m experiments.one_m_vs_4k --rows=help                         # the default rows
+  python -m experiments.one_m_vs_4k --quality_json=docs/quality.json    # the measured quality
 
 Every row is one way of serving a --long context (1M tokens): the dense cache,
 one compression policy (lctx.cache.spec), one model change (fewer KV heads:
@@ -29,9 +30,14 @@ A row label is its parts joined by '+': model changes kv_heads=N and
 kv_share_every=N, then a --kv_compression spec (e.g. kv_heads=4+int4,
 snapkv:ratio=0.9+int4); "dense" is none; a trailing "@short" costs the
 row at --short instead of --long (the baseline is dense@short). Each row is
-tagged lossless or lossy with the reason; quality is not measured here (issue
-16's harness will). A row lctx cannot build or compile fails with its reason
-(the others still run); a label that does not parse is a usage error.
+tagged lossless or lossy with the reason, and shown with its quality: the
+relative accuracy (accuracy / the uncompressed cache's) that
+experiments.quality_sweep measured for its policy, from --quality_json
+(lctx.quality.results.relative_quality, a token budget taken as a ratio of
+the row's own context), or "unmeasured" (never assumed lossless; a model
+change, kv_heads or kv_share_every, is always unmeasured: the harness runs
+the models as trained). A row lctx cannot build or compile fails with its
+reason (the others still run); a label that does not parse is a usage error.
 """
 
 from __future__ import annotations
@@ -64,6 +70,11 @@ _ROWS = flags.DEFINE_multi_string(
     "default row (--rows=help lists them). The baseline dense@short is always added.")
 _WORKERS = flags.DEFINE_integer("workers", 0, "Programs compiled at once (0: one per CPU core).",
                                 lower_bound=0)
+_QUALITY_JSON = flags.DEFINE_string(
+    "quality_json", "docs/quality.json", "The quality harness's results (python -m "
+    "experiments.quality_sweep): each row is shown with its measured relative accuracy, or "
+    "'unmeasured'. The default, when missing: every lossy row unmeasured; a given path must "
+    "exist.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write every row, mode, value and ratio here.")
 _PLOT_OUT = flags.DEFINE_string("plot_out", None, "Bar chart of the ratios (PNG).")
 
@@ -74,7 +85,6 @@ MODES = ("closed_form", "roofline", "calibrated")
 METRICS = ("concurrency", "prefill_s", "decode_step_s", "context_switch_s", "kv_bytes_per_user")
 HIGHER_IS_BETTER = {"concurrency"}
 WITHIN = 2.0  # "within 2x of 4K"
-QUALITY = "quality: issue 16 harness (not yet measured)"
 MODE_NOTES = {
     "closed_form": "lctx.cost.metrics.from_closed_form",
     "roofline": "lctx.cost.metrics.from_hlo (prefill_s, decode_step_s)",
@@ -226,6 +236,30 @@ def losses(row: Row) -> tuple[bool, str]:
   return True, "the model and cache as trained"
 
 
+def quality(row: Row, rows: list[dict], long: int, short: int):
+  """The row's measured relative accuracy (a lctx.quality.results.Quality) from
+  the quality JSON's `rows`, at the row's own context; unmeasured for a
+  model change (the harness does not convert KV heads nor share KV layers)."""
+  from lctx.quality import results
+  if row.kv_heads or row.kv_share_every > 1:
+    return results.Quality(None, results.UNMEASURED)
+  return results.relative_quality(rows, row.kv_compression, short if row.short else long)
+
+
+def quality_rows() -> tuple[list[dict], str]:
+  """(rows of --quality_json, where they came from): no rows when the default
+  file is missing; a UsageError naming the flag for a given path that is
+  missing or malformed."""
+  from lctx.quality import results
+  path = _QUALITY_JSON.value
+  try:
+    rows = results.load_rows(path, required=bool(_QUALITY_JSON.present))
+  except (OSError, ValueError) as e:
+    raise app.UsageError(f"--quality_json={path}: {e}") from e
+  return rows, (path if os.path.exists(path) else
+                f"{path} (not found: every lossy row unmeasured)")
+
+
 def row_values(cf, h) -> dict[str, dict[str, float]]:
   """mode -> metric -> value, from a closed-form and an hlo Metrics row."""
   by = {"analytic": cf, "hlo": h}
@@ -270,27 +304,36 @@ def tokens(T: int) -> str:
   return str(T)
 
 
+def _acc(value: float | None) -> str:
+  from lctx.quality import results
+  return results.UNMEASURED if value is None else f"{value:.2f}"
+
+
 def format_table(results, long: int, short: int) -> str:
   w = max([24] + [len(r["label"]) for r in results])
   cell = 8
   group = " ".join(f"{SHORT_NAMES[m]:>{cell}}" for m in METRICS)
-  head = f"{'row':<{w}} {'ctx':>5} {'loss':>8} | " + " | ".join(group for _ in MODES)
-  modes = f"{'':<{w}} {'':>5} {'':>8} | " + " | ".join(
+  head = f"{'row':<{w}} {'ctx':>5} {'loss':>8} {'rel acc':>10} | " + " | ".join(
+      group for _ in MODES)
+  modes = f"{'':<{w}} {'':>5} {'':>8} {'':>10} | " + " | ".join(
       f"{mode:^{len(group)}}" for mode in MODES)
   lines = [f"Each metric at the row's context / the same mode's dense {tokens(short)} (ratios; "
            f"concurrency: users, higher is better; the rest lower is better).",
+           "rel acc: measured accuracy / uncompressed accuracy (experiments.quality_sweep; "
+           "what was measured: below).",
            f"* = within {WITHIN:g}x of {tokens(short)} (concurrency >= 1/{WITHIN:g} of its "
            f"users; latency / bytes <= {WITHIN:g}x). calibrated: context switch, concurrency "
            f"and kv are the roofline's (no calibrated field).", modes, head]
   for r in results:
     ctx = tokens(r["context"])
     tag = "lossless" if r["lossless"] else "lossy"
+    acc = _acc(r["relative_accuracy"])
     if r.get("error"):
-      lines.append(f"{r['label']:<{w}} {ctx:>5} {tag:>8} | failed: {r['error']}")
+      lines.append(f"{r['label']:<{w}} {ctx:>5} {tag:>8} {acc:>10} | failed: {r['error']}")
       continue
     cells = [" ".join(f"{_r(r['ratios'][mode][m], r['within_2x'][mode][m]):>{cell}}"
                       for m in METRICS) for mode in MODES]
-    lines.append(f"{r['label']:<{w}} {ctx:>5} {tag:>8} | " + " | ".join(cells))
+    lines.append(f"{r['label']:<{w}} {ctx:>5} {tag:>8} {acc:>10} | " + " | ".join(cells))
   return "\n".join(lines)
 
 
@@ -314,11 +357,23 @@ def format_values(results) -> str:
   return "\n".join(lines)
 
 
-def format_reasons(results) -> str:
-  lines = ["Lossless / lossy (quality: issue 16 harness, not yet measured):"]
+def format_reasons(results, source: str) -> str:
+  lines = [f"Lossless / lossy, and quality (relative accuracy: accuracy / the uncompressed "
+           f"cache's, measured by experiments.quality_sweep; from {source}; 'unmeasured' is "
+           f"not lossless):"]
   for r in results:
-    lines.append(f"  {r['label']}: {'lossless' if r['lossless'] else 'lossy'}, {r['reason']}")
+    lines.append(f"  {r['label']}: {'lossless' if r['lossless'] else 'lossy'}, {r['reason']}; "
+                 f"quality: {r['quality']}")
   return "\n".join(lines)
+
+
+def _legend(r) -> str:
+  """"label @ctx (lossy, rel. acc. 0.97)" or "(lossy, quality unmeasured)";
+  nothing in brackets for the lossless rows of relative accuracy 1."""
+  note = ([] if r["lossless"] else ["lossy"]) + (
+      [] if r["relative_accuracy"] == 1.0 else ["quality unmeasured"]
+      if r["relative_accuracy"] is None else [f"rel. acc. {r['relative_accuracy']:.2f}"])
+  return f"{r['label']} @{tokens(r['context'])}" + (f" ({', '.join(note)})" if note else "")
 
 
 def plot(results, path: str, title: str) -> None:
@@ -343,7 +398,7 @@ def plot(results, path: str, title: str) -> None:
       ys = [r["ratios"][mode][m] for m in METRICS]
       ax.bar(xs, [max(y or 0, floor) for y in ys], width, color=colors[i % len(colors)],
              hatch=None if r["lossless"] else "//", edgecolor="white", lw=0.3, zorder=2,
-             label=f"{r['label']} @{tokens(r['context'])}" + ("" if r["lossless"] else " (lossy)"))
+             label=_legend(r))
     ax.set_yscale("log")
     ax.set_xticks(range(len(METRICS)))
     ax.set_xticklabels(["concurrency (users; higher is better)", "prefill s",
@@ -387,6 +442,7 @@ def main(argv):
     print("Default rows for " + config.name + ":\n  " + "\n  ".join(default_labels(config)))
     return
   rows = _rows(config)
+  quality_json, quality_source = quality_rows()
   costing.require_devices(g, f"--num_devices={g}")
   hw = costing.hardware(_HARDWARE.value, _DTYPE.value)
 
@@ -445,10 +501,11 @@ def main(argv):
   results = []
   for row in rows:
     lossless, reason = losses(row)
+    q = quality(row, quality_json, long, short)
     r = {"label": row.label, "context": short if row.short else long,
          "kv_heads": row.kv_heads or config.num_kv_heads, "kv_share_every": row.kv_share_every,
          "kv_compression": row.kv_compression, "lossless": lossless, "reason": reason,
-         "quality": QUALITY}
+         "relative_accuracy": q.value, "quality": q.label}
     res = out[row.key]
     if isinstance(res, str):
       r["error"] = res
@@ -469,7 +526,7 @@ def main(argv):
   print()
   print(format_values(results))
   print()
-  print(format_reasons(results))
+  print(format_reasons(results, quality_source))
   failed = [r for r in results if r.get("error")]
   if failed:
     cli.warn(f"{len(failed)} row(s) failed: " + "; ".join(f"{r['label']}: {r['error']}"
@@ -482,7 +539,8 @@ def main(argv):
               "short": short, "prefill_chunk": chunk, "dtype": dtype, "batch": B,
               "generated_tokens": G, "baseline": BASELINE, "within": WITHIN,
               "metrics": list(METRICS), "higher_is_better": sorted(HIGHER_IS_BETTER),
-              "modes": MODE_NOTES, "seconds": elapsed, "rows": results}
+              "modes": MODE_NOTES, "quality_json": quality_source, "seconds": elapsed,
+              "rows": results}
     with open(_JSON_OUT.value, "w") as f:
       json.dump(report, f, indent=1)
     print(f"wrote {_JSON_OUT.value}")

@@ -7,6 +7,7 @@
   python -m experiments.peak_analysis --num_devices=8 --contexts=131072 \
       --kv_compression=int8 --kv_compression=int4 --kv_compression=fp8   # dense first, then each
   python -m experiments.peak_analysis --kv_compression=help           # the policies and knobs
+  python -m experiments.peak_analysis --kv_compression=int8 --quality_json=docs/quality.json
 
 For every context length and mesh (tensor parallel over --num_devices, or each
 --mesh) it compiles lctx's prefill and decode programs from abstract shapes
@@ -15,7 +16,11 @@ For every context length and mesh (tensor parallel over --num_devices, or each
 exact or paper), with their ratio. With --kv_compression (repeatable), every
 row is computed again with each compressed cache, beside the dense one: its
 physical bytes per token (closed form) and its compiled programs (the
-quantized cache's writes and block-by-block dequantizing reads).
+quantized cache's writes and block-by-block dequantizing reads). Each cache
+is shown with its quality: the relative accuracy (accuracy / the
+uncompressed cache's) experiments.quality_sweep measured for that policy
+(--quality_json; lctx.quality.results.relative_quality picks the rows), or
+"unmeasured"; never assumed lossless.
 """
 
 from __future__ import annotations
@@ -63,6 +68,11 @@ _KV_COMPRESSION = flags.DEFINE_multi_string(
     "fp8:scale=head, kivi:bits=2, snapkv:ratio=0.9, h2o:ratio=0.9+int8; repeat the flag to put "
     "several side by side (the dense cache "
     "always comes first); 'help' lists every policy and knob.")
+_QUALITY_JSON = flags.DEFINE_string(
+    "quality_json", "docs/quality.json", "The quality harness's results (python -m "
+    "experiments.quality_sweep): each cache is shown with its measured relative accuracy, or "
+    "'unmeasured'. The default, when missing: every lossy cache unmeasured; a given path must "
+    "exist.")
 _WORKERS = flags.DEFINE_integer("workers", 0, "Programs compiled at once (0: one per CPU core).",
                                 lower_bound=0)
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write every row here as JSON.")
@@ -185,6 +195,37 @@ def format_switch(rows) -> str:
         f"{T:>9} {mesh:>14} {_kv(kv):>{w}} "
         f"{f'{a.context_switch_s:.3f}|{h.context_switch_s:.3f}':>15} "
         f"{f'{a.prefill_s:.2f}|{h.prefill_s:.2f}':>17} {cheaper:>9}   {stream:>34}")
+  return "\n".join(lines)
+
+
+def quality_rows() -> tuple[list[dict], str]:
+  """(rows of --quality_json, where they came from): no rows when the default
+  file is missing; a UsageError naming the flag for a given path that is
+  missing or malformed."""
+  from lctx.quality import results
+  path = _QUALITY_JSON.value
+  try:
+    rows = results.load_rows(path, required=bool(_QUALITY_JSON.present))
+  except (OSError, ValueError) as e:
+    raise app.UsageError(f"--quality_json={path}: {e}") from e
+  return rows, (path if os.path.exists(path) else
+                f"{path} (not found: every lossy cache unmeasured)")
+
+
+def format_quality(rows, quality_of, source: str) -> str:
+  """Each cache's quality (`quality_of(kv, context)`, a results.Quality): one
+  line, or one per context where they differ (a token budget is a different
+  ratio of each context)."""
+  w = _kv_width(rows)
+  contexts = sorted({r.context for r in rows})
+  lines = [f"Quality (relative accuracy: accuracy / the uncompressed cache's, measured by "
+           f"experiments.quality_sweep; from {source}; 'unmeasured' is not lossless):"]
+  for kv in dict.fromkeys(r.kv_compression for r in rows):
+    labels = {T: quality_of(kv, T).label for T in contexts}
+    if len(set(labels.values())) == 1:
+      lines.append(f"  {_kv(kv):>{w}} quality: {labels[contexts[0]]}")
+    else:
+      lines += [f"  {_kv(kv):>{w}} quality at {T}: {label}" for T, label in labels.items()]
   return "\n".join(lines)
 
 
@@ -331,8 +372,18 @@ def main(argv):
   meshes = _mesh_flags()
   costing.require_devices(max(metrics.num_devices(m) for m, _ in meshes),
                           max(meshes, key=lambda mf: metrics.num_devices(mf[0]))[1])
-  config = costing.kv_heads(costing.model(_MODEL.value, _DTYPE.value), _KV_HEADS.value)
+  own = costing.model(_MODEL.value, _DTYPE.value)
+  config = costing.kv_heads(own, _KV_HEADS.value)
   kv_specs = _kv_specs(config, contexts)
+  quality_json, quality_source = quality_rows()
+  from lctx.quality import results
+
+  def quality_of(kv: str, T: int) -> results.Quality:
+    if config.num_kv_heads != own.num_kv_heads:  # a model change the harness does not measure
+      return results.Quality(None, f"{results.UNMEASURED} (--kv_heads={config.num_kv_heads}: "
+                                   f"the converted model)")
+    return results.relative_quality(quality_json, kv, T)
+
   _check_meshes(config, meshes, contexts, _BATCH.value, _PREFILL_CHUNK.value, kv_specs)
   hw = costing.hardware(_HARDWARE.value, _DTYPE.value)  # cpu-local measures: after the checks
   flag_of = dict(meshes)
@@ -382,10 +433,15 @@ def main(argv):
   print(format_throughput(rows, metrics))
   print()
   print(format_switch(rows))
+  if len(kv_specs) > 1 or config.num_kv_heads != own.num_kv_heads:
+    print()
+    print(format_quality(rows, quality_of, quality_source))
   print(f"total {time.perf_counter() - start:.1f} s")
   report = [dataclasses.asdict(r) for r in rows]
   pairs = _pairs(rows)
-  for row, r in zip(report, rows):  # each hlo row carries its ratios to the closed form
+  for row, r in zip(report, rows):  # quality; each hlo row: its ratios to the closed form
+    q = quality_of(r.kv_compression, r.context)
+    row["relative_accuracy"], row["quality_label"] = q.value, q.label
     if r.source == "hlo":
       row["hlo_over_analytic"] = metrics.ratios(pairs[(r.context, r.num_devices, r.mesh,
                                                        r.kv_compression)]["analytic"], r)

@@ -220,3 +220,63 @@ def test_kv_compression_with_eviction(tmp_path):
     assert h["decode_bytes_per_device"] == pytest.approx(a["decode_bytes_per_device"], rel=0.05)
     assert h["concurrency"] > 8 * by[("", "hlo")]["concurrency"]
   assert "snapkv:ratio=0.9+int8" in proc.stdout
+
+
+def _quality_row(spec, rel, ratio=None, task="passkey", context=1024):
+  """A row of experiments.quality_sweep's JSON (lctx.quality.results)."""
+  return {"model": "smollm2-135m", "task": task, "context": context, "depth": 0.5,
+          "method": "+".join(p.split(":")[0] for p in spec.split("+")), "spec": spec,
+          "ratio": ratio, "protocol": "agnostic", "accuracy": rel, "relative_accuracy": rel,
+          "answer_recall": None, "kl": 0.1, "top1_agreement": 0.9, "n": 8}
+
+
+def test_kv_compression_quality(tmp_path):
+  """Each cache beside its measured relative accuracy from --quality_json: int8
+  (offload ignored: lossless), a token budget as the nearest measured ratio of
+  each context, and int4, which the JSON never measured."""
+  quality, out = tmp_path / "quality.json", tmp_path / "rows.json"
+  quality.write_text(json.dumps({"meta": {}, "rows": [
+      _quality_row("", 1.0), _quality_row("int8", 0.98),
+      _quality_row("int8", 0.96, task="mqar", context=4096),
+      _quality_row("snapkv:ratio=0.5", 0.9, ratio=0.5),
+      _quality_row("snapkv:ratio=0.9", 0.4, ratio=0.9)]}))
+  proc = _run("--model=tiny", "--contexts=64,256", "--num_devices=1", "--workers=2",
+              "--kv_compression=int8+offload", "--kv_compression=snapkv:budget=32",
+              "--kv_compression=int4", f"--quality_json={quality}", f"--json_out={out}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  text = proc.stdout
+  assert f"from {quality};" in text
+  assert "dense quality: uncompressed" in text
+  assert ("int8+offload quality: 0.97 rel. acc. (int8, smollm2-135m, mqar/passkey at 1K-4K "
+          "ctx)") in text
+  # 32 of 64 tokens kept: ratio 0.5; of 256: 0.875, nearest measured 0.9
+  assert "snapkv:budget=32 quality at 64: 0.90 rel. acc. (snapkv ratio 0.5," in text
+  assert ("snapkv:budget=32 quality at 256: 0.40 rel. acc. (snapkv nearest measured ratio 0.9 "
+          "for 0.875,") in text
+  assert "int4 quality: unmeasured" in text
+  by = {(r["context"], r["kv_compression"], r["source"]): r for r in json.loads(out.read_text())}
+  assert len(by) == 2 * 4 * 2
+  assert by[(64, "", "hlo")]["relative_accuracy"] == 1.0
+  assert by[(64, "int8+offload", "analytic")]["relative_accuracy"] == pytest.approx(0.97)
+  assert by[(256, "snapkv:budget=32", "hlo")]["relative_accuracy"] == pytest.approx(0.4)
+  assert by[(256, "int4", "hlo")]["relative_accuracy"] is None
+  assert by[(256, "int4", "hlo")]["quality_label"] == "unmeasured"
+
+
+def test_kv_compression_quality_without_a_json(tmp_path):
+  """The default --quality_json (docs/quality.json, relative to the working
+  directory) missing: every lossy cache is unmeasured; a given path that is
+  missing is an error naming it."""
+  proc = subprocess.run([sys.executable, "-m", "experiments.peak_analysis", "--model=tiny",
+                         "--contexts=64", "--num_devices=1", "--kv_compression=int8"],
+                        cwd=tmp_path, env={**os.environ, "JAX_PLATFORMS": "cpu",
+                                           "PYTHONPATH": str(ROOT)},
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "docs/quality.json (not found: every lossy cache unmeasured)" in proc.stdout
+  assert "int8 quality: unmeasured" in proc.stdout
+  missing = tmp_path / "none.json"
+  proc = _run("--model=tiny", "--contexts=64", "--num_devices=1", "--kv_compression=int8",
+              f"--quality_json={missing}", timeout=300)
+  assert proc.returncode != 0 and f"--quality_json={missing}" in proc.stderr
+  assert "not found" in proc.stderr
