@@ -122,7 +122,7 @@ def _log_softmax(logits):
   return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("config",))
 def _feed(config: ModelConfig, params, tokens: jax.Array, cache):
   """Decode steps over tokens [B, Q] (teacher-forced): log-probabilities
   [B, Q, V] float32 after each token."""
@@ -134,8 +134,7 @@ def _feed(config: ModelConfig, params, tokens: jax.Array, cache):
 
 
 _capture = jax.jit(transformer.prefill_capture, static_argnames=("config",))
-_evict = jax.jit(transformer.evict_from_capture, static_argnames=("config",),
-                 donate_argnames=("cache",))
+_evict = jax.jit(transformer.evict_from_capture, static_argnames=("config",))
 # What an evicting cache decodes with once its prompt is compressed: with
 # decode=append a decode step only appends (the method is not consulted and
 # its score accumulators are never read again), so every method's cache
@@ -173,7 +172,7 @@ def _evicts(spec: str) -> bool:
 
 
 def run(config: ModelConfig, params, examples: list[Example], specs, *,
-        protocol: str = "agnostic", batch: int = 8, max_tokens: int = 16384,
+        protocol: str = "agnostic", batch: int = 8, max_tokens: int = 32768,
         shared: bool = True, progress=None) -> dict[str, list[Outcome]]:
   """Every example under every compression spec (lctx.cache.spec; "" is
   uncompressed, always run: the others are compared with it).

@@ -134,7 +134,8 @@ def relative_quality(rows, spec, context: int | None = None) -> Quality:
     bitwise lossless (tests/test_offload.py), so "int4+offload" is "int4".
   - Dense ("", or offload alone): 1.0 exactly, label "uncompressed".
   - Rows used: protocol "agnostic", an accuracy task (not fidelity), a
-    relative_accuracy (not null), and the same canonical spec once every
+    relative_accuracy (not null), eligible (the uncompressed model is at
+    least 90% accurate on the row's cell), and the same canonical spec once every
     eviction ratio / budget is removed: the method (policy names joined by
     "+") and every other knob equal. Rows for "snapkv:ratio=0.75" (default
     window) do not describe "snapkv:ratio=0.75,window=16"; "kivi:bits=4"
@@ -164,6 +165,7 @@ def relative_quality(rows, spec, context: int | None = None) -> Quality:
   used = [r for r in rows
           if r.get("protocol") == PROTOCOL and r.get("task") not in NO_ACCURACY_TASKS
           and r.get("accuracy") is not None and r.get("relative_accuracy") is not None
+          and r.get("eligible", True)
           and isinstance(r.get("spec"), str) and _spec_key(r["spec"]) == str(key)]
   if any(r["model"] == REAL_MODEL for r in used):
     used = [r for r in used if r["model"] == REAL_MODEL]

@@ -128,10 +128,11 @@ class ChatBuilder:
   def example(self, task: str, instruction: str, filler: str, length: int,
               needles: list[tuple[float, str, bool]], question: str, primer: str,
               answer: str, depth: float, seed: int) -> Example:
-    """An example of at most `length` context tokens: `instruction`, then
-    sentences of `filler` (repeated as needed) with each needle text inserted
-    at the sentence boundary nearest its depth (fraction of the haystack
-    before it); needles flagged True are answer spans."""
+    """An example of exactly `length` context tokens: `instruction`, then
+    the end of a sentence and whole sentences of `filler` (repeated as
+    needed) with each needle text inserted at the sentence boundary nearest
+    its depth (fraction of the haystack's sentences before it); needles
+    flagged True are answer spans."""
     head = self.head + self.encode(instruction)
     needle_ids = [(d, self.encode(" " + t.strip()), asked) for d, t, asked in needles]
     room = length - len(head) - sum(len(n) for _, n, _ in needle_ids)
@@ -146,7 +147,10 @@ class ChatBuilder:
       raise ValueError(f"{task}: context length {length} has no room for a haystack "
                        f"(allowed: > {length - room} tokens)")
     at = sorted(((round(d * len(sents)), i) for i, (d, _, _) in enumerate(needle_ids)))
-    context, spans, k = list(head), [], 0
+    # The haystack opens with the end of the sentence that did not fit, so the
+    # context is exactly `length` tokens (an excerpt starting mid-sentence):
+    # every task at a length then has the same shape and compiles once.
+    context, spans, k = list(head) + list(s[len(s) - (room - total):]), [], 0
     for j in range(len(sents) + 1):
       while k < len(at) and at[k][0] == j:
         _, ids, asked = needle_ids[at[k][1]]
@@ -220,7 +224,7 @@ def variable_tracking(builder: ChatBuilder, length: int, depth: float, n: int, s
   letters = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZ"))
   out = []
   for _ in range(n):
-    names = ["".join(rng.choice(letters, 5)) for _ in range(hops + 1)]
+    names = [_name(builder, rng, letters) for _ in range(hops + 1)]
     value = _number(rng, 5)
     chain = [f"VAR {names[0]} = {value}."] + [f"VAR {names[i]} = VAR {names[i - 1]}."
                                               for i in range(1, hops + 1)]
@@ -232,6 +236,17 @@ def variable_tracking(builder: ChatBuilder, length: int, depth: float, n: int, s
         value, depth, seed)
     out.append(ex)
   return out
+
+
+def _name(builder: ChatBuilder, rng, letters) -> str:
+  """A random 5-letter upper-case name (RULER's) that is 3 tokens after a
+  space and 4 with a '.' or '?' after it, so every example of a cell has
+  the same token counts and answer spans."""
+  while True:
+    name = "".join(rng.choice(letters, 5))
+    if (len(builder.encode(" " + name)) == 3 and len(builder.encode(" " + name + ".")) == 4
+        and len(builder.encode(" " + name + "?")) == 4):
+      return name
 
 
 def fidelity(builder: ChatBuilder, length: int, n: int, seed: int = 0,

