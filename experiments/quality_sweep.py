@@ -54,11 +54,11 @@ _TASKS = flags.DEFINE_list("tasks", ["passkey", "needle_single", "needle_multike
                            "Tasks (each runs on the model that has it).")
 _LENGTHS = flags.DEFINE_list("lengths", ["512"], "SmolLM2 context lengths (tokens) of the "
                              "needle and variable-tracking tasks.")
-_HEATMAP_LENGTHS = flags.DEFINE_list("passkey_lengths", ["512", "1024", "2048"],
+_HEATMAP_LENGTHS = flags.DEFINE_list("passkey_lengths", ["512", "1024"],
                                      "Passkey context lengths (the depth x length heatmap).")
 _DEPTHS = flags.DEFINE_list("depths", ["0", "0.25", "0.5", "0.75", "1"], "Needle depths "
                             "(fraction of the haystack before the needle).")
-_FIDELITY_LENGTHS = flags.DEFINE_list("fidelity_lengths", ["1024"], "Fidelity context lengths.")
+_FIDELITY_LENGTHS = flags.DEFINE_list("fidelity_lengths", ["512"], "Fidelity context lengths.")
 _TINY_LENGTHS = flags.DEFINE_list("tiny_lengths", ["512"], "Tiny-model context lengths.")
 _METHODS = flags.DEFINE_list("methods", ["snapkv", "tova", "knorm", "observed_attention", "h2o",
                                          "keyformer"],
@@ -82,6 +82,8 @@ _PROTOCOL = flags.DEFINE_enum("protocol", "agnostic", ["agnostic", "aware"],
                               "agnostic: the question is fed after compression (kvpress); "
                               "aware: prefilled with the context, so the compression sees it.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write the rows as JSON.")
+_FROM_JSON = flags.DEFINE_string("from_json", None, "Run nothing: print the tables (and "
+                                 "--plot_out) of this earlier --json_out.")
 _MERGE_JSON = flags.DEFINE_string("merge_json", None, "Keep the rows of this earlier JSON whose "
                                   "model this run does not measure (e.g. the two models run "
                                   "separately into one file).")
@@ -93,10 +95,9 @@ SMOLLM_TASKS = ("passkey", "needle_single", "needle_multikey", "variable_trackin
 TINY_TASKS = ("mqar", "selective_copy")
 ELIGIBLE = 0.9  # the uncompressed accuracy a task and context need to enter the tables
 QUICK = dict(lengths=["512"], passkey_lengths=["512"], fidelity_lengths=["512"], depths=["0.5"],
-             tiny_lengths=["256"],
-             methods=["snapkv", "tova"], ratios=["0", "0.5", "0.9"], quant=["int8", "int4"],
-             compositions=["snapkv+int4"], n=4, fidelity_n=2, fidelity_tokens=16,
-             tasks=["passkey", "fidelity", "mqar"])
+             tiny_lengths=["256"], methods=["snapkv"], ratios=["0.5", "0.9"],
+             quant=["int8", "int4"], compositions=["snapkv+int4"], n=4, fidelity_n=2,
+             fidelity_tokens=16, tasks=["passkey", "fidelity", "mqar"])
 
 
 def _grid() -> dict:
@@ -219,12 +220,13 @@ def _model(name: str):
   return _MODELS_CACHE["tiny"]
 
 
-def sweep(grid: dict, seed: int, protocol: str, batch: int) -> list[dict]:
-  """Runs the grid; returns the rows (module docstring)."""
+def sweep(grid: dict, seed: int, protocol: str, batch: int, on_cell=None) -> list[dict]:
+  """Runs the grid; returns the rows (module docstring). on_cell(rows so
+  far) after each (model, task, context): e.g. to save partial results."""
   import numpy as np
   from lctx.quality import evaluate
   specs = specs_for(grid)
-  plan = list(cells(grid, seed))
+  plan = sorted(cells(grid, seed), key=lambda c: (c[0], c[2]))  # shortest contexts first
   total = sum(len(ex) for *_, ex in plan) * len(specs)
   done, start, rows = 0, time.time(), []
   for model, task, length, examples in plan:
@@ -257,6 +259,9 @@ def sweep(grid: dict, seed: int, protocol: str, batch: int) -> list[dict]:
             kl=float(np.mean([o.kl for o in outcomes])),
             top1_agreement=float(np.mean([o.top1 for o in outcomes])), n=len(outcomes),
             uncompressed_accuracy=base))
+    _mark_eligible(rows)
+    if on_cell is not None:
+      on_cell(rows)
   _mark_eligible(rows)
   return rows
 
@@ -282,48 +287,76 @@ def _versions() -> dict:
   return out
 
 
-def print_tables(rows: list[dict]) -> None:
-  """Accuracy per method and ratio (mean over eligible contexts and depths),
-  per task; then KL and top-1 agreement per policy on the fidelity task."""
+def _fmt(x, spec=".2f"):
+  return "-" if x is None or x != x else format(x, spec)
+
+
+def _avg(rows, key):
   import numpy as np
-  tasks = list(dict.fromkeys(r["task"] for r in rows if r["task"] != "fidelity"))
-  for task in tasks:
-    sel = [r for r in rows if r["task"] == task]
+  vals = [r[key] for r in rows if r[key] is not None]
+  return float(np.mean(vals)) if vals else None
+
+
+def print_tables(rows: list[dict]) -> None:
+  """Markdown tables: per (model, task), the uncompressed accuracy per
+  context, then accuracy and answer recall per method and ratio (the mean
+  over its eligible cells: contexts and depths); then, on the fidelity task,
+  KL and top-1 agreement per policy."""
+  for model, task in dict.fromkeys((r["model"], r["task"]) for r in rows
+                                   if r["task"] != "fidelity"):
+    sel = [r for r in rows if r["model"] == model and r["task"] == task]
     ok = [r for r in sel if r["eligible"]]
-    ctx = sorted({r["context"] for r in sel})
-    print(f"\n{sel[0]['model']} {task}: uncompressed accuracy per context "
-          + ", ".join(f"{c}: {np.mean([r['accuracy'] for r in sel if r['spec'] == '' and r['context'] == c]):.2f}"
-                      for c in ctx)
-          + ("" if ok else " (none at >= 0.9: no compression table)"))
+    print(f"\n{model} {task}, uncompressed accuracy: " + ", ".join(
+        f"{c} tokens {_fmt(_avg([r for r in sel if r['spec'] == '' and r['context'] == c], 'accuracy'))}"
+        for c in sorted({r["context"] for r in sel}))
+        + f"; eligible cells (>= {ELIGIBLE:g}): "
+        + f"{len({(r['context'], r['depth']) for r in ok})} of "
+        + f"{len({(r['context'], r['depth']) for r in sel})}")
     if not ok:
       continue
     ratios = sorted({r["ratio"] for r in ok if r["ratio"] is not None})
-    print(f"  {'method':28s}" + "".join(f"{f'r={x:g}':>14s}" for x in ratios)
-          + "   (accuracy / answer recall)")
+    print("\n| method | " + " | ".join(f"ratio {x:g}" for x in ratios) + " |")
+    print("|---|" + "---:|" * len(ratios))
     for method in dict.fromkeys(r["method"] for r in ok if r["ratio"] is not None):
-      cellv = []
+      cells_ = []
       for x in ratios:
         m = [r for r in ok if r["method"] == method and r["ratio"] == x]
-        cellv.append(f"{np.mean([r['accuracy'] for r in m]):.2f}/"
-                     f"{np.mean([r['answer_recall'] for r in m]):.2f}" if m else "-")
-      print(f"  {method:28s}" + "".join(f"{c:>14s}" for c in cellv))
-    for spec in dict.fromkeys(r["spec"] for r in ok if r["ratio"] is None):
-      m = [r for r in ok if r["spec"] == spec]
-      print(f"  {spec or 'uncompressed':28s}{np.mean([r['accuracy'] for r in m]):>14.2f}")
+        cells_.append(f"{_fmt(_avg(m, 'accuracy'))} ({_fmt(_avg(m, 'answer_recall'))})"
+                      if m else "")
+      print(f"| {method} | " + " | ".join(cells_) + " |")
+    quant = list(dict.fromkeys(r["spec"] for r in ok if r["ratio"] is None))
+    print("\n| " + " | ".join(s or "uncompressed" for s in quant) + " |")
+    print("|" + "---:|" * len(quant))
+    print("| " + " | ".join(_fmt(_avg([r for r in ok if r["spec"] == s], "accuracy"))
+                            for s in quant) + " |")
   fid = [r for r in rows if r["task"] == "fidelity"]
   if fid:
-    print("\nsmollm2-135m fidelity (next-token distributions vs the uncompressed cache, "
-          "mean over contexts " + ", ".join(map(str, sorted({r['context'] for r in fid}))) + ")")
-    print(f"  {'spec':36s}{'KL (nats)':>12s}{'top-1 agree':>13s}")
+    print("\nsmollm2-135m fidelity: next-token distributions against the uncompressed "
+          "cache's, mean over contexts of " + ", ".join(map(str, sorted({r['context'] for r in fid})))
+          + " tokens")
+    print("\n| spec | KL (nats) | top-1 agreement | next-token accuracy |")
+    print("|---|---:|---:|---:|")
     for spec in dict.fromkeys(r["spec"] for r in fid):
       m = [r for r in fid if r["spec"] == spec]
-      print(f"  {spec or 'uncompressed':36s}{np.mean([r['kl'] for r in m]):>12.2e}"
-            f"{np.mean([r['top1_agreement'] for r in m]):>13.3f}")
+      print(f"| {spec or 'uncompressed'} | {_fmt(_avg(m, 'kl'), '.2e')} | "
+            f"{_fmt(_avg(m, 'top1_agreement'), '.3f')} | {_fmt(_avg(m, 'accuracy'), '.3f')} |")
 
 
 def main(argv):
   del argv
   cli.check_output_paths(json_out=_JSON_OUT.value, plot_out=_PLOT_OUT.value)
+  if _FROM_JSON.value:
+    from lctx.quality import results
+    try:
+      rows = results.load(_FROM_JSON.value)["rows"]
+    except (OSError, ValueError) as e:
+      raise app.UsageError(f"--from_json={_FROM_JSON.value}: {e}") from None
+    print_tables(rows)
+    if _PLOT_OUT.value:
+      from experiments import quality_plot
+      quality_plot.plot(rows, _PLOT_OUT.value)
+      print(f"wrote {_PLOT_OUT.value}")
+    return
   grid = _grid()
   for m in grid["models"]:
     if m not in ("smollm2-135m", "tiny"):
@@ -340,18 +373,25 @@ def main(argv):
       merged_meta = earlier["meta"]
     except (OSError, ValueError) as e:
       raise app.UsageError(f"--merge_json={_MERGE_JSON.value}: {e}") from None
-  rows = sweep(grid, _SEED.value, _PROTOCOL.value, _BATCH.value)
-  wall = time.time() - start
-  print_tables(rows)
-  print(f"\n{len(rows)} rows in {wall:.0f} s")
-  if _JSON_OUT.value:
+
+  def write(rows, wall=None):
     meta = dict(command="python -m experiments.quality_sweep " + " ".join(sys.argv[1:]),
-                seed=_SEED.value, protocol=_PROTOCOL.value, grid=grid, wall_s=round(wall, 1),
-                versions=_versions(), cpu_count=os.cpu_count())
+                seed=_SEED.value, protocol=_PROTOCOL.value, grid=grid, versions=_versions(),
+                cpu_count=os.cpu_count(), wall_s=None if wall is None else round(wall, 1),
+                complete=wall is not None)
     if _MERGE_JSON.value:
       meta["merged"] = {"path": _MERGE_JSON.value, "meta": merged_meta}
     with open(_JSON_OUT.value, "w") as f:
       json.dump({"meta": meta, "rows": kept + rows}, f, indent=1)
+
+  # Partial results are saved after each cell (meta.complete false until the end).
+  rows = sweep(grid, _SEED.value, _PROTOCOL.value, _BATCH.value,
+               on_cell=write if _JSON_OUT.value else None)
+  wall = time.time() - start
+  print_tables(rows)
+  print(f"\n{len(rows)} rows in {wall:.0f} s")
+  if _JSON_OUT.value:
+    write(rows, wall)
     print(f"wrote {_JSON_OUT.value}")
   if _PLOT_OUT.value:
     from experiments import quality_plot
