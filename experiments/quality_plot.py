@@ -4,7 +4,7 @@ Top: accuracy vs eviction ratio per method, one panel per (model, task),
 the mean over its eligible cells (contexts and depths where the
 uncompressed model is at least 90% accurate), the uncompressed accuracy as a
 dashed line. Bottom: passkey accuracy as a depth x context-length heatmap per
-method at the largest measured ratio, uncompressed first.
+method at the smallest measured ratio above 0, uncompressed first.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def plot(rows: list[dict], path: str) -> None:
   panels = list(dict.fromkeys((r["model"], r["task"]) for r in rows if r["task"] != "fidelity"))
   passkey = [r for r in rows if r["task"] == "passkey"]
   ratios = sorted({r["ratio"] for r in passkey if r["ratio"]})
-  heat_ratio = ratios[-1] if ratios else None
+  heat_ratio = ratios[0] if ratios else None  # the mildest: the most to tell apart
   heat_methods = ["uncompressed"] + list(dict.fromkeys(
       r["method"] for r in passkey if r["ratio"] == heat_ratio and "+" not in r["method"]))
   heat_methods = heat_methods if passkey else []

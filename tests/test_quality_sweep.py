@@ -1,0 +1,77 @@
+"""experiments.quality_sweep --quick end to end (a subprocess): it runs, its
+rows hold the harness's bounds, and a run reproduces the committed one
+(docs/quality_quick.json, made by the same command): the sweep is
+deterministic for a seed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import smollm2_gguf
+
+REPO = Path(__file__).resolve().parents[1]
+COMMITTED = REPO / "docs" / "quality_quick.json"
+
+
+def _key(r):
+  return (r["model"], r["task"], r["context"], r["depth"], r["spec"])
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+  smollm2_gguf()  # the wheel is there (or the test skips / fails under CI)
+  out = tmp_path_factory.mktemp("quick")
+  proc = subprocess.run([sys.executable, "-m", "experiments.quality_sweep", "--quick",
+                         f"--json_out={out / 'q.json'}", f"--plot_out={out / 'q.png'}"],
+                        cwd=REPO, capture_output=True, text=True, timeout=1500)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert (out / "q.png").stat().st_size > 10_000
+  return json.loads((out / "q.json").read_text()), proc.stdout
+
+
+def test_quick_sweep_reproduces_the_committed_run(quick):
+  data, _ = quick
+  rows, want = data["rows"], json.loads(COMMITTED.read_text())["rows"]
+  assert sorted(map(_key, rows)) == sorted(map(_key, want))
+  assert data["meta"]["grid"] == json.loads(COMMITTED.read_text())["meta"]["grid"]
+  for r, w in zip(sorted(rows, key=_key), sorted(want, key=_key)):
+    for field in ("accuracy", "answer_recall", "n", "eligible", "ratio", "method"):
+      assert r[field] == w[field], (_key(r), field)
+    np.testing.assert_allclose(r["kl"], w["kl"], rtol=1e-3, atol=1e-7, err_msg=str(_key(r)))
+    np.testing.assert_allclose(r["top1_agreement"], w["top1_agreement"], atol=1e-9)
+
+
+def test_quick_sweep_rows_hold_the_bounds(quick):
+  data, stdout = quick
+  rows = data["rows"]
+  for field in ("model", "task", "context", "depth", "method", "spec", "ratio", "accuracy",
+                "answer_recall", "kl", "top1_agreement", "n"):
+    assert all(field in r for r in rows), field
+  by = {_key(r): r for r in rows}
+  cells = {k[:4] for k in by}
+  for cell in cells:
+    model, task = cell[:2]
+    base = by[cell + ("",)]
+    assert base["kl"] == 0 and base["top1_agreement"] == 1 and base["answer_recall"] is None
+    if task == "fidelity":
+      continue
+    for r in (r for k, r in by.items() if k[:4] == cell):
+      same_ratio = [o for k, o in by.items() if k[:4] == cell and o["ratio"] == r["ratio"]
+                    and o["answer_recall"] is not None]
+      if r["method"] == "oracle":
+        # It keeps the most answer positions a budget allows (all of them when
+        # the budget holds them), and then answers as the uncompressed cache.
+        assert r["answer_recall"] == max(o["answer_recall"] for o in same_ratio), r["spec"]
+        if r["answer_recall"] == 1.0:
+          assert r["accuracy"] == base["accuracy"], r["spec"]
+      if r["method"] == "anti_oracle":
+        assert r["answer_recall"] == 0.0, r["spec"]
+        # The passkey is gone; MQAR's values are gone: at chance (60 values).
+        assert r["accuracy"] <= (0.0 if task == "passkey" else 0.1), r["spec"]
+  assert "| method |" in stdout and "fidelity" in stdout
