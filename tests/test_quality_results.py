@@ -79,6 +79,16 @@ def test_budget_is_a_ratio_of_the_context():
   assert results.relative_quality(ROWS, "snapkv:budget=2048").value is None
 
 
+def test_a_budget_holding_the_context_evicts_nothing():
+  """Ratio 0 is the cache without the eviction, exactly (tests/test_quality.py):
+  its quality, not that of the nearest measured ratio."""
+  q = results.relative_quality(ROWS, "snapkv:budget=4096", context=4000)
+  assert q.value == 1.0 and q.label.startswith("uncompressed") and "keeps every token" in q.label
+  q = results.relative_quality(ROWS, "snapkv:budget=4096+int8", context=4096)
+  assert q.value == pytest.approx(0.97) and q.label.startswith("0.97 rel. acc. (int8,")
+  assert results.relative_quality(ROWS, "snapkv:ratio=0+kivi:bits=2").value == pytest.approx(0.7)
+
+
 def test_composition_matches_its_method():
   q = results.relative_quality(ROWS, "snapkv:ratio=0.5+int8")
   assert q.value == pytest.approx(0.85) and "snapkv+int8 ratio 0.5" in q.label

@@ -143,7 +143,8 @@ def relative_quality(rows, spec, context: int | None = None) -> Quality:
   - Of those, the real model's rows (smollm2-135m) when there are any, else
     every model's.
   - Eviction: the target ratio is the spec's ratio, or with budget=B,
-    1 - B / context; the rows at the measured ratio nearest to it are used
+    1 - B / context (at 0, a budget covering the context, the eviction is a
+    no-op, equal to the cache without it: that cache's quality); the rows at the measured ratio nearest to it are used
     (a tie: the larger ratio, the harsher one), and the label says
     "nearest measured ratio R" when R is not the target.
   - The value is the unweighted mean relative_accuracy over those rows (each
@@ -162,6 +163,10 @@ def relative_quality(rows, spec, context: int | None = None) -> Quality:
     target = _eviction_ratio(parsed, context)
   except ValueError:
     return Quality(None, UNMEASURED)
+  if target == 0:  # nothing evicted: exactly the cache without the eviction (tested)
+    rest = spec_lib.CompressionSpec(tuple(p for p in parsed.policies if p.kind != "eviction"))
+    q = relative_quality(rows, rest, context)
+    return dataclasses.replace(q, label=q.label + " (the eviction keeps every token here)")
   used = [r for r in rows
           if r.get("protocol") == PROTOCOL and r.get("task") not in NO_ACCURACY_TASKS
           and r.get("accuracy") is not None and r.get("relative_accuracy") is not None
