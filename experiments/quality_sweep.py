@@ -181,8 +181,8 @@ def cells(grid: dict, seed: int):
             "needle_multikey": lambda *a, **k: tasks.needle(*a, keys=4, **k),
             "variable_tracking": tasks.variable_tracking}
     for task in [t for t in grid["tasks"] if t in gens]:
-      lengths = grid["passkey_lengths"] if task == "passkey" else grid["lengths"]
-      for length in _ints("lengths", lengths, 64):
+      flag = "passkey_lengths" if task == "passkey" else "lengths"
+      for length in _ints(flag, grid[flag], 64):
         yield "smollm2-135m", task, length, [
             ex for depth in depths for ex in gens[task](builder, length, depth, n, seed)]
     if "fidelity" in grid["tasks"]:

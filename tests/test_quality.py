@@ -176,3 +176,21 @@ def test_passkey_oracle_and_anti_oracle_on_smollm2():
   assert acc["anti_oracle:ratio=0.5"] == 0.0  # the pass key is nowhere in the cache
   # 4 sinks + the last 47 tokens: a mid-depth needle is not among them.
   assert all(o.recall == 0.0 for o in out["streaming_llm:ratio=0.9"])
+
+
+def test_shared_prefill_with_unrolled_params_and_a_quantized_cache():
+  """Per-layer params make a per-layer cache (a dict of per-layer tuples when
+  quantized): its layers are written with static indices."""
+  examples = random_examples(2)
+  params = lctx.unstack_layers(tiny_params())
+  spec = "snapkv:ratio=0.5,window=8+int4"
+  a = evaluate.run(CFG, params, examples, [spec])[spec]
+  b = evaluate.run(CFG, params, examples, [spec], shared=False)[spec]
+  assert [(o.right, o.recall, o.top1) for o in a] == [(o.right, o.recall, o.top1) for o in b]
+
+
+def test_a_spec_that_does_not_fit_the_model_fails_before_compiling():
+  with pytest.raises(ValueError, match="must divide head_dim"):
+    evaluate.run(CFG, tiny_params(), random_examples(1), ["int8", "kivi"])
+  with pytest.raises(ValueError, match="rotated by their slot"):
+    evaluate.run(CFG, tiny_params(), random_examples(1), ["snapkv:ratio=0.5+kvquant"])

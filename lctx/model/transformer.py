@@ -904,7 +904,7 @@ def evict_from_capture(config: ModelConfig, captured, lengths: jax.Array,
                                   part)[0]
 
   ev = cache.evict
-  if isinstance(cache.k, (tuple, list)):  # a cache per layer: static layer indices
+  if isinstance(ev.pos, (tuple, list)):  # a cache per layer: static layer indices
     layers = [{"c": jax.tree.map(lambda a: a[l], captured)} for l in range(len(cache.k))]
   else:
     layers = {"c": captured}
