@@ -141,6 +141,22 @@ def specs_for(grid: dict) -> list[str]:
     if m not in evict:
       raise app.UsageError(f"--methods: {m!r} is not an eviction method; allowed: "
                            f"{', '.join(evict)}")
+  if not ratios:
+    raise app.UsageError("--ratios is empty; allowed: numbers in [0, 0.99], e.g. 0,0.5,0.9")
+  for q in grid["quant"]:
+    try:
+      parsed = spec_lib.parse(q)
+    except ValueError as e:
+      raise app.UsageError(f"--quant={q}: {e}") from None
+    if [p.kind for p in parsed.policies] != ["quantization"]:
+      raise app.UsageError(f"--quant={q}: allowed: one quantization policy (int8, int4, fp8, "
+                           f"kivi, kvquant, with knobs)")
+  for comp in grid["compositions"]:
+    method, plus, quant = comp.partition("+")
+    if not plus or method not in evict or ":" in method:
+      raise app.UsageError(f"--compositions={comp}: allowed: an eviction method without knobs "
+                           f"(the sweep sets its ratio), '+', a quantization policy, e.g. "
+                           f"snapkv+int4")
   specs = [""] + [f"{m}:ratio={r}" for m in methods for r in ratios]
   specs += list(grid["quant"])
   for comp in grid["compositions"]:

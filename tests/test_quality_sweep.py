@@ -75,3 +75,18 @@ def test_quick_sweep_rows_hold_the_bounds(quick):
         # The passkey is gone; MQAR's values are gone: at chance (60 values).
         assert r["accuracy"] <= (0.0 if task == "passkey" else 0.1), r["spec"]
   assert "| method |" in stdout and "fidelity" in stdout
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--ratios=", "--ratios is empty"),
+    ("--ratios=1.5", "--ratios=1.5: allowed: numbers in [0, 0.99]"),
+    ("--methods=nope", "--methods: 'nope' is not an eviction method"),
+    ("--quant=snapkv:ratio=0.25", "--quant=snapkv:ratio=0.25: allowed: one quantization policy"),
+    ("--compositions=snapkv,int8", "--compositions=snapkv: allowed: an eviction method"),
+    ("--models=gpt", "--models: unknown 'gpt'"),
+])
+def test_bad_flags_fail_in_one_line_before_any_model_loads(flag, message):
+  proc = subprocess.run([sys.executable, "-m", "experiments.quality_sweep", flag], cwd=REPO,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
+      "error: " + message), proc.stderr[-2000:]
