@@ -367,6 +367,13 @@ def main(argv):
       rows = results.load(_FROM_JSON.value)["rows"]
     except (OSError, ValueError) as e:
       raise app.UsageError(f"--from_json={_FROM_JSON.value}: {e}") from None
+    need = ("depth", "method", "ratio", "accuracy", "answer_recall", "kl", "top1_agreement",
+            "eligible")
+    bad = next((r for r in rows if any(k not in r for k in need)), None)
+    if bad is not None:
+      raise app.UsageError(f"--from_json={_FROM_JSON.value}: a row lacks "
+                           f"{', '.join(k for k in need if k not in bad)} (rows of "
+                           f"quality_sweep --json_out have them)")
     print_tables(rows)
     if _PLOT_OUT.value:
       from experiments import quality_plot
