@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from absl import app
 
 from experiments import cli
@@ -81,3 +83,18 @@ def kv_replication_note(config, mesh: str) -> str | None:
   return (f"note: mesh {mesh}: the model axis ({m}) exceeds the {K} KV heads of "
           f"{config.name}; each KV head and its cache are replicated on {m // K} devices "
           f"(per-device cache = 1/{K * s} of a user's, not 1/{m * s})")
+
+
+def quality_rows(flag, unmeasured: str) -> tuple[list[dict], str]:
+  """(rows of the --quality_json `flag` (an absl FlagHolder), where they came
+  from): no rows when its default file is missing (then every lossy
+  `unmeasured`, e.g. "cache", is unmeasured); a UsageError naming the flag for
+  a given path that is missing or malformed."""
+  from lctx.quality import results
+  path = flag.value
+  try:
+    rows = results.load_rows(path, required=bool(flag.present))
+  except (OSError, ValueError) as e:
+    raise app.UsageError(f"--quality_json={path}: {e}") from e
+  return rows, (path if os.path.exists(path) else
+                f"{path} (not found: every lossy {unmeasured} unmeasured)")

@@ -246,20 +246,6 @@ def quality(row: Row, rows: list[dict], long: int, short: int):
   return results.relative_quality(rows, row.kv_compression, short if row.short else long)
 
 
-def quality_rows() -> tuple[list[dict], str]:
-  """(rows of --quality_json, where they came from): no rows when the default
-  file is missing; a UsageError naming the flag for a given path that is
-  missing or malformed."""
-  from lctx.quality import results
-  path = _QUALITY_JSON.value
-  try:
-    rows = results.load_rows(path, required=bool(_QUALITY_JSON.present))
-  except (OSError, ValueError) as e:
-    raise app.UsageError(f"--quality_json={path}: {e}") from e
-  return rows, (path if os.path.exists(path) else
-                f"{path} (not found: every lossy row unmeasured)")
-
-
 def row_values(cf, h) -> dict[str, dict[str, float]]:
   """mode -> metric -> value, from a closed-form and an hlo Metrics row."""
   by = {"analytic": cf, "hlo": h}
@@ -442,7 +428,7 @@ def main(argv):
     print("Default rows for " + config.name + ":\n  " + "\n  ".join(default_labels(config)))
     return
   rows = _rows(config)
-  quality_json, quality_source = quality_rows()
+  quality_json, quality_source = costing.quality_rows(_QUALITY_JSON, "row")
   costing.require_devices(g, f"--num_devices={g}")
   hw = costing.hardware(_HARDWARE.value, _DTYPE.value)
 

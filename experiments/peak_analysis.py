@@ -198,20 +198,6 @@ def format_switch(rows) -> str:
   return "\n".join(lines)
 
 
-def quality_rows() -> tuple[list[dict], str]:
-  """(rows of --quality_json, where they came from): no rows when the default
-  file is missing; a UsageError naming the flag for a given path that is
-  missing or malformed."""
-  from lctx.quality import results
-  path = _QUALITY_JSON.value
-  try:
-    rows = results.load_rows(path, required=bool(_QUALITY_JSON.present))
-  except (OSError, ValueError) as e:
-    raise app.UsageError(f"--quality_json={path}: {e}") from e
-  return rows, (path if os.path.exists(path) else
-                f"{path} (not found: every lossy cache unmeasured)")
-
-
 def format_quality(rows, quality_of, source: str) -> str:
   """Each cache's quality (`quality_of(kv, context)`, a results.Quality): one
   line, or one per context where they differ (a token budget is a different
@@ -375,7 +361,7 @@ def main(argv):
   own = costing.model(_MODEL.value, _DTYPE.value)
   config = costing.kv_heads(own, _KV_HEADS.value)
   kv_specs = _kv_specs(config, contexts)
-  quality_json, quality_source = quality_rows()
+  quality_json, quality_source = costing.quality_rows(_QUALITY_JSON, "cache")
   from lctx.quality import results
 
   def quality_of(kv: str, T: int) -> results.Quality:
