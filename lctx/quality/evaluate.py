@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lctx import engine
+from lctx.cache import evict
 from lctx.cache import spec as spec_lib
 from lctx.cache.evict.oracle import format_spans
 from lctx.config import ModelConfig
@@ -188,11 +189,10 @@ def run(config: ModelConfig, params, examples: list[Example], specs, *,
   check_protocol(protocol)
   specs = list(dict.fromkeys([""] + [str(spec_lib.parse(s)) for s in specs]))
   for s in specs:
-    engine.cache_format(config, s)  # a format that does not fit the model
+    fmt = engine.cache_format(config, s)  # a format that does not fit the model
     policy = spec_lib.parse(s).of_kind("eviction")
     if policy is not None:
-      from lctx.cache import evict
-      evict.check_format(policy, engine.cache_format(config, s))
+      evict.check_format(policy, fmt)
     for ex in examples:
       example_spec(s, ex)  # oracle / spans errors before anything compiles
   out = {s: [None] * len(examples) for s in specs}
