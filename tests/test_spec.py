@@ -90,7 +90,7 @@ def test_kind_and_properties():
       "int8", "int4", "fp8", "kivi", "kvquant"}
   assert {n for n, k in kinds.items() if k == "eviction"} == {
       "streaming_llm", "h2o", "snapkv", "tova", "keyformer", "knorm", "observed_attention",
-      "random"}
+      "random", "oracle", "anti_oracle"}
   both = parse("snapkv:ratio=0.9+int8")
   assert both.of_kind("eviction").name == "snapkv" and both.quantization.name == "int8"
   policy = parse("kvquant:bits=2").quantization
