@@ -181,14 +181,40 @@ def _ratio(spec: str):
   return None if policy is None else policy["ratio"]
 
 
-def cells(grid: dict, seed: int):
-  """(model, task, context, examples of every depth) of the grid: one
-  evaluate.run each, so that a batch holds every depth of a context."""
-  from lctx.quality import synthetic, tasks, train
+def check_grid(grid: dict) -> None:
+  """Every grid flag's value, before any model loads: app.UsageError naming
+  the flag for a bad value, a task of no model in --models, or no cell."""
+  for m in grid["models"]:
+    if m not in ("smollm2-135m", "tiny"):
+      raise app.UsageError(f"--models: unknown {m!r}; allowed: smollm2-135m, tiny")
   unknown = [t for t in grid["tasks"] if t not in SMOLLM_TASKS + TINY_TASKS]
   if unknown:
     raise app.UsageError(f"--tasks: unknown {', '.join(unknown)}; allowed: "
                          f"{', '.join(SMOLLM_TASKS + TINY_TASKS)}")
+  runs = {"smollm2-135m": SMOLLM_TASKS, "tiny": TINY_TASKS}
+  ran = [t for t in grid["tasks"] if any(t in runs[m] for m in grid["models"])]
+  if flags.FLAGS["tasks"].present:  # an explicit task no chosen model runs is an error
+    idle = [t for t in grid["tasks"] if t not in ran]
+    if idle:
+      raise app.UsageError(f"--tasks: {', '.join(idle)} run on no model of --models="
+                           f"{','.join(grid['models'])} (smollm2-135m: "
+                           f"{', '.join(SMOLLM_TASKS)}; tiny: {', '.join(TINY_TASKS)})")
+  if not ran:
+    raise app.UsageError(f"--models={','.join(grid['models'])} --tasks="
+                         f"{','.join(grid['tasks'])}: the grid has no cell")
+  for name in ("lengths", "passkey_lengths", "fidelity_lengths", "tiny_lengths"):
+    if not _ints(name, grid[name], 64):
+      raise app.UsageError(f"--{name} is empty; allowed: integers >= 64")
+  if not _floats("depths", grid["depths"], 0, 1):
+    raise app.UsageError("--depths is empty; allowed: numbers in [0, 1]")
+  specs_for(grid)
+
+
+def cells(grid: dict, seed: int):
+  """(model, task, context, examples of every depth) of the grid: one
+  evaluate.run each, so that a batch holds every depth of a context."""
+  from lctx.quality import synthetic, tasks, train
+  check_grid(grid)
   depths = _floats("depths", grid["depths"], 0, 1)
   n = grid["n"]
   if "smollm2-135m" in grid["models"]:
@@ -381,10 +407,7 @@ def main(argv):
       print(f"wrote {_PLOT_OUT.value}")
     return
   grid = _grid()
-  for m in grid["models"]:
-    if m not in ("smollm2-135m", "tiny"):
-      raise app.UsageError(f"--models: unknown {m!r}; allowed: smollm2-135m, tiny")
-  specs_for(grid)  # spec errors before any model loads
+  check_grid(grid)  # flag errors before any model loads
   logging.set_verbosity(logging.INFO)
   start = time.time()
   kept, merged_meta = [], None

@@ -87,6 +87,10 @@ def test_example_checks_its_indices():
     Example((1, 2, 3), (4,), ((1,),), (), "t")
   with pytest.raises(ValueError, match="outside the context"):
     Example((1, 2, 3), (4,), ((0,),), ((2, 4),), "t")
+  with pytest.raises(ValueError, match="no answers"):
+    Example((1, 2, 3), (4,), (), (), "t")
+  with pytest.raises(ValueError, match="the context is empty"):
+    Example((), (4,), ((0,),), (), "t")
 
 
 # ---- oracles ----------------------------------------------------------------------------
@@ -124,6 +128,9 @@ def test_bad_protocol_and_spec_fail_before_compiling():
     evaluate.run(CFG, tiny_params(), random_examples(1), [], protocol="x")
   with pytest.raises(ValueError, match="unknown policy"):
     evaluate.run(CFG, tiny_params(), random_examples(1), ["nope"])
+  past = Example((1, 2, CFG.vocab_size), (4, 5), ((1,),), (), "t")
+  with pytest.raises(ValueError, match=rf"allowed: \[0, vocab_size {CFG.vocab_size}\)"):
+    evaluate.run(CFG, tiny_params(), [past], [])
 
 
 # ---- evaluation -------------------------------------------------------------------------

@@ -77,6 +77,9 @@ def test_budget_is_a_ratio_of_the_context():
   assert q.value == pytest.approx(0.9) and "snapkv ratio 0.5," in q.label
   # a budget without a context is no ratio
   assert results.relative_quality(ROWS, "snapkv:budget=2048").value is None
+  for bad in (0, -4096):
+    with pytest.raises(ValueError, match=f"context = {bad}; allowed"):
+      results.relative_quality(ROWS, "snapkv:budget=2048", context=bad)
 
 
 def test_a_budget_holding_the_context_evicts_nothing():

@@ -84,9 +84,17 @@ def test_quick_sweep_rows_hold_the_bounds(quick):
     ("--quant=snapkv:ratio=0.25", "--quant=snapkv:ratio=0.25: allowed: one quantization policy"),
     ("--compositions=snapkv,int8", "--compositions=snapkv: allowed: an eviction method"),
     ("--models=gpt", "--models: unknown 'gpt'"),
+    ("--lengths=5k", "--lengths=5k: allowed: integers >= 64"),
+    ("--passkey_lengths=32", "--passkey_lengths=32: allowed: integers >= 64"),
+    ("--tiny_lengths=", "--tiny_lengths is empty"),
+    ("--depths=0.5,2", "--depths=0.5,2: allowed: numbers in [0, 1]"),
+    ("--tasks=sudoku", "--tasks: unknown sudoku"),
+    ("--models=tiny --tasks=mqar,passkey", "--tasks: passkey run on no model of --models=tiny"),
+    ("--models=tiny --tasks=", "--models=tiny --tasks=: the grid has no cell"),
 ])
 def test_bad_flags_fail_in_one_line_before_any_model_loads(flag, message):
-  proc = subprocess.run([sys.executable, "-m", "experiments.quality_sweep", flag], cwd=REPO,
+  proc = subprocess.run([sys.executable, "-m", "experiments.quality_sweep", *flag.split()],
+                        cwd=REPO,
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
       "error: " + message), proc.stderr[-2000:]

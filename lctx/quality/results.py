@@ -154,7 +154,10 @@ def relative_quality(rows, spec, context: int | None = None) -> Quality:
     value None, label "unmeasured". A lossy policy is never given 1.0
     without rows. Model changes (kv_heads conversion, kv_share_every) are no
     spec: callers report them as unmeasured themselves.
+  ValueError for a context below 1 or a spec lctx.cache.spec cannot parse.
   """
+  if context is not None and context < 1:
+    raise ValueError(f"context = {context}; allowed: a token count >= 1, or None")
   parsed = spec_lib.parse(spec)
   key = _without_rates(parsed)
   if key.dense:

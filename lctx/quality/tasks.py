@@ -41,6 +41,11 @@ class Example:
 
   def __post_init__(self):
     Q = len(self.continuation)
+    if not self.context:
+      raise ValueError(f"{self.task}: the context is empty; allowed: at least one token")
+    if not self.answers:  # nothing to score: accuracy and KL would be empty means
+      raise ValueError(f"{self.task}: no answers; allowed: at least one tuple of continuation "
+                       f"indices")
     for a in self.answers:
       if not a or any(not 0 <= j < Q for j in a):
         raise ValueError(f"{self.task}: answer token indices {a} outside the continuation "
