@@ -12,9 +12,15 @@ from __future__ import annotations
 import numpy as np
 
 
-def _mean(rows, key):
+def mean_of(rows, key):
+  """The mean of the rows' non-null `key` values; None when there are none."""
   vals = [r[key] for r in rows if r[key] is not None]
-  return float(np.mean(vals)) if vals else np.nan
+  return float(np.mean(vals)) if vals else None
+
+
+def _mean(rows, key):
+  m = mean_of(rows, key)
+  return np.nan if m is None else m  # matplotlib leaves a gap at NaN
 
 
 def plot(rows: list[dict], path: str) -> None:

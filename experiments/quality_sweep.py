@@ -45,6 +45,7 @@ import time
 from absl import app, flags, logging
 
 from experiments import cli
+from experiments.quality_plot import mean_of
 
 _QUICK = flags.DEFINE_bool("quick", False, "A reduced grid (under 5 minutes on a 2-core CPU): "
                            "overrides the grid flags left at their defaults.")
@@ -333,12 +334,6 @@ def _fmt(x, spec=".2f"):
   return "-" if x is None or x != x else format(x, spec)
 
 
-def _avg(rows, key):
-  import numpy as np
-  vals = [r[key] for r in rows if r[key] is not None]
-  return float(np.mean(vals)) if vals else None
-
-
 def print_tables(rows: list[dict]) -> None:
   """Markdown tables: per (model, task), the uncompressed accuracy per
   context, then accuracy and answer recall per method and ratio (the mean
@@ -349,7 +344,7 @@ def print_tables(rows: list[dict]) -> None:
     sel = [r for r in rows if r["model"] == model and r["task"] == task]
     ok = [r for r in sel if r["eligible"]]
     print(f"\n{model} {task}, uncompressed accuracy: " + ", ".join(
-        f"{c} tokens {_fmt(_avg([r for r in sel if r['spec'] == '' and r['context'] == c], 'accuracy'))}"
+        f"{c} tokens {_fmt(mean_of([r for r in sel if r['spec'] == '' and r['context'] == c], 'accuracy'))}"
         for c in sorted({r["context"] for r in sel}))
         + f"; eligible cells (>= {ELIGIBLE:g}): "
         + f"{len({(r['context'], r['depth']) for r in ok})} of "
@@ -363,13 +358,13 @@ def print_tables(rows: list[dict]) -> None:
       cells_ = []
       for x in ratios:
         m = [r for r in ok if r["method"] == method and r["ratio"] == x]
-        cells_.append(f"{_fmt(_avg(m, 'accuracy'))} ({_fmt(_avg(m, 'answer_recall'))})"
+        cells_.append(f"{_fmt(mean_of(m, 'accuracy'))} ({_fmt(mean_of(m, 'answer_recall'))})"
                       if m else "")
       print(f"| {method} | " + " | ".join(cells_) + " |")
     quant = list(dict.fromkeys(r["spec"] for r in ok if r["ratio"] is None))
     print("\n| " + " | ".join(s or "uncompressed" for s in quant) + " |")
     print("|" + "---:|" * len(quant))
-    print("| " + " | ".join(_fmt(_avg([r for r in ok if r["spec"] == s], "accuracy"))
+    print("| " + " | ".join(_fmt(mean_of([r for r in ok if r["spec"] == s], "accuracy"))
                             for s in quant) + " |")
   fid = [r for r in rows if r["task"] == "fidelity"]
   if fid:
@@ -380,8 +375,8 @@ def print_tables(rows: list[dict]) -> None:
     print("|---|---:|---:|---:|")
     for spec in dict.fromkeys(r["spec"] for r in fid):
       m = [r for r in fid if r["spec"] == spec]
-      print(f"| {spec or 'uncompressed'} | {_fmt(_avg(m, 'kl'), '.2e')} | "
-            f"{_fmt(_avg(m, 'top1_agreement'), '.3f')} | {_fmt(_avg(m, 'accuracy'), '.3f')} |")
+      print(f"| {spec or 'uncompressed'} | {_fmt(mean_of(m, 'kl'), '.2e')} | "
+            f"{_fmt(mean_of(m, 'top1_agreement'), '.3f')} | {_fmt(mean_of(m, 'accuracy'), '.3f')} |")
 
 
 def main(argv):

@@ -318,6 +318,18 @@ def kept_positions(config: ModelConfig, params: Params, tokens, *, kv_compressio
   return jnp.where(jnp.arange(n) < cache.lengths[None, :, None, None], pos, -1)
 
 
+def check_compression(config: ModelConfig, kv_compression) -> None:
+  """ValueError, before anything compiles, for a compression spec that does
+  not fit the model: its cache format (head_dim, block; cache_format), an
+  eviction method with KV sharing or with that format."""
+  fmt = cache_format(config, kv_compression)
+  policy = spec_lib.parse(kv_compression).of_kind("eviction")
+  if policy is not None:
+    from lctx.cache import evict
+    check_evict_sharing(config, policy)
+    evict.check_format(policy, fmt)
+
+
 def generate(config: ModelConfig, params: Params, tokens, *, max_new_tokens: int,
              lengths=None, sampling: SamplingConfig = SamplingConfig(), key=None,
              capacity: int | None = None, block: int = PREFILL_BLOCK,
@@ -346,12 +358,7 @@ def generate(config: ModelConfig, params: Params, tokens, *, max_new_tokens: int
   if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
   eos = _stop_ids(config, eos_token_id, pad_token_id)
-  fmt = cache_format(config, kv_compression)  # errors before compiling
-  policy = spec_lib.parse(kv_compression).of_kind("eviction")
-  if policy is not None:
-    from lctx.cache import evict
-    check_evict_sharing(config, policy)
-    evict.check_format(policy, fmt)
+  check_compression(config, kv_compression)
   capacity = generate_capacity(config, kv_compression, T, max_new_tokens, capacity)
   if key is None:
     if not sampling.greedy:

@@ -5,6 +5,7 @@ answer, the anti-oracle loses it)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -201,3 +202,6 @@ def test_a_spec_that_does_not_fit_the_model_fails_before_compiling():
     evaluate.run(CFG, tiny_params(), random_examples(1), ["int8", "kivi"])
   with pytest.raises(ValueError, match="rotated by their slot"):
     evaluate.run(CFG, tiny_params(), random_examples(1), ["snapkv:ratio=0.5+kvquant"])
+  shared = dataclasses.replace(CFG, kv_share_every=2)  # engine.generate's check, shared
+  with pytest.raises(ValueError, match="kv_share_every=2"):
+    evaluate.run(shared, tiny_params(), random_examples(1), ["snapkv:ratio=0.5"])

@@ -43,7 +43,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from lctx import engine
-from lctx.cache import evict
 from lctx.cache import spec as spec_lib
 from lctx.cache.evict.oracle import format_spans
 from lctx.config import ModelConfig
@@ -189,10 +188,7 @@ def run(config: ModelConfig, params, examples: list[Example], specs, *,
   check_protocol(protocol)
   specs = list(dict.fromkeys([""] + [str(spec_lib.parse(s)) for s in specs]))
   for s in specs:
-    fmt = engine.cache_format(config, s)  # a format that does not fit the model
-    policy = spec_lib.parse(s).of_kind("eviction")
-    if policy is not None:
-      evict.check_format(policy, fmt)
+    engine.check_compression(config, s)  # a spec that does not fit the model
     for ex in examples:
       example_spec(s, ex)  # oracle / spans errors before anything compiles
   for ex in examples:  # an id past the vocabulary would be clamped by the embedding gather
