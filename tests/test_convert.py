@@ -145,17 +145,24 @@ def test_cross_layer_kv_sharing_pools_kv_layers(layout):
 TOKENS = np.random.default_rng(0).integers(0, 64, (2, 12))
 
 
+ROUNDING = 1e-5  # float32 logits of order 1: a few ulps of accumulated rounding
+
+
 @pytest.mark.parametrize("source, groups", [((4, 4), 2), ((4, 4), 1), ((8, 4), 2)],
                          ids=["mha4to2", "mha4to1", "gqa4to2"])
 def test_identical_heads_convert_to_the_same_model(source, groups):
   """A model whose heads within each group are identical computes the same
-  logits, bitwise, with one head per group: query head n must read the pooled
-  head n // (N / K'), the group its source head n // (N / K) went to."""
+  logits with one head per group: query head n must read the pooled head
+  n // (N / K'), the group its source head n // (N / K) went to. Equal to
+  float32 rounding, not bitwise: the two programs contract different head
+  counts, and XLA:CPU's dot kernels may sum them in a different order (on
+  one CPU bitwise, on another 1e-6 apart); a wrong grouping is off by far
+  more (test_a_permuted_grouping_would_differ)."""
   config = tiny(*source)
   params = tiled(config, make_params(config, 3), groups)
   new_config, new_params = lctx.mha_to_gqa(config, params, groups)
-  np.testing.assert_array_equal(forward(new_config, new_params, TOKENS),
-                                forward(config, params, TOKENS))
+  np.testing.assert_allclose(forward(new_config, new_params, TOKENS),
+                             forward(config, params, TOKENS), rtol=0, atol=ROUNDING)
 
 
 def test_identical_heads_generate_the_same_tokens():
@@ -178,8 +185,8 @@ def test_a_permuted_grouping_would_differ():
   perm = np.array([0, 2, 1, 3])
   layers = {k: (v[..., perm, :] if k in POOLED else v) for k, v in params["layers"].items()}
   new_config, new_params = lctx.mha_to_gqa(config, {**params, "layers": layers}, 2)
-  assert not np.array_equal(forward(new_config, new_params, TOKENS),
-                            forward(config, params, TOKENS))
+  diff = np.abs(forward(new_config, new_params, TOKENS) - forward(config, params, TOKENS))
+  assert diff.max() > 1000 * ROUNDING
 
 
 @pytest.mark.parametrize("layout", ["stacked", "unrolled"])
