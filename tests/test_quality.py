@@ -74,6 +74,24 @@ def test_text_tasks_put_the_answer_where_the_metadata_says(task):
     assert len(ex.spans) == 1
 
 
+def test_variable_tracking_chain_together_or_spread():
+  b = builder()
+  (together,) = tasks.variable_tracking(b, 512, 0.25, 1, seed=3, hops=2)
+  (spread,) = tasks.variable_tracking(b, 512, 0.25, 1, seed=3, hops=2, spread=True)
+  for ex in (together, spread):
+    assert len(ex.spans) == 3  # the value's statement and one per hop
+    text = [b.tok.decode(list(ex.context[s:e])).strip() for s, e in ex.spans]
+    assert text[0].startswith("VAR ") and " = VAR " in text[1] and " = VAR " in text[2]
+    assert text[1].split(" = VAR ")[1].rstrip(".") == text[0].split()[1]  # B = A
+    asked = text[2].split()[1]
+    assert b.tok.decode(list(ex.continuation)).count(f"VAR {asked}?") == 1
+  # Together: one statement after the other; spread: filler between them.
+  assert [e for _, e in together.spans[:-1]] == [s for s, _ in together.spans[1:]]
+  assert all(e < s for (_, e), (s, _) in zip(spread.spans, spread.spans[1:]))
+  with pytest.raises(ValueError, match="hops = 0; allowed"):
+    tasks.variable_tracking(b, 512, 0.5, 1, hops=0)
+
+
 def test_fidelity_is_a_window_of_real_prose():
   b = builder()
   (ex,) = tasks.fidelity(b, 256, 1, seed=3, continuation=16)
