@@ -330,6 +330,16 @@ def _versions() -> dict:
   return out
 
 
+def _cpu() -> str:
+  """The CPU's model name (Linux), else platform.processor(): float rounding,
+  and so quantized rows' last digits, can differ between CPUs."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+  except (OSError, StopIteration):
+    return platform.processor()
+
+
 def _fmt(x, spec=".2f"):
   return "-" if x is None or x != x else format(x, spec)
 
@@ -418,7 +428,7 @@ def main(argv):
   def write(rows, wall=None):
     meta = dict(command="python -m experiments.quality_sweep " + " ".join(sys.argv[1:]),
                 seed=_SEED.value, protocol=_PROTOCOL.value, grid=grid, versions=_versions(),
-                cpu_count=os.cpu_count(), wall_s=None if wall is None else round(wall, 1),
+                cpu_count=os.cpu_count(), cpu=_cpu(), wall_s=None if wall is None else round(wall, 1),
                 complete=wall is not None)
     if _MERGE_JSON.value:
       meta["merged"] = {"path": _MERGE_JSON.value, "meta": merged_meta}

@@ -1,7 +1,7 @@
 """experiments.quality_sweep --quick end to end (a subprocess): it runs, its
-rows hold the harness's bounds, and a run reproduces the committed one
-(docs/quality_quick.json, made by the same command): the sweep is
-deterministic for a seed."""
+rows hold the harness's bounds, and it reproduces the committed run
+(docs/quality_quick.json, made by the same command) up to the CPU's float
+rounding; and the sweep is deterministic for a seed (in process, exactly)."""
 
 from __future__ import annotations
 
@@ -35,16 +35,49 @@ def quick(tmp_path_factory):
   return json.loads((out / "q.json").read_text()), proc.stdout
 
 
+def _quantized(spec: str) -> bool:
+  from lctx.cache import spec as spec_lib
+  return spec_lib.parse(spec).quantization is not None
+
+
 def test_quick_sweep_reproduces_the_committed_run(quick):
+  """Exactly for the uncompressed and eviction-only rows; quantized rows
+  within one scored token and 25% of KL. Another CPU's kernels (the
+  committed run and CI need not share one) round the last float bit
+  differently, and a quantizer then rounds the values near a step
+  boundary to the other step: on two x86 CPUs the int4 rows' KL differed by
+  up to 14% and one of 32 next tokens flipped; no other row moved."""
   data, _ = quick
   rows, want = data["rows"], json.loads(COMMITTED.read_text())["rows"]
   assert sorted(map(_key, rows)) == sorted(map(_key, want))
   assert data["meta"]["grid"] == json.loads(COMMITTED.read_text())["meta"]["grid"]
   for r, w in zip(sorted(rows, key=_key), sorted(want, key=_key)):
-    for field in ("accuracy", "answer_recall", "n", "eligible", "ratio", "method"):
+    for field in ("answer_recall", "n", "eligible", "ratio", "method"):
       assert r[field] == w[field], (_key(r), field)
-    np.testing.assert_allclose(r["kl"], w["kl"], rtol=1e-3, atol=1e-7, err_msg=str(_key(r)))
-    np.testing.assert_allclose(r["top1_agreement"], w["top1_agreement"], atol=1e-9)
+    if _quantized(r["spec"]):
+      for field in ("accuracy", "top1_agreement"):  # 1 of the 16-32 scored tokens
+        assert abs(r[field] - w[field]) <= 1 / 16, (_key(r), field)
+      np.testing.assert_allclose(r["kl"], w["kl"], rtol=0.25, atol=1e-6, err_msg=str(_key(r)))
+    else:
+      assert r["accuracy"] == w["accuracy"], _key(r)
+      np.testing.assert_allclose(r["kl"], w["kl"], rtol=1e-3, atol=1e-7, err_msg=str(_key(r)))
+      np.testing.assert_allclose(r["top1_agreement"], w["top1_agreement"], atol=1e-9)
+
+
+def test_the_sweep_is_deterministic_for_a_seed():
+  """Two in-process runs of a small grid with one seed give the same rows,
+  every float equal; another seed gives other examples."""
+  from experiments.quality_sweep import sweep
+  grid = dict(models=["tiny"], tasks=["mqar"], lengths=["512"], passkey_lengths=["512"],
+              fidelity_lengths=["512"], depths=["0.5"], tiny_lengths=["128"],
+              methods=["snapkv"], ratios=["0.5"], quant=["int4"], compositions=["snapkv+int8"],
+              n=1, fidelity_n=1, fidelity_tokens=16)
+  first = sweep(grid, 0, "agnostic", 16)
+  assert len(first) == 8  # uncompressed, 4 baselines, snapkv, int4, snapkv+int8
+  assert sweep(grid, 0, "agnostic", 16) == first
+  other = sweep(grid, 1, "agnostic", 16)
+  assert [r["spec"] for r in other] == [r["spec"] for r in first]
+  assert [(r["kl"], r["accuracy"]) for r in other] != [(r["kl"], r["accuracy"]) for r in first]
 
 
 def test_quick_sweep_rows_hold_the_bounds(quick):
