@@ -140,6 +140,13 @@ def test_oracle_keeps_and_anti_oracle_drops_the_spans():
   kept = np.asarray(lctx.kept_positions(CFG, params, tokens,
                                         kv_compression="anti_oracle:ratio=0.5,spans=30-40"))
   assert (kept == np.arange(10, 30)).all()  # the most recent 20 outside the span
+  # With sinks: the oracle keeps them too; the anti-oracle drops its spans even among them.
+  kept = np.asarray(lctx.kept_positions(CFG, params, tokens,
+                                        kv_compression="oracle:ratio=0.75,sinks=2,spans=20-22"))
+  assert (kept == np.array([0, 1, 20, 21, 34, 35, 36, 37, 38, 39])).all()
+  kept = np.asarray(lctx.kept_positions(CFG, params, tokens,
+                                        kv_compression="anti_oracle:ratio=0.75,sinks=4,spans=2-6"))
+  assert (kept == np.array([0, 1, 32, 33, 34, 35, 36, 37, 38, 39])).all()
 
 
 def test_bad_protocol_and_spec_fail_before_compiling():

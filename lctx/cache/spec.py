@@ -36,7 +36,7 @@ the order eviction, quantization, offload (KINDS). Eviction methods
   random              eviction  seed int >= 0 [0]
   oracle              eviction  spans "start-end/..." [""]: keeps those positions, then
                                 the most recent (a quality baseline, lctx.quality)
-  anti_oracle         eviction  spans as oracle: drops those positions first
+  anti_oracle         eviction  spans as oracle: drops those positions first, even sinks
   decode in {append, evict} [append]: evict also evicts while decoding.
 
 Examples: "snapkv:ratio=0.75,window=32+int8", "int8", "int4:group=64", "fp8:scale=head", "kivi:bits=2,group=32,residual=128",

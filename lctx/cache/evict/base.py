@@ -306,6 +306,11 @@ class Method:
     beyond the sinks (e.g. a recent window); None for none."""
     return None
 
+  def dropped(self, policy: Policy, c: Candidates) -> jax.Array | None:
+    """[B, K, S] or [B, 1, S] bool: candidates never protected, not even as
+    sinks (the anti-oracle's answer spans); None for none."""
+    return None
+
   def validate(self, policy: Policy) -> None:
     """Knob checks at parse time (ValueError). Subclasses extend it."""
     if policy["budget"] and policy["sinks"] > policy["budget"]:
@@ -345,6 +350,9 @@ def scored(method: Method, policy: Policy, c: Candidates):
   extra = method.protected(policy, c)
   if extra is not None:
     keep = keep | extra
+  never = method.dropped(policy, c)
+  if never is not None:
+    keep = keep & ~never
   return scores.astype(jnp.float32), keep, acc
 
 
