@@ -44,6 +44,9 @@ def plot(rows: list[dict], path: str) -> None:
   axes = top.subplots(prow, cols, squeeze=False).ravel()
   for ax in axes[len(panels):]:
     ax.axis("off")
+  # One colour per method in every panel (tab20: more methods than tab10's colours).
+  every = list(dict.fromkeys(r["method"] for r in rows if r["ratio"] is not None))
+  colour = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(every)}
   for ax, (model, task) in zip(axes, panels):
     sel = [r for r in rows if r["model"] == model and r["task"] == task and r["eligible"]]
     base = [r for r in sel if r["spec"] == ""]
@@ -51,8 +54,9 @@ def plot(rows: list[dict], path: str) -> None:
       pts = sorted({r["ratio"] for r in sel if r["method"] == method and r["ratio"] is not None})
       acc = [_mean([r for r in sel if r["method"] == method and r["ratio"] == x], "accuracy")
              for x in pts]
-      style = "--" if method in ("oracle", "anti_oracle") else "-"
-      ax.plot(pts, acc, style, marker="o", ms=3, label=method)
+      style = "--" if method in ("oracle", "anti_oracle") else "-." if "+" in method else "-"
+      ax.plot(pts, acc, style, marker="s" if "+" in method else "o", ms=3, label=method,
+              color=colour[method])
     if base:
       ax.axhline(_mean(base, "accuracy"), color="k", ls=":", lw=1, label="uncompressed")
     ax.set_title(f"{model}: {task}" + ("" if sel else " (no eligible cell)"), fontsize=9)
