@@ -354,7 +354,8 @@ def print_tables(rows: list[dict]) -> None:
     sel = [r for r in rows if r["model"] == model and r["task"] == task]
     ok = [r for r in sel if r["eligible"]]
     print(f"\n{model} {task}, uncompressed accuracy: " + ", ".join(
-        f"{c} tokens {_fmt(mean_of([r for r in sel if r['spec'] == '' and r['context'] == c], 'accuracy'))}"
+        f"{c} tokens "
+        f"{_fmt(mean_of([r for r in sel if r['spec'] == '' and r['context'] == c], 'accuracy'))}"
         for c in sorted({r["context"] for r in sel}))
         + f"; eligible cells (>= {ELIGIBLE:g}): "
         + f"{len({(r['context'], r['depth']) for r in ok})} of "
@@ -386,7 +387,8 @@ def print_tables(rows: list[dict]) -> None:
     for spec in dict.fromkeys(r["spec"] for r in fid):
       m = [r for r in fid if r["spec"] == spec]
       print(f"| {spec or 'uncompressed'} | {_fmt(mean_of(m, 'kl'), '.2e')} | "
-            f"{_fmt(mean_of(m, 'top1_agreement'), '.3f')} | {_fmt(mean_of(m, 'accuracy'), '.3f')} |")
+            f"{_fmt(mean_of(m, 'top1_agreement'), '.3f')} | "
+            f"{_fmt(mean_of(m, 'accuracy'), '.3f')} |")
 
 
 def main(argv):
@@ -428,8 +430,8 @@ def main(argv):
   def write(rows, wall=None):
     meta = dict(command="python -m experiments.quality_sweep " + " ".join(sys.argv[1:]),
                 seed=_SEED.value, protocol=_PROTOCOL.value, grid=grid, versions=_versions(),
-                cpu_count=os.cpu_count(), cpu=_cpu(), wall_s=None if wall is None else round(wall, 1),
-                complete=wall is not None)
+                cpu_count=os.cpu_count(), cpu=_cpu(),
+                wall_s=None if wall is None else round(wall, 1), complete=wall is not None)
     if _MERGE_JSON.value:
       meta["merged"] = {"path": _MERGE_JSON.value, "meta": merged_meta}
     with open(_JSON_OUT.value, "w") as f:
