@@ -68,7 +68,8 @@ def run(main) -> None:
 
 def check_output_paths(**paths: str | None) -> None:
   """UsageError unless every given path (flag name -> path, None = unset) can be
-  written: not a directory, its directory exists and is writable."""
+  written: not a directory, its directory exists and is writable; a *plot_out
+  path's suffix must be a format matplotlib writes."""
   for name, path in paths.items():
     if not path:
       continue
@@ -80,6 +81,12 @@ def check_output_paths(**paths: str | None) -> None:
       raise app.UsageError(f"--{name}={path}: directory {str(parent)!r} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
       raise app.UsageError(f"--{name}={path}: not writable")
+    if name.endswith("plot_out"):  # matplotlib picks the format from the suffix
+      from matplotlib.backends.backend_agg import FigureCanvasAgg
+      kinds = FigureCanvasAgg.get_supported_filetypes()
+      if p.suffix.lstrip(".").lower() not in kinds:
+        raise app.UsageError(f"--{name}={path}: allowed suffixes (matplotlib): "
+                             f"{', '.join('.' + k for k in sorted(kinds))}")
 
 
 def mesh_size(spec: str) -> int | None:

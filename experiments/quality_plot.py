@@ -82,7 +82,8 @@ def plot(rows: list[dict], path: str) -> None:
     ax.set_title(method + ("" if method == "uncompressed" else f" r={heat_ratio:g}"), fontsize=7)
     if j % hcols == 0:
       ax.set_ylabel("depth", fontsize=7)
-  fig.suptitle("KV-cache compression vs accuracy (experiments.quality_sweep); bottom: passkey "
-               "accuracy, depth x context", fontsize=10)
+  fig.suptitle("KV-cache compression vs accuracy (experiments.quality_sweep)"
+               + ("; bottom: passkey accuracy, depth x context" if heat_methods else ""),
+               fontsize=10 if heat_methods or cols > 2 else 8)
   fig.savefig(path, dpi=110)
   plt.close(fig)

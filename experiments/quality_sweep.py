@@ -101,12 +101,14 @@ QUICK = dict(lengths=["512"], passkey_lengths=["512"], fidelity_lengths=["512"],
              fidelity_tokens=16, tasks=["passkey", "fidelity", "mqar"])
 
 
+_GRID_FLAGS = ("models", "tasks", "lengths", "passkey_lengths", "fidelity_lengths", "depths",
+               "tiny_lengths", "methods", "ratios", "quant", "compositions", "n", "fidelity_n",
+               "fidelity_tokens")
+
+
 def _grid() -> dict:
   """The grid flags' values, --quick's for those left at their defaults."""
-  names = ("models", "tasks", "lengths", "passkey_lengths", "fidelity_lengths", "depths",
-           "tiny_lengths", "methods",
-           "ratios", "quant", "compositions", "n", "fidelity_n", "fidelity_tokens")
-  grid = {name: flags.FLAGS[name].value for name in names}
+  grid = {name: flags.FLAGS[name].value for name in _GRID_FLAGS}
   if _QUICK.value:
     grid |= {k: v for k, v in QUICK.items() if not flags.FLAGS[k].present}
   return grid
@@ -154,10 +156,18 @@ def specs_for(grid: dict) -> list[str]:
                            f"kivi, kvquant, with knobs)")
   for comp in grid["compositions"]:
     method, plus, quant = comp.partition("+")
-    if not plus or method not in evict or ":" in method:
+    try:
+      quant_kinds = [p.kind for p in spec_lib.parse(quant).policies]
+    except ValueError:
+      quant_kinds = []
+    if not plus or method not in evict or ":" in method or quant_kinds != ["quantization"]:
       raise app.UsageError(f"--compositions={comp}: allowed: an eviction method without knobs "
-                           f"(the sweep sets its ratio), '+', a quantization policy, e.g. "
+                           f"(the sweep sets its ratio), '+', one quantization policy, e.g. "
                            f"snapkv+int4")
+  if grid["compositions"] and not any(r > 0 for r in ratios):
+    raise app.UsageError(f"--compositions={','.join(grid['compositions'])} run at the ratios "
+                         f"above 0 and --ratios={','.join(grid['ratios'])} has none; allowed: "
+                         f"a ratio in (0, 0.99], or --compositions=")
   specs = [""] + [f"{m}:ratio={r}" for m in methods for r in ratios]
   specs += list(grid["quant"])
   for comp in grid["compositions"]:
@@ -211,46 +221,64 @@ def check_grid(grid: dict) -> None:
   specs_for(grid)
 
 
-def cells(grid: dict, seed: int):
-  """(model, task, context, examples of every depth) of the grid: one
-  evaluate.run each, so that a batch holds every depth of a context."""
+def cells(grid: dict, seed: int) -> list:
+  """[(model, task, context, examples of every depth)] of the grid: one
+  evaluate.run each, so that a batch holds every depth of a context. Built
+  with the tokenizer alone, before any weights load: a context too short
+  for a task is an app.UsageError naming its flag."""
   from lctx.quality import synthetic, tasks, train
   check_grid(grid)
   depths = _floats("depths", grid["depths"], 0, 1)
-  n = grid["n"]
+  n, out = grid["n"], []
+
+  def build(flag, length, make):
+    try:
+      return make()
+    except ValueError as e:
+      raise app.UsageError(f"--{flag}={length}: {e}") from None
+
   if "smollm2-135m" in grid["models"]:
-    builder = tasks.ChatBuilder(_smollm()[2])
+    builder = tasks.ChatBuilder(_tokenizer())
     gens = {"passkey": tasks.passkey, "needle_single": tasks.needle,
             "needle_multikey": lambda *a, **k: tasks.needle(*a, keys=4, **k),
             "variable_tracking": tasks.variable_tracking}
     for task in [t for t in grid["tasks"] if t in gens]:
       flag = "passkey_lengths" if task == "passkey" else "lengths"
       for length in _ints(flag, grid[flag], 64):
-        yield "smollm2-135m", task, length, [
-            ex for depth in depths for ex in gens[task](builder, length, depth, n, seed)]
+        out.append(("smollm2-135m", task, length, build(flag, length, lambda: [
+            ex for depth in depths for ex in gens[task](builder, length, depth, n, seed)])))
     if "fidelity" in grid["tasks"]:
       for length in _ints("fidelity_lengths", grid["fidelity_lengths"], 64):
-        yield "smollm2-135m", "fidelity", length, tasks.fidelity(
-            builder, length, grid["fidelity_n"], seed, grid["fidelity_tokens"])
+        out.append(("smollm2-135m", "fidelity", length, build(
+            "fidelity_lengths", length, lambda: tasks.fidelity(
+                builder, length, grid["fidelity_n"], seed, grid["fidelity_tokens"]))))
   if "tiny" in grid["models"]:
     make = {"mqar": synthetic.mqar_example, "selective_copy": synthetic.selective_copy_example}
     for task in [t for t in grid["tasks"] if t in make]:
       for length in _ints("tiny_lengths", grid["tiny_lengths"], 64):
-        examples = [make[task](train.EVAL_SEED + 1000 * seed + i, context_len=length)
-                    for i in range(8 * n)]
-        yield "tiny", task, length, examples
+        out.append(("tiny", task, length, build("tiny_lengths", length, lambda: [
+            make[task](train.EVAL_SEED + 1000 * seed + i, context_len=length)
+            for i in range(8 * n)])))
+  return out
 
 
 _MODELS_CACHE: dict = {}
+
+
+def _tokenizer():
+  if "tokenizer" not in _MODELS_CACHE:
+    import lctx
+    from lctx.gguf_import import packaged_gguf
+    _MODELS_CACHE["tokenizer"] = lctx.load_tokenizer(packaged_gguf("smollm2-135m"))
+  return _MODELS_CACHE["tokenizer"]
 
 
 def _smollm():
   if "smollm2-135m" not in _MODELS_CACHE:
     import lctx
     from lctx.gguf_import import packaged_gguf
-    path = packaged_gguf("smollm2-135m")
-    config, params = lctx.load_gguf_checkpoint(path)
-    _MODELS_CACHE["smollm2-135m"] = (config, params, lctx.load_tokenizer(path))
+    config, params = lctx.load_gguf_checkpoint(packaged_gguf("smollm2-135m"))
+    _MODELS_CACHE["smollm2-135m"] = (config, params, _tokenizer())
   return _MODELS_CACHE["smollm2-135m"]
 
 
@@ -274,8 +302,9 @@ def sweep(grid: dict, seed: int, protocol: str, batch: int, on_cell=None) -> lis
   done, start, rows = 0, time.time(), []
   for model, task, length, examples in plan:
     config, params = _model(model)
-    # Fidelity has no answer spans for the oracles to keep or drop.
-    cell_specs = [s for s in specs if task != "fidelity" or _method(s) not in evaluate.ORACLES]
+    # Fidelity has no answer spans for the oracles (alone or composed) to keep or drop.
+    cell_specs = [s for s in specs
+                  if task != "fidelity" or _method(s).split("+")[0] not in evaluate.ORACLES]
 
     def progress(k):
       nonlocal done
@@ -396,6 +425,12 @@ def main(argv):
   cli.check_output_paths(json_out=_JSON_OUT.value, plot_out=_PLOT_OUT.value)
   if _FROM_JSON.value:
     from lctx.quality import results
+    # It runs nothing: a flag of a run given with it would be silently ignored.
+    ignored = [n for n in _GRID_FLAGS + ("quick", "seed", "protocol", "batch", "json_out",
+                                         "merge_json") if flags.FLAGS[n].present]
+    if ignored:
+      raise app.UsageError(f"--from_json runs nothing (it prints the tables and --plot_out of "
+                           f"a file); {', '.join('--' + n for n in ignored)} would be ignored")
     try:
       rows = results.load(_FROM_JSON.value)["rows"]
     except (OSError, ValueError) as e:
@@ -407,6 +442,8 @@ def main(argv):
       raise app.UsageError(f"--from_json={_FROM_JSON.value}: a row lacks "
                            f"{', '.join(k for k in need if k not in bad)} (rows of "
                            f"quality_sweep --json_out have them)")
+    if not rows:
+      raise app.UsageError(f"--from_json={_FROM_JSON.value}: holds no rows")
     print_tables(rows)
     if _PLOT_OUT.value:
       from experiments import quality_plot
@@ -420,12 +457,16 @@ def main(argv):
   kept, merged_meta = [], None
   if _MERGE_JSON.value:
     from lctx.quality import results
+    if not _JSON_OUT.value:
+      raise app.UsageError("--merge_json merges into --json_out; give --json_out")
     try:
       earlier = results.load(_MERGE_JSON.value)
       kept = [r for r in earlier["rows"] if r["model"] not in grid["models"]]
       merged_meta = earlier["meta"]
     except (OSError, ValueError) as e:
       raise app.UsageError(f"--merge_json={_MERGE_JSON.value}: {e}") from None
+    logging.info("--merge_json: keeping %d rows of other models, replacing %d rows of %s",
+                 len(kept), len(earlier["rows"]) - len(kept), ", ".join(grid["models"]))
 
   def write(rows, wall=None):
     meta = dict(command="python -m experiments.quality_sweep " + " ".join(sys.argv[1:]),

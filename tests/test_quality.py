@@ -74,6 +74,28 @@ def test_text_tasks_put_the_answer_where_the_metadata_says(task):
     assert len(ex.spans) == 1
 
 
+def test_generators_reject_bad_arguments():
+  b = builder()
+  for make in (tasks.passkey, tasks.needle, tasks.variable_tracking):
+    for depth in (1.5, -0.1, float("nan")):
+      with pytest.raises(ValueError, match="depth = .*; allowed: a fraction in \\[0, 1\\]"):
+        make(b, 512, depth, 1)
+    with pytest.raises(ValueError, match="n = -1; allowed: an int >= 0"):
+      make(b, 512, 0.5, -1)
+    with pytest.raises(ValueError, match="seed = -1; allowed"):
+      make(b, 512, 0.5, 1, seed=-1)
+  for keys in (0, len(tasks.NEEDLE_KEYS) + 1):
+    with pytest.raises(ValueError, match=f"keys = {keys}; allowed"):
+      tasks.needle(b, 512, 0.5, 1, keys=keys)
+  # Too short a context names the true minimum: one token less fails, that length works.
+  with pytest.raises(ValueError, match=r"allowed: >= (\d+) tokens") as e:
+    tasks.needle(b, 100, 0.5, 1, keys=4)
+  least = int(e.value.args[0].rsplit(">= ", 1)[1].split()[0])
+  assert len(tasks.needle(b, least, 0.5, 1, keys=4)[0].context) == least
+  with pytest.raises(ValueError, match=f"allowed: >= {least} tokens"):
+    tasks.needle(b, least - 1, 0.5, 1, keys=4)
+
+
 def test_variable_tracking_chain_together_or_spread():
   b = builder()
   (together,) = tasks.variable_tracking(b, 512, 0.25, 1, seed=3, hops=2)

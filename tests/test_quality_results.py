@@ -65,6 +65,10 @@ def test_eviction_exact_and_nearest_ratio():
   assert q.value == pytest.approx(0.4) and "nearest measured ratio 0.9 for 0.95," in q.label
   # a tie goes to the larger (harsher) ratio
   assert results.relative_quality(ROWS, "snapkv:ratio=0.625").value == pytest.approx(0.7)
+  # ratio-0 rows (lossless by construction) never stand in for an evicting ratio
+  zero = ROWS + [row("snapkv:ratio=0.0", 1.0, ratio=0.0)]
+  q = results.relative_quality(zero, "snapkv:ratio=0.1")
+  assert q.value == pytest.approx(0.9) and "nearest measured ratio 0.5 for 0.1," in q.label
 
 
 def test_budget_is_a_ratio_of_the_context():
@@ -77,8 +81,8 @@ def test_budget_is_a_ratio_of_the_context():
   assert q.value == pytest.approx(0.9) and "snapkv ratio 0.5," in q.label
   # a budget without a context is no ratio
   assert results.relative_quality(ROWS, "snapkv:budget=2048").value is None
-  for bad in (0, -4096):
-    with pytest.raises(ValueError, match=f"context = {bad}; allowed"):
+  for bad in (0, -4096, 2.5, True, float("nan")):
+    with pytest.raises(ValueError, match=f"context = {bad!r}; allowed"):
       results.relative_quality(ROWS, "snapkv:budget=2048", context=bad)
 
 

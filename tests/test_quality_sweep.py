@@ -133,6 +133,15 @@ def test_quick_sweep_rows_hold_the_bounds(quick):
     ("--tasks=sudoku", "--tasks: unknown sudoku"),
     ("--models=tiny --tasks=mqar,passkey", "--tasks: passkey run on no model of --models=tiny"),
     ("--models=tiny --tasks=", "--models=tiny --tasks=: the grid has no cell"),
+    ("--compositions=snapkv+", "--compositions=snapkv+: allowed: an eviction method"),
+    ("--compositions=snapkv+offload", "--compositions=snapkv+offload: allowed"),
+    ("--ratios=0 --compositions=snapkv+int4", "--compositions=snapkv+int4 run at the ratios"),
+    ("--from_json=docs/quality.json --ratios=7", "--from_json runs nothing"),
+    ("--from_json=docs/quality.json --json_out=/tmp/x.json", "--from_json runs nothing"),
+    ("--merge_json=docs/quality.json", "--merge_json merges into --json_out"),
+    ("--plot_out=/tmp/q.txt", "--plot_out=/tmp/q.txt: allowed suffixes (matplotlib)"),
+    ("--models=smollm2-135m --tasks=needle_multikey --lengths=100",
+     "--lengths=100: needle_multikey: context length 100 has no room"),
 ])
 def test_bad_flags_fail_in_one_line_before_any_model_loads(flag, message):
   proc = subprocess.run([sys.executable, "-m", "experiments.quality_sweep", *flag.split()],

@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import json
 import math
+import numbers
 from pathlib import Path
 
 from lctx.cache import spec as spec_lib
@@ -144,9 +145,11 @@ def relative_quality(rows, spec, context: int | None = None) -> Quality:
     every model's.
   - Eviction: the target ratio is the spec's ratio, or with budget=B,
     1 - B / context (at 0, a budget covering the context, the eviction is a
-    no-op, equal to the cache without it: that cache's quality); the rows at the measured ratio nearest to it are used
-    (a tie: the larger ratio, the harsher one), and the label says
-    "nearest measured ratio R" when R is not the target.
+    no-op, equal to the cache without it: that cache's quality); the rows at
+    the measured ratio above 0 nearest to it are used (a tie: the larger
+    ratio, the harsher one; ratio-0 rows, lossless by construction, never
+    stand in for an evicting ratio), and the label says "nearest measured
+    ratio R" when R is not the target.
   - The value is the unweighted mean relative_accuracy over those rows (each
     a (model, task, context, depth) cell); the label names the method, ratio,
     models, tasks and context range.
@@ -156,8 +159,9 @@ def relative_quality(rows, spec, context: int | None = None) -> Quality:
     spec: callers report them as unmeasured themselves.
   ValueError for a context below 1 or a spec lctx.cache.spec cannot parse.
   """
-  if context is not None and context < 1:
-    raise ValueError(f"context = {context}; allowed: a token count >= 1, or None")
+  if context is not None and (isinstance(context, bool) or not isinstance(
+      context, numbers.Integral) or context < 1):
+    raise ValueError(f"context = {context!r}; allowed: a token count (int) >= 1, or None")
   parsed = spec_lib.parse(spec)
   key = _without_rates(parsed)
   if key.dense:
@@ -181,7 +185,8 @@ def relative_quality(rows, spec, context: int | None = None) -> Quality:
   rate = ""
   if target is not None:
     ratios = {id(r): _row_ratio(r) for r in used}
-    measured = sorted({x for x in ratios.values() if x is not None})
+    # Ratio-0 rows are the cache without eviction: never "nearest" to an evicting ratio.
+    measured = sorted({x for x in ratios.values() if x is not None and x > 0})
     if not measured:
       return Quality(None, UNMEASURED)
     nearest = min(measured, key=lambda x: (abs(x - target), -x))

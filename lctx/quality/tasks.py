@@ -149,8 +149,8 @@ class ChatBuilder:
       sents.append(s)
       total += len(s)
     if not sents:
-      raise ValueError(f"{task}: context length {length} has no room for a haystack "
-                       f"(allowed: > {length - room} tokens)")
+      raise ValueError(f"{task}: context length {length} has no room for a haystack; "
+                       f"allowed: >= {length - room + len(base[0])} tokens")
     at = sorted(((round(d * len(sents)), i) for i, (d, _, _) in enumerate(needle_ids)))
     # The haystack opens with the end of the sentence that did not fit, so the
     # context is exactly `length` tokens (an excerpt starting mid-sentence):
@@ -179,6 +179,7 @@ def passkey(builder: ChatBuilder, length: int, depth: float, n: int, seed: int =
   """Passkey retrieval (Mohtashami & Jaggi 2023, arXiv 2305.16300): a 5-digit
   pass key stated twice in one needle at `depth` of repeated filler; asked
   at the end. Answer: the key's digits."""
+  _check_args("passkey", depth, n, seed)
   rng = np.random.default_rng([seed, length, int(depth * 1000), 1])
   out = []
   for _ in range(n):
@@ -199,6 +200,9 @@ def needle(builder: ChatBuilder, length: int, depth: float, n: int, seed: int = 
   {word} is: {7 digits}." in real prose (`prose`); with keys > 1, the other
   needles (other words) sit at depths depth + i / keys (mod 1) and only the
   asked one is an answer span. Task "needle_single" or "needle_multikey"."""
+  _check_args("needle", depth, n, seed)
+  if not 1 <= keys <= len(NEEDLE_KEYS):
+    raise ValueError(f"needle: keys = {keys}; allowed: an int in [1, {len(NEEDLE_KEYS)}]")
   rng = np.random.default_rng([seed, length, int(depth * 1000), keys, 2])
   task = "needle_single" if keys == 1 else "needle_multikey"
   out = []
@@ -233,6 +237,7 @@ def variable_tracking(builder: ChatBuilder, length: int, depth: float, n: int, s
   20 at 256; 1 hop together 13 of 20 at 512 and 19 of 20 at 256 (greedy,
   4 examples at each of depths 0, 0.25, 0.5, 0.75, 1; the model mostly
   answers "1." when it loses the chain). RULER's default is 4 hops."""
+  _check_args("variable_tracking", depth, n, seed)
   if hops < 1:
     raise ValueError(f"variable_tracking: hops = {hops}; allowed: an int >= 1")
   rng = np.random.default_rng([seed, length, int(depth * 1000), hops, int(spread), 3])
@@ -252,6 +257,16 @@ def variable_tracking(builder: ChatBuilder, length: int, depth: float, n: int, s
         value, depth, seed)
     out.append(ex)
   return out
+
+
+def _check_args(task: str, depth: float, n: int, seed: int) -> None:
+  """ValueError naming the argument: depth in [0, 1] (a needle past the end
+  would be left out silently), n and seed ints >= 0."""
+  if not 0 <= depth <= 1:  # NaN fails too
+    raise ValueError(f"{task}: depth = {depth}; allowed: a fraction in [0, 1]")
+  for name, v in (("n", n), ("seed", seed)):
+    if not isinstance(v, (int, np.integer)) or v < 0:
+      raise ValueError(f"{task}: {name} = {v!r}; allowed: an int >= 0")
 
 
 def _name(builder: ChatBuilder, rng, letters) -> str:
