@@ -334,7 +334,6 @@ def sweep(grid: dict, seed: int, protocol: str, batch: int, on_cell=None) -> lis
     _mark_eligible(rows)
     if on_cell is not None:
       on_cell(rows)
-  _mark_eligible(rows)
   return rows
 
 

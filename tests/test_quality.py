@@ -177,7 +177,9 @@ def test_bad_protocol_and_spec_fail_before_compiling():
   with pytest.raises(ValueError, match="unknown policy"):
     evaluate.run(CFG, tiny_params(), random_examples(1), ["nope"])
   past = Example((1, 2, CFG.vocab_size), (4, 5), ((1,),), (), "t")
-  with pytest.raises(ValueError, match=rf"allowed: \[0, vocab_size {CFG.vocab_size}\)"):
+  with pytest.raises(ValueError, match=rf"t example \(seed 0\) holds token ids in "
+                                       rf"\[1, {CFG.vocab_size}\], outside the vocabulary "
+                                       rf"\[0, {CFG.vocab_size}\)"):
     evaluate.run(CFG, tiny_params(), [past], [])
 
 

@@ -191,11 +191,9 @@ def run(config: ModelConfig, params, examples: list[Example], specs, *,
     engine.check_compression(config, s)  # a spec that does not fit the model
     for ex in examples:
       example_spec(s, ex)  # oracle / spans errors before anything compiles
-  for ex in examples:  # an id past the vocabulary would be clamped by the embedding gather
-    ids = ex.context + ex.continuation
-    if min(ids) < 0 or max(ids) >= config.vocab_size:
-      raise ValueError(f"{ex.task} example (seed {ex.seed}): token ids in [{min(ids)}, "
-                       f"{max(ids)}]; allowed: [0, vocab_size {config.vocab_size})")
+  for ex in examples:  # engine's check: an id past the vocabulary would be clamped
+    engine._check_vocab(config, np.asarray(ex.context + ex.continuation),
+                        f"{ex.task} example (seed {ex.seed})")
   out = {s: [None] * len(examples) for s in specs}
   for idx in _groups(examples, protocol, batch, max_tokens):
     rows = [examples[i] for i in idx]
